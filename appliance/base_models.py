@@ -1,0 +1,116 @@
+"""Base models: find them on local disk by name, load them offline, generate text.
+
+A base model is a Hugging Face directory (config, tokenizer, safetensors). Names resolve against
+`paths.models_dirs()`; an absolute path is used as is. Nothing here can reach a hub: paths are
+absolute, `local_files_only=True`, and the offline environment is already set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ModelNotFoundError
+from appliance.paths import models_dirs
+
+DEMO_MODEL = "tiny-deepseek-r1"
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM", "LlamaForCausalLM", "DeepseekV3ForCausalLM",
+                           "DeepseekV2ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str
+    path: Path
+    architecture: str
+    has_weights: bool
+
+
+def resolve_base_model(name_or_path: str) -> BaseModel:
+    """Find a base model directory by name (or absolute path) and check it is one we support."""
+    candidate = Path(name_or_path).expanduser()
+    searched: list[Path]
+    if candidate.is_absolute():
+        searched = [candidate]
+    elif "/" in name_or_path or name_or_path.startswith("."):
+        candidate = candidate.resolve()
+        searched = [candidate]
+    else:
+        searched = [d / name_or_path for d in models_dirs()]
+    for path in searched:
+        config_file = path / "config.json"
+        if config_file.is_file():
+            return _describe(path.resolve(), config_file)
+    raise ModelNotFoundError(
+        f"base model {name_or_path!r} not found (looked in: {', '.join(str(p) for p in searched)})",
+        hint="install it from a bundle, or pass the absolute path of a local Hugging Face model directory",
+    )
+
+
+def _describe(path: Path, config_file: Path) -> BaseModel:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{config_file} is not readable JSON: {exc}",
+                                 hint="re-stage the model from its bundle") from exc
+    architectures = config.get("architectures") or ["?"]
+    if architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ModelNotFoundError(
+            f"{path} is a {architectures[0]}, not a supported model family",
+            hint=f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}",
+        )
+    has_weights = any(path.glob("*.safetensors"))
+    return BaseModel(path.name, path, architectures[0], has_weights)
+
+
+def load_causal_lm(model: BaseModel, *, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load (model, tokenizer) from local files only, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars garble CLI output and job logs
+    if not model.has_weights:
+        raise ModelNotFoundError(f"{model.path} has a config but no *.safetensors weights",
+                                 hint="stage the full model (config, tokenizer and weights) from a bundle")
+    tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(model.path, local_files_only=True, dtype=getattr(torch, dtype))
+    lm.eval()
+    return lm, tokenizer
+
+
+def generate_text(lm: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40, chat: bool = False,
+                  seed: int = 0) -> str:
+    """Greedy continuation of `prompt` (or of a one-turn chat when `chat`); returns the new text."""
+    import torch
+
+    torch.manual_seed(seed)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = tokenizer.bos_token + prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        output = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=not chat)
+
+
+def list_base_models() -> list[BaseModel]:
+    """Every supported model directory in the search path; the first of a name wins."""
+    found: dict[str, BaseModel] = {}
+    for directory in models_dirs():
+        if not directory.is_dir():
+            continue
+        for config_file in sorted(directory.glob("*/config.json")):
+            name = config_file.parent.name
+            if name in found:
+                continue
+            try:
+                found[name] = _describe(config_file.parent.resolve(), config_file)
+            except ModelNotFoundError:
+                continue  # not a model family we serve; `resolve_base_model` explains when asked
+    return list(found.values())

@@ -1,0 +1,134 @@
+"""The catalog: one SQLite file (`<AIRLOCK_HOME>/catalog.db`) holding metadata only.
+
+Datasets, runs, models, jobs ... arrive with later migrations; bulk data lives in encrypted
+files beside it. Opened through sqlite-utils in WAL mode with `synchronous=FULL`: an appliance
+that loses power must not lose a committed audit row.
+
+Writes that need an audit row go through `transaction(db)`, which takes the write lock up front
+(`BEGIN IMMEDIATE`) so that the audit chain's read-last-hash-then-append is serialized across
+processes. sqlite-utils' own write helpers nest inside it as savepoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.errors import CatalogError
+from appliance.paths import ensure_home
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+CATALOG_FILENAME = "catalog.db"
+BUSY_TIMEOUT_MS = 10_000
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    """Audit log: append-only, hash-chained (see appliance.audit)."""
+    db.execute("""
+        CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            object TEXT NOT NULL,
+            details TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL UNIQUE
+        )""")
+    db.execute("CREATE INDEX audit_log_action ON audit_log(action)")
+    db.execute("""
+        CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""")
+    db.execute("""
+        CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""")
+    db.execute("""
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""")
+
+
+# Append only: a released migration is never edited, a new one is added at the end.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def catalog_path(home: Path | None = None) -> Path:
+    return (home or ensure_home()) / CATALOG_FILENAME
+
+
+def open_catalog(home: Path | None = None, *, migrate: bool = True) -> sqlite_utils.Database:
+    """Open (and create or migrate) the catalog under `home` (default: AIRLOCK_HOME)."""
+    import sqlite_utils
+
+    path = catalog_path(home)
+    try:
+        # isolation_level=None: no implicit transactions; we and sqlite-utils open them explicitly.
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError as exc:
+        raise CatalogError(
+            f"cannot open the catalog {path}: {exc}",
+            hint="check that the file is a SQLite database and that you may write to its directory",
+        ) from exc
+    path.chmod(0o600)
+    db = sqlite_utils.Database(conn)
+    if migrate:
+        migrate_catalog(db, path)
+    return db
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "schema_version" not in db.table_names():
+        return 0
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return row[0] or 0
+
+
+def migrate_catalog(db: sqlite_utils.Database, path: Path | str = "catalog") -> int:
+    """Apply missing migrations, each in its own transaction. Returns the resulting version."""
+    with transaction(db):
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        current = schema_version(db)
+    if current > SCHEMA_VERSION:
+        raise CatalogError(
+            f"the catalog {path} has schema version {current}, newer than this appliance knows "
+            f"({SCHEMA_VERSION})",
+            hint="run the newer airlock release that wrote it, or `airlock upgrade` to it",
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        with transaction(db):
+            # Re-check under the write lock: another process may have migrated meanwhile.
+            if schema_version(db) >= version:
+                continue
+            MIGRATIONS[version - 1](db)
+            db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                       [version, datetime.now(UTC).isoformat()])
+    return SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """All-or-nothing block holding the write lock. Reentrant: an inner block joins the outer."""
+    conn = db.conn
+    if conn.in_transaction:
+        yield db
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,165 @@
+"""`airlock`: the appliance command line. Every `list`/`show`/`status` takes `--json`.
+
+Kept light: this module imports click and our small modules only; torch and friends load
+inside the commands that need them, so `airlock --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import click
+
+import appliance
+from appliance.cli_output import echo_json, echo_table
+from appliance.errors import AirlockError
+from bundler.errors import run_cli
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(appliance.__version__, prog_name="airlock")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Airlock: offline fine-tuning appliance.
+
+    Start with `airlock doctor`. The operator UI arrives with the TUI release; until then
+    every stage is a command below.
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def doctor(as_json: bool) -> int:
+    """Check this machine: Python, torch/GPU, TensorRT, ONNX Runtime, disk, catalog, audit, network.
+
+    Exits 1 when a check fails; a missing GPU or TensorRT is only a warning.
+    """
+    from appliance.doctor import run_checks, worst_status
+    from appliance.paths import airlock_home
+
+    checks = run_checks()
+    status = worst_status(checks)
+    if as_json:
+        echo_json({"status": status, "home": str(airlock_home()), "checks": [c.to_dict() for c in checks]})
+    else:
+        _print_checks(checks)
+        click.echo(f"\noverall: {status}")
+    return 1 if status == "fail" else 0
+
+
+def _print_checks(checks) -> None:
+    marks = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
+    echo_table([(c.name, marks[c.status], c.detail + (f" -> {c.hint}" if c.hint else "")) for c in checks],
+               ["check", "status", "detail"])
+
+
+@cli.group()
+def audit() -> None:
+    """Read and verify the tamper-evident audit log."""
+
+
+@audit.command("show")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Rows to show.")
+@click.option("--action", help="Only this action, or a family with a trailing dot (e.g. 'vault.').")
+@click.option("--since", "since_seq", type=click.IntRange(min=0), default=0, help="Only rows after this seq.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def audit_show(limit: int, action: str | None, since_seq: int, as_json: bool) -> None:
+    """List audit rows, newest first."""
+    from dataclasses import asdict
+
+    from appliance.audit import iter_audit
+    from appliance.catalog import open_catalog
+
+    db = open_catalog()
+    entries = list(iter_audit(db, since_seq=since_seq, action=action, limit=limit, newest_first=True))
+    if as_json:
+        echo_json({"entries": [asdict(e) for e in entries]})
+        return
+    if not entries:
+        click.echo("no audit rows")
+        return
+    echo_table([(e.seq, e.ts[:19] + "Z", e.actor, e.action, f"{e.object} {_short_details(e.details)}".strip())
+                for e in entries], ["seq", "time (UTC)", "actor", "action", "object / details"])
+
+
+def _short_details(details: dict) -> str:
+    from appliance.audit import canonical_json
+
+    return canonical_json(details) if details else ""
+
+
+@audit.command("verify")
+@click.option("--anchor", metavar="SEQ:HASH",
+              help="A head you recorded earlier; also catches rows cut off the end of the chain.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def audit_verify(anchor: str | None, as_json: bool) -> int:
+    """Walk the hash chain and name the first broken row. Exits 1 if the chain is broken."""
+    from appliance.audit import append_audit, verify_chain
+    from appliance.catalog import open_catalog
+
+    parsed_anchor = _parse_anchor(anchor) if anchor else None
+    db = open_catalog()
+    report = verify_chain(db, anchor=parsed_anchor)
+    # The verification itself is recorded, after the walk, so the report describes the chain as found.
+    append_audit(db, "audit.verify", "audit_log",
+                 {"ok": report.ok, "rows_checked": report.rows_checked, "first_broken_seq": report.first_broken_seq})
+    if as_json:
+        echo_json(report.to_dict())
+    elif report.ok:
+        click.echo(f"audit chain intact: {report.rows_checked} rows")
+        click.echo(f"head: {report.head_seq}:{report.head_hash}  (record this to detect truncation later)")
+    else:
+        where = f"first broken row: seq {report.first_broken_seq}: " if report.first_broken_seq else ""
+        click.echo(f"audit chain BROKEN: {where}{report.reason}", err=True)
+        click.echo("hint: preserve the catalog file as evidence and tell your security office", err=True)
+    return 0 if report.ok else 1
+
+
+def _parse_anchor(text: str) -> tuple[int, str]:
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+        raise AirlockError(f"anchor {text!r} is not SEQ:HASH",
+                           hint="copy the 'head:' line that `airlock audit verify` printed, e.g. 42:9f86d0…")
+    return int(seq), digest
+
+
+@cli.group("base-models")
+def base_models() -> None:
+    """Base models available on this machine (from bundles, or the demo models)."""
+
+
+@base_models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def base_models_list(as_json: bool) -> None:
+    """List base model directories found in the model search path."""
+    from appliance.base_models import list_base_models
+
+    found = list_base_models()
+    if as_json:
+        echo_json({"models": [{"name": m.name, "path": str(m.path), "architecture": m.architecture,
+                               "has_weights": m.has_weights} for m in found]})
+        return
+    if not found:
+        click.echo("no base models found")
+        return
+    echo_table([(m.name, m.architecture, "yes" if m.has_weights else "config only", m.path) for m in found],
+               ["name", "architecture", "weights", "path"])
+
+
+@cli.command()
+@click.option("--prompt", default="Maintenance log. Machine: press line 2.", show_default=True,
+              help="Text the tiny model continues.")
+def demo(prompt: str) -> None:
+    """Show what the appliance can do today: doctor, audit chain, the tiny model generating text."""
+    from appliance.demo import run_demo
+
+    run_demo(prompt)
+
+
+def main() -> None:
+    run_cli(cli, "airlock")
+
+
+if __name__ == "__main__":
+    main()
