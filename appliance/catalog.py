@@ -55,8 +55,50 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Vault: key slots, KEK versions, wrapped per-object DEKs (all ciphertext; see docs/adr/0003-vault.md)."""
+    db.execute("""
+        CREATE TABLE vault_meta (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            vault_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            unlock_failures INTEGER NOT NULL DEFAULT 0,
+            last_failure_at TEXT
+        )""")
+    db.execute("""
+        CREATE TABLE vault_key_slots (
+            slot_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('passphrase', 'recovery', 'machine')),
+            kdf TEXT NOT NULL,
+            wrapped_root BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE vault_keks (
+            version INTEGER PRIMARY KEY,
+            wrapped_kek BLOB,
+            state TEXT NOT NULL CHECK (state IN ('active', 'retired')),
+            created_at TEXT NOT NULL,
+            retired_at TEXT,
+            CHECK ((state = 'active') = (wrapped_kek IS NOT NULL))
+        )""")
+    db.execute("""
+        CREATE TABLE vault_deks (
+            object_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            dek_id TEXT NOT NULL UNIQUE,
+            kek_version INTEGER NOT NULL REFERENCES vault_keks(version),
+            wrapped_dek BLOB,
+            state TEXT NOT NULL CHECK (state IN ('active', 'shredded')),
+            created_at TEXT NOT NULL,
+            shredded_at TEXT,
+            CHECK ((state = 'active') = (wrapped_dek IS NOT NULL))
+        )""")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -157,6 +157,11 @@ def demo(prompt: str) -> None:
     run_demo(prompt)
 
 
+from appliance.vault.cli import vault  # noqa: E402 - command groups register here, one line each
+
+cli.add_command(vault)
+
+
 def main() -> None:
     run_cli(cli, "airlock")
 

@@ -1,0 +1,312 @@
+"""The key agent: a detached per-user process that holds the root key until its idle timeout.
+
+    python -m appliance.vault.agent --home H --socket S --vault-id V --idle-timeout SECONDS
+    (root key on stdin; prints "ready" once listening; started by `airlock vault unlock`)
+
+It listens on a Unix socket (0600) in a private 0700 runtime directory and answers one JSON line
+per connection from processes of the same uid (checked with SO_PEERCRED). The root key never
+leaves it: clients send wrapped keys and get back the DEK they need (or newly wrapped keys).
+Any key request restarts the idle timer; at expiry, on `lock` or on SIGTERM it wipes its copy,
+removes the socket and exits: the process exit is what really clears the memory. Core dumps are
+disabled before the key is read.
+
+The socket lives in $XDG_RUNTIME_DIR/airlock or /tmp/airlock-<uid>, named after a hash of
+AIRLOCK_HOME: short enough for the 107-byte sun_path limit wherever AIRLOCK_HOME lies, and one
+agent per vault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.vault.errors import VaultError, VaultLockedError
+from appliance.vault.keys import LocalKeys, disable_core_dumps
+
+MAX_MESSAGE = 64 * 1024
+CLIENT_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 15.0
+DEFAULT_IDLE_TIMEOUT_S = 15 * 60
+KEY_OPS = ("new_kek", "new_dek", "unwrap_dek", "rewrap_dek")
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    vault_id: str
+    seconds_left: int
+    idle_timeout_s: int
+    pid: int
+
+
+def runtime_dir() -> Path:
+    """A private (0700, ours, not a symlink) directory for agent sockets."""
+    uid = os.getuid()
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == uid:
+        path = Path(xdg) / "airlock"
+    else:
+        path = Path("/tmp") / f"airlock-{uid}"  # noqa: S108 - checked below: ours, 0700, not a symlink
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        raise VaultError(f"the agent directory {path} is not a private directory of this account",
+                         hint=f"remove {path} (someone else may have created it) and run the command again")
+    return path
+
+
+def socket_path(home: Path) -> Path:
+    digest = hashlib.sha256(str(home.resolve()).encode("utf-8")).hexdigest()[:16]
+    return runtime_dir() / f"agent-{digest}.sock"
+
+
+# ---------------------------------------------------------------- client side
+
+
+class AgentClient:
+    """KeyOps over the agent's socket. Creating one disables core dumps: this process will hold DEKs."""
+
+    def __init__(self, home: Path, expected_vault_id: str | None = None) -> None:
+        disable_core_dumps()
+        self.path = socket_path(home)
+        if expected_vault_id is not None and self.status().vault_id != expected_vault_id:
+            raise VaultLockedError("vault is locked (the running agent serves another vault)")
+
+    def call(self, op: str, **fields) -> dict:
+        request = json.dumps({"op": op, **fields}).encode("utf-8") + b"\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(CLIENT_TIMEOUT_S)
+                sock.connect(str(self.path))
+                sock.sendall(request)
+                reply = _read_line(sock)
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            raise VaultLockedError() from None
+        except (TimeoutError, OSError, ValueError) as exc:
+            raise VaultError(f"the key agent at {self.path} did not answer ({type(exc).__name__})",
+                             hint="run `airlock vault lock`, then `airlock vault unlock`") from None
+        try:
+            answer = json.loads(reply)
+        except ValueError:
+            raise VaultError(f"the key agent at {self.path} sent a malformed reply",
+                             hint="run `airlock vault lock`, then `airlock vault unlock`") from None
+        if not answer.get("ok"):
+            raise VaultError(str(answer.get("error", "the key agent refused")), hint=str(answer.get("hint", "")))
+        return answer
+
+    def status(self) -> AgentStatus:
+        a = self.call("status")
+        return AgentStatus(str(a["vault_id"]), int(a["seconds_left"]), int(a["idle_timeout_s"]), int(a["pid"]))
+
+    def lock(self) -> None:
+        self.call("lock")
+
+    def new_kek(self, version: int) -> bytes:
+        return _b(self.call("new_kek", version=version)["wrapped_kek"])
+
+    def new_dek(self, kek_version: int, wrapped_kek: bytes, object_id: str) -> tuple[bytes, bytes]:
+        a = self.call("new_dek", kek_version=kek_version, wrapped_kek=_s(wrapped_kek), object_id=object_id)
+        return _b(a["dek"]), _b(a["wrapped_dek"])
+
+    def unwrap_dek(self, kek_version: int, wrapped_kek: bytes, object_id: str, wrapped_dek: bytes) -> bytes:
+        return _b(self.call("unwrap_dek", kek_version=kek_version, wrapped_kek=_s(wrapped_kek), object_id=object_id,
+                            wrapped_dek=_s(wrapped_dek))["dek"])
+
+    def rewrap_dek(self, old_version: int, old_wrapped_kek: bytes, new_version: int, new_wrapped_kek: bytes,
+                   object_id: str, wrapped_dek: bytes) -> bytes:
+        return _b(self.call("rewrap_dek", old_version=old_version, old_wrapped_kek=_s(old_wrapped_kek),
+                            new_version=new_version, new_wrapped_kek=_s(new_wrapped_kek), object_id=object_id,
+                            wrapped_dek=_s(wrapped_dek))["wrapped_dek"])
+
+
+def agent_status(home: Path) -> AgentStatus | None:
+    """The running agent's status, or None when the vault is locked."""
+    try:
+        return AgentClient(home).status()
+    except VaultLockedError:
+        return None
+
+
+def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int) -> AgentStatus:
+    """Start a detached agent holding `root_key` and wait until it listens."""
+    path = socket_path(home)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket of a killed agent (callers checked that none answers)
+    command = [sys.executable, "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
+               "--vault-id", vault_id, "--idle-timeout", str(idle_timeout_s)]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True, cwd="/")
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        proc.stdin.write(root_key)
+        proc.stdin.close()
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else b""
+    finally:
+        proc.stdout.close()
+    if line.strip() != b"ready":
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise VaultError("the key agent did not start", hint="run `airlock --debug vault unlock` and report the output")
+    status = agent_status(home)
+    if status is None:
+        raise VaultError("the key agent started but does not answer", hint="run `airlock vault unlock` again")
+    return status
+
+
+# ---------------------------------------------------------------- agent side
+
+
+def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: bytes) -> str:
+    """Answer requests until idle timeout or `lock`. Returns why it stopped."""
+    keys = LocalKeys(root_key)
+    old_umask = os.umask(0o177)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    bound_inode = path.stat().st_ino
+    server.listen(16)
+    print("ready", flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # our parent stops reading stdout now
+    deadline = time.monotonic() + idle_timeout_s
+    reason = "idle_timeout"
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            server.settimeout(remaining)
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                op, reply = _handle(conn, keys, vault_id, idle_timeout_s, deadline)
+                if op in KEY_OPS and reply.get("ok"):
+                    deadline = time.monotonic() + idle_timeout_s
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(reply).encode("utf-8") + b"\n")
+            if op == "lock":
+                reason = "locked"
+                break
+    except SystemExit:
+        reason = "terminated"
+    finally:
+        keys.wipe()
+        server.close()
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == bound_inode:
+                path.unlink()
+    return reason
+
+
+def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s: int,
+            deadline: float) -> tuple[str, dict]:
+    conn.settimeout(CLIENT_TIMEOUT_S)
+    _pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid != os.getuid():
+        return "refused", {"ok": False, "error": f"the key agent serves uid {os.getuid()} only (peer uid {uid})"}
+    try:
+        request = json.loads(_read_line(conn))
+        op = str(request.get("op"))
+        if op == "status":
+            return op, {"ok": True, "vault_id": vault_id, "idle_timeout_s": idle_timeout_s, "pid": os.getpid(),
+                        "seconds_left": max(0, round(deadline - time.monotonic()))}
+        if op == "lock":
+            return op, {"ok": True}
+        if op == "new_kek":
+            return op, {"ok": True, "wrapped_kek": _s(keys.new_kek(int(request["version"])))}
+        if op == "new_dek":
+            dek, wrapped = keys.new_dek(int(request["kek_version"]), _b(request["wrapped_kek"]),
+                                        str(request["object_id"]))
+            return op, {"ok": True, "dek": _s(dek), "wrapped_dek": _s(wrapped)}
+        if op == "unwrap_dek":
+            dek = keys.unwrap_dek(int(request["kek_version"]), _b(request["wrapped_kek"]), str(request["object_id"]),
+                                  _b(request["wrapped_dek"]))
+            return op, {"ok": True, "dek": _s(dek)}
+        if op == "rewrap_dek":
+            wrapped = keys.rewrap_dek(int(request["old_version"]), _b(request["old_wrapped_kek"]),
+                                      int(request["new_version"]), _b(request["new_wrapped_kek"]),
+                                      str(request["object_id"]), _b(request["wrapped_dek"]))
+            return op, {"ok": True, "wrapped_dek": _s(wrapped)}
+        return op, {"ok": False, "error": f"unknown agent operation {op[:40]!r}"}
+    except VaultError as exc:
+        return "error", {"ok": False, "error": exc.message, "hint": exc.hint}
+    except (ValueError, KeyError, TypeError, OSError):
+        return "error", {"ok": False, "error": "malformed request to the key agent"}
+
+
+def _audit_idle_lock(home: Path, reason: str) -> None:
+    """Best effort: the agent's own exit is recorded when nobody asked for it."""
+    from appliance.audit import append_audit
+    from appliance.catalog import CATALOG_FILENAME, open_catalog
+
+    if not (home / CATALOG_FILENAME).is_file():
+        return
+    with contextlib.suppress(Exception):
+        db = open_catalog(home)
+        append_audit(db, "vault.lock", "vault", {"reason": reason})
+        db.close()
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_MESSAGE:
+            raise ValueError("message too long")
+    return bytes(data)
+
+
+def _s(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _b(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    disable_core_dumps()  # before the key arrives
+    parser = argparse.ArgumentParser(prog="python -m appliance.vault.agent")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--vault-id", required=True)
+    parser.add_argument("--idle-timeout", type=int, default=DEFAULT_IDLE_TIMEOUT_S)
+    args = parser.parse_args(argv)
+    root_key = sys.stdin.buffer.read(32)
+    if len(root_key) != 32:
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    reason = serve(args.home, args.socket, args.vault_id, max(1, args.idle_timeout), root_key)
+    del root_key
+    if reason != "locked":  # `vault lock` writes its own row, with the operator as actor
+        _audit_idle_lock(args.home, reason)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Encrypted objects: one DEK per object (a dataset, a model artifact), any number of files per object.
+
+    <AIRLOCK_HOME>/vault/objects/<object_id>/<name>.alv     AIRLOCK-STREAM-1 ciphertext
+
+A file's stream object id is "<object_id>/<name>", so a file moved to another object, or renamed
+within one, fails authentication. Writes go to a temp file in the same directory (ciphertext
+too) and are renamed into place only after the final segment is written and synced: a crash or
+a locked vault never leaves a half-written file under its real name. Reads decrypt into memory
+(`read_bytes`, or `read_into` a file-like object you choose): plaintext never touches the disk.
+Deleting an object destroys its wrapped DEK first (crypto-shredding), then its files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from appliance.audit import append_audit
+from appliance.catalog import transaction
+from appliance.vault import records
+from appliance.vault.errors import ObjectError, StreamError, VaultError, VaultLockedError
+from appliance.vault.keys import KeyOps
+from appliance.vault.stream import DEFAULT_SEGMENT_SIZE, decrypt_stream, encrypt_stream
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+SUFFIX = ".alv"
+TEMP_MARKER = ".tmp-"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    object_id: str
+    name: str
+    path: str
+    ok: bool
+    bytes: int
+    error: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    files_checked: int
+    files_failed: int
+    sampled: bool
+    files: list[FileCheck]
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "files_checked": self.files_checked, "files_failed": self.files_failed,
+                "sampled": self.sampled, "files": [asdict(f) for f in self.files]}
+
+
+def objects_dir(home: Path) -> Path:
+    return home / "vault" / "objects"
+
+
+def file_path(home: Path, object_id: str, name: str) -> Path:
+    _check_id(object_id, "object id")
+    _check_id(name, "file name")
+    return objects_dir(home) / object_id / (name + SUFFIX)
+
+
+def create_object(db: sqlite_utils.Database, keys: KeyOps, object_id: str, kind: str) -> str:
+    """Register an object with a fresh DEK under the active KEK. Returns its DEK id."""
+    _check_id(object_id, "object id")
+    if not _KIND.fullmatch(kind):
+        raise ObjectError(f"object kind {kind!r} is not a lowercase word", hint="use e.g. dataset or model")
+    records.require_initialized(db)
+    dek_id = secrets.token_hex(16)
+    with transaction(db):
+        if db.execute("SELECT 1 FROM vault_deks WHERE object_id = ?", [object_id]).fetchone():
+            raise ObjectError(f"object {object_id} already exists in the vault (or was deleted: ids are never reused)",
+                              hint="choose a new object id")
+        kek = records.active_kek(db)
+        _, wrapped_dek = keys.new_dek(kek.version, kek.wrapped_kek, object_id)
+        records.insert_dek(db, object_id, kind, dek_id, kek.version, wrapped_dek)
+        append_audit(db, "vault.object_create", object_id, {"kind": kind, "dek_id": dek_id,
+                                                            "kek_version": kek.version})
+    return dek_id
+
+
+def write_file(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str, name: str, src: BinaryIO, *,
+               overwrite: bool = False, segment_size: int = DEFAULT_SEGMENT_SIZE) -> Path:
+    """Encrypt `src` into the object's file `name`, atomically. Returns the final path."""
+    final = file_path(home, object_id, name)
+    record, dek = _dek(db, keys, object_id)
+    if final.exists() and not overwrite:
+        raise ObjectError(f"{final} already exists", hint="write under a new name (objects are immutable)")
+    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = final.with_name(f".{final.name}{TEMP_MARKER}{secrets.token_hex(6)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            size = encrypt_stream(src, out, dek=dek, dek_id=bytes.fromhex(record.dek_id),
+                                  object_id=f"{object_id}/{name}", segment_size=segment_size)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_dir(final.parent)
+    with transaction(db):
+        append_audit(db, "vault.write", object_id, {"file": name, "bytes": size})
+    return final
+
+
+def write_bytes(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str, name: str, data: bytes,
+                **options) -> Path:
+    return write_file(db, keys, home, object_id, name, io.BytesIO(data), **options)
+
+
+def read_into(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str, name: str,
+              dst: BinaryIO) -> int:
+    """Decrypt a file into `dst` (keep it in memory). On an error `dst` holds a partial plaintext:
+    discard it. Returns the byte count."""
+    path = file_path(home, object_id, name)
+    record, dek = _dek(db, keys, object_id)
+    try:
+        src = path.open("rb")
+    except FileNotFoundError:
+        raise ObjectError(f"{path} does not exist (object {object_id} has no file {name!r})",
+                          hint="list the object's files, or restore the file from a backup") from None
+    with src:
+        size = decrypt_stream(src, dst, dek=dek, object_id=f"{object_id}/{name}", label=str(path),
+                              expected_dek_id=bytes.fromhex(record.dek_id))
+    with transaction(db):
+        append_audit(db, "vault.read", object_id, {"file": name, "bytes": size})
+    return size
+
+
+def read_bytes(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str, name: str) -> bytes:
+    """The whole plaintext in memory (e.g. for `safetensors.torch.load(data)`), or an error: never partial."""
+    buffer = io.BytesIO()
+    try:
+        read_into(db, keys, home, object_id, name, buffer)
+        return buffer.getvalue()
+    finally:
+        buffer.close()
+
+
+def list_files(home: Path, object_id: str) -> list[str]:
+    folder = objects_dir(home) / object_id
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-len(SUFFIX)] for p in folder.iterdir() if p.name.endswith(SUFFIX)
+                  and not p.name.startswith("."))
+
+
+def delete_object(db: sqlite_utils.Database, home: Path, object_id: str) -> int:
+    """Crypto-shred: destroy the wrapped DEK (committed, then checkpointed out of the WAL), then the
+    files. Returns how many files were removed. Needs no key: shredding works while locked."""
+    record = records.dek(db, object_id)
+    if record.state == "shredded":
+        raise ObjectError(f"object {object_id} was already deleted", hint="nothing to do")
+    folder = objects_dir(home) / object_id
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    records.secure_delete(db)
+    with transaction(db):
+        records.shred_dek(db, object_id)
+        append_audit(db, "vault.delete", object_id, {"kind": record.kind, "dek_id": record.dek_id,
+                                                     "files": len(files)})
+    records.checkpoint(db)
+    for path in files:
+        path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return len(files)
+
+
+def verify_files(db: sqlite_utils.Database, keys: KeyOps, home: Path, *, sample: int | None = None) -> VerifyReport:
+    """Decrypt and authenticate every file (or a random sample), in constant memory, and report each."""
+    candidates = list(_all_files(db, home))
+    sampled = sample is not None and sample < len(candidates)
+    if sampled:
+        assert sample is not None
+        candidates = secrets.SystemRandom().sample(candidates, sample)
+    checks: list[FileCheck] = []
+    for object_id, name, path, state in candidates:
+        if state != "active":
+            checks.append(FileCheck(object_id, name, str(path), False, 0,
+                                    f"object {object_id} was deleted but this file remains; remove it"))
+            continue
+        try:
+            record, dek = _dek(db, keys, object_id)
+            with path.open("rb") as src:
+                size = decrypt_stream(src, _Discard(), dek=dek, object_id=f"{object_id}/{name}", label=str(path),
+                                      expected_dek_id=bytes.fromhex(record.dek_id))
+            checks.append(FileCheck(object_id, name, str(path), True, size, ""))
+        except (StreamError, ObjectError, OSError) as exc:
+            checks.append(FileCheck(object_id, name, str(path), False, 0, getattr(exc, "message", str(exc))))
+    failed = sum(not c.ok for c in checks)
+    report = VerifyReport(failed == 0, len(checks), failed, sampled, checks)
+    with transaction(db):
+        append_audit(db, "vault.verify", "vault", {"files_checked": len(checks), "files_failed": failed,
+                                                   "sampled": sampled})
+    return report
+
+
+def _all_files(db: sqlite_utils.Database, home: Path) -> Iterator[tuple[str, str, Path, str]]:
+    states = {r.object_id: r.state for r in records.deks(db, state=None)}
+    root = objects_dir(home)
+    if not root.is_dir():
+        return
+    for folder in sorted(root.iterdir()):
+        for name in list_files(home, folder.name):
+            yield folder.name, name, folder / (name + SUFFIX), states.get(folder.name, "unknown")
+
+
+def _dek(db: sqlite_utils.Database, keys: KeyOps, object_id: str) -> tuple[records.DekRecord, bytes]:
+    record = records.dek(db, object_id)
+    if record.state == "shredded" or record.wrapped_dek is None:
+        raise ObjectError(f"object {object_id} was deleted: its key was destroyed and its data cannot be read",
+                          hint="deleted objects cannot be recovered; import the data again if you still need it")
+    kek = records.kek(db, record.kek_version)
+    try:
+        return record, keys.unwrap_dek(kek.version, kek.wrapped_kek, object_id, record.wrapped_dek)
+    except (ObjectError, VaultLockedError):
+        raise
+    except VaultError as exc:
+        raise ObjectError(f"object {object_id}: {exc.message}", hint=exc.hint) from None
+
+
+def _check_id(value: str, what: str) -> None:
+    if not _ID.fullmatch(value) or ".." in value:
+        raise ObjectError(f"{what} {value!r} is not allowed",
+                          hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Discard(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        return len(data)
