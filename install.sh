@@ -1,12 +1,379 @@
 #!/bin/sh
-# Airlock offline installer.
+# Airlock offline installer: sits at the root of every bundle.
 #
-# This placeholder sits where the real installer goes. The real one arrives with the signed
-# bundle work: it verifies MANIFEST.json's signature with the system's own `openssl` against a
-# fingerprint you pass with --trust, checks every file with `sha256sum`, runs a preflight, and
-# installs into PREFIX/releases/VERSION with an atomic switch of PREFIX/current.
+#   sudo ./install.sh --trust FINGERPRINT [--prefix /opt/airlock] [--home /var/lib/airlock]
+#                     [--python /usr/bin/python3.11] [--units-dir DIR] [--enable-services] [--allow-downgrade]
 #
-# Until then there is nothing to install from a bundle: for a development setup run `make demo`
-# in a checkout of the repository.
-echo "install.sh: this build has no bundle installer yet; use 'make demo' in a source checkout" >&2
-exit 1
+# Order (nothing from the bundle but this script runs before step 2 passes):
+#   1. the signer key's fingerprint must equal --trust; MANIFEST.json's signature is checked with
+#      the system's openssl (ECDSA P-256 / SHA-256);
+#   2. every entry on the stick must be a regular file listed in the manifest, and every listed
+#      file must exist with the listed size and SHA-256 (sha256sum); the first failure stops
+#      everything with one line naming the file;
+#   3. preflight table (free space, glibc, CPU arch, Python, NVIDIA driver, existing install and
+#      its sequence); any failed row stops before anything is written;
+#   4. copy to PREFIX/.staging.PID, reassemble split files and check the copy again (the stick may
+#      change under us), create PREFIX/releases/VERSION/venv at its final path, pip install from
+#      the staged wheels only (--no-index --require-hashes --no-deps), models into the store by
+#      hash, smoke test with `airlock doctor`, then switch PREFIX/current atomically.
+# A failure at any step leaves the previous release serving; a killed install leaves a release
+# marked .incomplete that the next run removes.
+#
+# Before running this script, verify it (a script cannot vouch for itself): see README.md.
+set -eu
+umask 022
+LC_ALL=C
+export LC_ALL
+
+die() {
+    printf 'install.sh: REFUSED: %s\n' "$1" >&2
+    exit 1
+}
+say() { printf '%s\n' "$*"; }
+
+usage() {
+    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+TRUST="" PREFIX="/opt/airlock" HOME_DIR="/var/lib/airlock" UNITS_DIR="" ENABLE=0 ALLOW_DOWNGRADE=0 PY=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --trust) [ $# -ge 2 ] || die "--trust needs a value"; TRUST=$2; shift 2 ;;
+        --prefix) [ $# -ge 2 ] || die "--prefix needs a value"; PREFIX=$2; shift 2 ;;
+        --home) [ $# -ge 2 ] || die "--home needs a value"; HOME_DIR=$2; shift 2 ;;
+        --python) [ $# -ge 2 ] || die "--python needs a value"; PY=$2; shift 2 ;;
+        --units-dir) [ $# -ge 2 ] || die "--units-dir needs a value"; UNITS_DIR=$2; shift 2 ;;
+        --enable-services) ENABLE=1; shift ;;
+        --allow-downgrade) ALLOW_DOWNGRADE=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+[ -n "$TRUST" ] || die "--trust FINGERPRINT is required: the signing key fingerprint from the site's paper record"
+case "$PREFIX" in /*) ;; *) die "--prefix must be an absolute path" ;; esac
+case "$HOME_DIR" in /*) ;; *) die "--home must be an absolute path" ;; esac
+for tool in openssl sha256sum sed tr find sort comm wc cut df uname awk; do
+    command -v "$tool" >/dev/null 2>&1 || die "the system tool '$tool' is missing; install it from the OS media"
+done
+
+BUNDLE=$(cd "$(dirname "$0")" && pwd -P)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/airlock-install.XXXXXX")
+REL="" STAGE="" DONE=0 LOCKED=0
+cleanup() {
+    status=$?
+    if [ "$DONE" -ne 1 ]; then
+        [ -z "$STAGE" ] || rm -rf "$STAGE"
+        # A release that never became current is removed: no half-release is ever selectable.
+        if [ -n "$REL" ] && [ -f "$REL/.incomplete" ]; then rm -rf "$REL"; fi
+        [ -z "$PREFIX" ] || rm -f "$PREFIX/.current.new" "$PREFIX/.previous.new"
+    fi
+    [ "$LOCKED" -ne 1 ] || rm -rf "$PREFIX/.install.lock"
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+# ---------------------------------------------------------------- 1. signature against the pinned key
+fingerprint_of() {  # SHA-256 of the DER SubjectPublicKeyInfo
+    openssl pkey -pubin -in "$1" -outform DER 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+if [ -f "$TRUST" ]; then
+    WANT=$(fingerprint_of "$TRUST")
+else
+    WANT=$(printf '%s' "$TRUST" | tr -d ':' | tr 'ABCDEF' 'abcdef')
+fi
+printf '%s\n' "$WANT" | grep -Eq '^[0-9a-f]{64}$' || die "--trust: '$TRUST' is not a 64-hex fingerprint or a public key file"
+for name in MANIFEST.json MANIFEST.json.sig signer.pub.pem; do
+    [ ! -L "$BUNDLE/$name" ] || die "$name: is a symlink; bundles hold regular files only"
+    [ -f "$BUNDLE/$name" ] || die "$name: missing from $BUNDLE"
+    # Work on private copies: what is verified is exactly what is read afterwards.
+    cp "$BUNDLE/$name" "$WORK/$name"
+done
+M="$WORK/MANIFEST.json"
+GOT=$(fingerprint_of "$WORK/signer.pub.pem")
+[ "$GOT" = "$WANT" ] || die "signer.pub.pem: signing key $GOT is not the trusted key $WANT"
+openssl dgst -sha256 -verify "$WORK/signer.pub.pem" -signature "$WORK/MANIFEST.json.sig" "$M" >/dev/null 2>&1 \
+    || die "MANIFEST.json: signature does not verify with the trusted key (manifest or signature altered)"
+
+# ---------------------------------------------------------------- 2. every file against the manifest
+str_field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" "$M"; }
+num_field() { sed -n "s/.*\"$1\":\([0-9][0-9]*\).*/\1/p" "$M"; }
+[ "$(str_field format)" = "airlock-bundle/1" ] || die "MANIFEST.json: unknown format (built by a newer airlock-bundle?)"
+PRODUCT=$(str_field product) VERSION=$(str_field version) SEQUENCE=$(num_field sequence)
+EXPIRES=$(str_field expires) ARCH=$(str_field arch) PYVER=$(str_field python_version)
+GLIBC_MIN=$(str_field glibc_min) CUDA_MAJOR=$(num_field cuda_major) MIN_DRIVER=$(num_field min_driver)
+for value in "$PRODUCT" "$VERSION" "$SEQUENCE" "$EXPIRES" "$ARCH" "$PYVER" "$GLIBC_MIN" "$CUDA_MAJOR" "$MIN_DRIVER"; do
+    printf '%s\n' "$value" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._+-]*$' || die "MANIFEST.json: a required field is malformed"
+done
+
+# "size sha256 path" per listed file; the manifest's path alphabet has no quotes, braces or spaces.
+sed -n 's/.*"files":\[\([^]]*\)\].*/\1/p' "$M" | tr '}' '\n' \
+    | sed -n 's/^,\{0,1\}{"path":"\([^"]*\)","sha256":"\([0-9a-f]\{64\}\)","size":\([0-9][0-9]*\)$/\3 \2 \1/p' \
+    > "$WORK/files"
+LISTED=$(sed -n 's/.*"files":\[\([^]]*\)\].*/\1/p' "$M" | tr '{' '\n' | grep -c '"path"' || true)
+[ "$LISTED" -gt 0 ] && [ "$LISTED" -eq "$(wc -l < "$WORK/files")" ] || die "MANIFEST.json: file list is malformed"
+cut -d' ' -f3 "$WORK/files" > "$WORK/paths"
+BAD=$(grep -Ev '^[A-Za-z0-9_+][A-Za-z0-9._+-]*(/[A-Za-z0-9_+][A-Za-z0-9._+-]*)*$' "$WORK/paths" | head -n 1 || true)
+[ -z "$BAD" ] || die "MANIFEST.json: path '$BAD' is absolute, has '..' or characters outside [A-Za-z0-9._+-/]"
+BAD=$(grep -F '..' "$WORK/paths" | head -n 1 || true)
+[ -z "$BAD" ] || die "MANIFEST.json: path '$BAD' contains '..'"
+DUP=$(sort "$WORK/paths" | uniq -d | head -n 1)
+[ -z "$DUP" ] || die "MANIFEST.json: $DUP is listed twice"
+
+ODD=$(cd "$BUNDLE" && find . ! -type d ! -type f | sed 's|^\./||' | head -n 1)
+[ -z "$ODD" ] || die "$ODD: is a symlink or special file; bundles hold regular files only"
+(cd "$BUNDLE" && find . -type f | sed 's|^\./||') | sort > "$WORK/on_disk"
+{ cat "$WORK/paths"; printf 'MANIFEST.json\nMANIFEST.json.sig\nsigner.pub.pem\n'; } | sort > "$WORK/expected"
+EXTRA=$(comm -23 "$WORK/on_disk" "$WORK/expected" | head -n 1)
+[ -z "$EXTRA" ] || die "$EXTRA: not listed in the manifest (extra file)"
+MISSING=$(comm -13 "$WORK/on_disk" "$WORK/expected" | head -n 1)
+[ -z "$MISSING" ] || die "$MISSING: listed in the manifest but missing"
+
+check_tree() {  # $1 = root; every listed file: regular, size, SHA-256
+    while read -r size sha path; do
+        [ ! -L "$1/$path" ] && [ -f "$1/$path" ] || die "$path: missing or not a regular file"
+        actual=$(wc -c < "$1/$path" | tr -d ' ')
+        [ "$actual" = "$size" ] || die "$path: size $actual bytes, manifest says $size"
+        actual=$(sha256sum < "$1/$path" | cut -d' ' -f1)
+        [ "$actual" = "$sha" ] || die "$path: SHA-256 does not match the manifest"
+    done < "$WORK/files"
+}
+check_tree "$BUNDLE"
+today=$(date -u +%Y%m%d)
+[ "$today" -le "$(printf '%s' "$EXPIRES" | tr -d '-')" ] || die "MANIFEST.json: bundle expired on $EXPIRES; ask for a fresh one (or check the clock)"
+say "verified: $PRODUCT $VERSION (sequence $SEQUENCE), $LISTED files, signed by $WANT"
+
+# split files: "path sha256 size part part ..." per line
+sed -n 's/.*"split_files":\[\(.*\)\],"target".*/\1/p' "$M" | tr '}' '\n' \
+    | sed -n 's/^,\{0,1\}{"parts":\[\([^]]*\)\],"path":"\([^"]*\)","sha256":"\([0-9a-f]\{64\}\)","size":\([0-9]*\)$/\2 \3 \4 \1/p' \
+    | tr ',"' '  ' > "$WORK/split"
+
+# ---------------------------------------------------------------- 3. preflight
+PAYLOAD=$(awk '{ s += $1 } END { printf "%d", s }' "$WORK/files")
+NEED_KB=$(( PAYLOAD * 2 / 1024 + 1 ))
+FAILED=""
+ROWS=""
+row() {  # check, needed, found, status
+    ROWS="$ROWS$(printf '%-16s %-28s %-40s %s' "$1" "$2" "$3" "$4")
+"
+    if [ "$4" = "FAIL" ] && [ -z "$FAILED" ]; then FAILED="$1: needs $2, found $3"; fi
+}
+free_kb() {
+    probe=$1
+    while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
+    df -Pk "$probe" | awk 'NR == 2 { print $4 }'
+}
+for dir in "$PREFIX" "$HOME_DIR"; do
+    free=$(free_kb "$dir")
+    if [ "$free" -ge "$NEED_KB" ]; then s=ok; else s=FAIL; fi
+    row "free space" ">= $((NEED_KB / 1024)) MiB (2x payload)" "$((free / 1024)) MiB under $dir" "$s"
+done
+GLIBC=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{ print $2 }' || true)
+[ -n "$GLIBC" ] || GLIBC=$(ldd --version 2>/dev/null | head -n 1 | awk '{ print $NF }' || true)
+if [ -n "$GLIBC" ] && [ "${GLIBC#*.}" -ge "${GLIBC_MIN#*.}" ] 2>/dev/null; then s=ok; else s=FAIL; fi
+row "glibc" ">= $GLIBC_MIN" "${GLIBC:-unknown}" "$s"
+MACHINE=$(uname -m)
+if [ "$MACHINE" = "$ARCH" ]; then s=ok; else s=FAIL; fi
+row "cpu arch" "$ARCH" "$MACHINE" "$s"
+[ -n "$PY" ] || PY=$(command -v "python$PYVER" 2>/dev/null || true)
+HAVE_PY=$("${PY:-false}" -c 'import sys, venv, ensurepip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+if [ "$HAVE_PY" = "$PYVER" ]; then s=ok; else s=FAIL; fi
+row "python" "$PYVER with venv+ensurepip" "${HAVE_PY:-none}${PY:+ ($PY)}" "$s"
+if [ "$CUDA_MAJOR" -eq 0 ]; then
+    row "nvidia driver" "none (CPU bundle)" "-" ok
+else
+    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+    if [ -z "$DRIVER" ]; then
+        row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "no NVIDIA GPU/driver: runs CPU-only" notice
+    elif [ "${DRIVER%%.*}" -ge "$MIN_DRIVER" ]; then
+        row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "$DRIVER" ok
+    else
+        row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "$DRIVER" FAIL
+    fi
+fi
+INSTALLED_SEQ=0 INSTALLED_PRODUCT="" DOWNGRADE=0
+if [ -f "$PREFIX/etc/sequence" ]; then
+    INSTALLED_SEQ=$(cat "$PREFIX/etc/sequence") INSTALLED_PRODUCT=$(cat "$PREFIX/etc/product")
+    if [ "$INSTALLED_PRODUCT" != "$PRODUCT" ]; then
+        row "product" "$INSTALLED_PRODUCT (installed)" "$PRODUCT" FAIL
+    fi
+    if [ "$SEQUENCE" -gt "$INSTALLED_SEQ" ]; then s=ok
+    elif [ "$ALLOW_DOWNGRADE" -eq 1 ]; then s="downgrade (allowed, audited)"; DOWNGRADE=1
+    else s=FAIL; fi
+    row "sequence" "> $INSTALLED_SEQ (installed)" "$SEQUENCE" "$s"
+else
+    row "existing install" "-" "none under $PREFIX" ok
+fi
+say ""
+printf '%-16s %-28s %-40s %s\n' check needs found status
+printf '%s' "$ROWS"
+say ""
+if [ -n "$FAILED" ]; then
+    case "$FAILED" in
+        sequence*) die "sequence $SEQUENCE is not newer than the installed $INSTALLED_SEQ (rollback protection); pass --allow-downgrade to install it anyway (audited)" ;;
+        product*) die "this bundle is for product '$PRODUCT', but '$INSTALLED_PRODUCT' is installed under $PREFIX" ;;
+        *) die "preflight: $FAILED" ;;
+    esac
+fi
+
+# ---------------------------------------------------------------- 4. install
+mkdir -p "$PREFIX/releases" "$PREFIX/etc" "$PREFIX/bin"
+mkdir -p "$HOME_DIR" && chmod 700 "$HOME_DIR"
+if ! mkdir "$PREFIX/.install.lock" 2>/dev/null; then
+    OTHER=$(cat "$PREFIX/.install.lock/pid" 2>/dev/null || true)
+    if [ -n "$OTHER" ] && kill -0 "$OTHER" 2>/dev/null; then die "another install (pid $OTHER) is running"; fi
+    rm -rf "$PREFIX/.install.lock"; mkdir "$PREFIX/.install.lock"
+fi
+LOCKED=1
+echo $$ > "$PREFIX/.install.lock/pid"
+
+# Clean up after a killed install: staging copies and releases that never became complete.
+CURRENT=$(readlink "$PREFIX/current" 2>/dev/null || true)
+rm -rf "$PREFIX"/.staging.* "$PREFIX/.current.new" "$PREFIX/.previous.new"
+for dir in "$PREFIX"/releases/*; do
+    if [ -f "$dir/.incomplete" ] && [ "releases/${dir##*/}" != "$CURRENT" ]; then
+        say "removing an incomplete release left by an interrupted install: $dir"
+        rm -rf "$dir"
+    fi
+done
+[ ! -e "$PREFIX/releases/$VERSION" ] || die "$PREFIX/releases/$VERSION already exists; a new bundle needs a new version"
+
+STAGE="$PREFIX/.staging.$$"
+mkdir "$STAGE"
+while read -r size sha path; do
+    mkdir -p "$STAGE/$(dirname "$path")"
+    cp "$BUNDLE/$path" "$STAGE/$path"
+done < "$WORK/files"
+say "checking the staged copy ..."
+check_tree "$STAGE"
+while read -r path sha size parts; do
+    [ -n "$path" ] || continue
+    : > "$STAGE/$path"
+    for part in $parts; do cat "$STAGE/$part" >> "$STAGE/$path"; rm -f "$STAGE/$part"; done
+    [ "$(wc -c < "$STAGE/$path" | tr -d ' ')" = "$size" ] || die "$path: reassembled parts are not $size bytes"
+    [ "$(sha256sum < "$STAGE/$path" | cut -d' ' -f1)" = "$sha" ] || die "$path: reassembled parts do not match the manifest's SHA-256"
+done < "$WORK/split"
+
+REL="$PREFIX/releases/$VERSION"
+mkdir "$REL"
+: > "$REL/.incomplete"
+say "creating $REL/venv with $PY ..."
+"$PY" -m venv "$REL/venv"
+say "installing wheels (offline, hash-locked) ..."
+# The machine's pip configuration (indexes, find-links, constraints) must not change what is installed.
+PIP_CONFIG_FILE=/dev/null PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    "$REL/venv/bin/python" -m pip install --quiet --no-index --find-links "$STAGE/wheels" --require-hashes \
+    --no-deps -r "$STAGE/wheels/requirements.lock" || die "pip install from the bundle's wheels failed (see above)"
+
+say "installing models into $HOME_DIR/models/store ..."
+STORE="$HOME_DIR/models/store"
+mkdir -p "$STORE"
+sed -n 's/.*"models":\[\([^]]*\)\].*/\1/p' "$M" | tr '}' '\n' \
+    | sed -n 's/^,\{0,1\}{"name":"\([^"]*\)","path":"\([^"]*\)"$/\1 \2/p' > "$WORK/models"
+while read -r name mpath; do
+    mkdir -p "$REL/models/$name"
+    for file in "$STAGE/$mpath"/*; do
+        sha=$(sha256sum < "$file" | cut -d' ' -f1)
+        if [ ! -f "$STORE/$sha" ]; then
+            cp "$file" "$STORE/.$sha.tmp" && chmod 444 "$STORE/.$sha.tmp" && mv "$STORE/.$sha.tmp" "$STORE/$sha"
+        fi
+        ln -s "$STORE/$sha" "$REL/models/$name/${file##*/}"
+    done
+    # The name operators use follows whichever release is current.
+    [ -e "$HOME_DIR/models/$name" ] || [ -L "$HOME_DIR/models/$name" ] || ln -s "$PREFIX/current/models/$name" "$HOME_DIR/models/$name"
+done < "$WORK/models"
+
+mkdir -p "$REL/bundle"
+cp "$M" "$WORK/MANIFEST.json.sig" "$WORK/signer.pub.pem" "$REL/bundle/"
+
+cat > "$PREFIX/bin/.airlock.new" <<EOF
+#!/bin/sh
+# Written by install.sh: runs the current release with this install's state directory.
+AIRLOCK_HOME=\${AIRLOCK_HOME:-$HOME_DIR} AIRLOCK_PREFIX=$PREFIX
+export AIRLOCK_HOME AIRLOCK_PREFIX
+exec "$PREFIX/current/venv/bin/airlock" "\$@"
+EOF
+chmod 755 "$PREFIX/bin/.airlock.new"
+mv -f "$PREFIX/bin/.airlock.new" "$PREFIX/bin/airlock"
+
+say "smoke test: airlock doctor ..."
+if ! AIRLOCK_HOME="$HOME_DIR" AIRLOCK_PREFIX="$PREFIX" "$REL/venv/bin/airlock" doctor > "$WORK/doctor.txt" 2>&1; then
+    cat "$WORK/doctor.txt" >&2
+    die "smoke test failed: airlock doctor of release $VERSION reports a failure (above); the previous release stays current"
+fi
+
+ACTION=release.install
+[ -z "$CURRENT" ] || ACTION=release.upgrade
+[ "$DOWNGRADE" -eq 0 ] || ACTION=release.downgrade
+AIRLOCK_HOME="$HOME_DIR" AIRLOCK_PREFIX="$PREFIX" "$REL/venv/bin/airlock" upgrade --record "$REL" --action "$ACTION" \
+    || die "could not write the audit row for this install"
+
+rm -f "$REL/.incomplete"
+# Atomic switch: rename(2) of a new symlink over the old one; keep the old release as previous.
+if [ -n "$CURRENT" ]; then
+    ln -s "$CURRENT" "$PREFIX/.previous.new"
+fi
+ln -s "releases/$VERSION" "$PREFIX/.current.new"
+"$PY" -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PREFIX/.current.new" "$PREFIX/current"
+[ -z "$CURRENT" ] || "$PY" -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PREFIX/.previous.new" "$PREFIX/previous"
+DONE=1
+
+# Trust and rollback state: root-owned files under PREFIX. The sequence only ever goes up.
+cp "$WORK/signer.pub.pem" "$PREFIX/etc/.trusted-key.pem.new" && mv -f "$PREFIX/etc/.trusted-key.pem.new" "$PREFIX/etc/trusted-key.pem"
+printf '%s\n' "$PRODUCT" > "$PREFIX/etc/.product.new" && mv -f "$PREFIX/etc/.product.new" "$PREFIX/etc/product"
+HIGH=$SEQUENCE
+[ "$HIGH" -gt "$INSTALLED_SEQ" ] || HIGH=$INSTALLED_SEQ
+printf '%s\n' "$HIGH" > "$PREFIX/etc/.sequence.new" && mv -f "$PREFIX/etc/.sequence.new" "$PREFIX/etc/sequence"
+rm -rf "$STAGE"
+
+if [ -z "$UNITS_DIR" ]; then
+    if [ "$(id -u)" -eq 0 ]; then UNITS_DIR=/etc/systemd/system; else UNITS_DIR="$PREFIX/systemd"; fi
+fi
+mkdir -p "$UNITS_DIR"
+# `airlock upgrade` passes the same directory again.
+printf '%s\n' "$UNITS_DIR" > "$PREFIX/etc/.units-dir.new" && mv -f "$PREFIX/etc/.units-dir.new" "$PREFIX/etc/units-dir"
+unit() {  # name, description, service type, ExecStart arguments, restart policy
+    cat > "$UNITS_DIR/$1" <<EOF
+[Unit]
+Description=$2
+After=network.target
+
+[Service]
+Type=$3
+Environment=AIRLOCK_HOME=$HOME_DIR
+ExecStart=$PREFIX/bin/airlock $4
+Restart=$5
+NoNewPrivileges=yes
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+EOF
+}
+unit airlock-serve.service "Airlock inference server" simple serve on-failure
+unit airlock-agent.service "Airlock job agent" simple "jobs agent" on-failure
+unit airlock-retrain.service "Airlock incremental retrain" oneshot "jobs retrain" no
+cat > "$UNITS_DIR/airlock-retrain.timer" <<EOF
+[Unit]
+Description=Airlock nightly incremental retrain
+
+[Timer]
+OnCalendar=*-*-* 02:00:00
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+EOF
+if [ "$ENABLE" -eq 1 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null 2>&1 && [ "$UNITS_DIR" = /etc/systemd/system ]; then
+        systemctl daemon-reload
+        systemctl enable airlock-serve.service airlock-agent.service airlock-retrain.timer
+    else
+        say "note: services not enabled (needs root, systemctl and units in /etc/systemd/system)"
+    fi
+fi
+
+say "installed $PRODUCT $VERSION (sequence $SEQUENCE) at $PREFIX/current; previous: ${CURRENT:-none}"
+say "systemd units written to $UNITS_DIR$([ "$ENABLE" -eq 1 ] || printf ' (not enabled; pass --enable-services)')"
+say "next: $PREFIX/bin/airlock doctor"

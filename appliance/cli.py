@@ -161,6 +161,10 @@ from appliance.vault.cli import vault  # noqa: E402 - command groups register he
 
 cli.add_command(vault)
 
+from appliance.upgrade import upgrade  # noqa: E402 - bundle install/upgrade/rollback (issue 9)
+
+cli.add_command(upgrade)
+
 
 def main() -> None:
     run_cli(cli, "airlock")

@@ -1,0 +1,183 @@
+"""`airlock upgrade`: install a newer signed bundle, or roll back to the previous release.
+
+    airlock upgrade /media/usb/airlock-0.2.0      verify with the stored key, then install
+    airlock upgrade --rollback                    switch PREFIX/current back to PREFIX/previous
+
+The installed (trusted) code verifies the new bundle before anything from it runs: the
+signature against PREFIX/etc/trusted-key.pem (or a key-rotation statement signed by it), every
+file's size and SHA-256, the product, the CPU architecture and the sequence (rollback
+protection; `--allow-downgrade` is audited). Only then does it run the bundle's own, now
+verified, install.sh, which checks again with openssl and sha256sum, stages, installs into
+PREFIX/releases/VERSION, smoke-tests and switches PREFIX/current atomically. A failure at any
+step leaves the current release serving.
+
+Trust state lives in root-owned files under PREFIX, not in the catalog: etc/trusted-key.pem,
+etc/sequence (a high-water mark that never goes down) and etc/product.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from appliance.errors import AirlockError
+from bundler.errors import BundleError
+from bundler.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    SIGNER_KEY_NAME,
+    Manifest,
+    fingerprint,
+    load_public_key,
+    verify_bundle,
+    verify_manifest,
+)
+
+DEFAULT_PREFIX = Path("/opt/airlock")
+
+
+def install_prefix() -> Path:
+    """AIRLOCK_PREFIX (set by PREFIX/bin/airlock), else the prefix this venv lives in, else /opt/airlock."""
+    configured = os.environ.get("AIRLOCK_PREFIX")
+    if configured:
+        return Path(configured)
+    venv = Path(sys.prefix)
+    if venv.name == "venv" and venv.parent.parent.name == "releases":
+        return venv.parent.parent.parent
+    return DEFAULT_PREFIX
+
+
+def _read_state(prefix: Path) -> tuple[str, int, str]:
+    """(trusted fingerprint, installed sequence, product) of the install at `prefix`."""
+    etc = prefix / "etc"
+    try:
+        key_pem = (etc / "trusted-key.pem").read_bytes()
+        sequence = int((etc / "sequence").read_text().strip())
+        product = (etc / "product").read_text().strip()
+    except (OSError, ValueError) as exc:
+        raise AirlockError(f"{etc}: no readable install state (trusted key, sequence, product)",
+                           hint="run install.sh from a bundle first, or pass --prefix of the existing install") from exc
+    return fingerprint(load_public_key(key_pem, str(etc / "trusted-key.pem"))), sequence, product
+
+
+def verify_for_upgrade(bundle: Path, prefix: Path, *, allow_downgrade: bool) -> Manifest:
+    """Everything the installed code checks before the new bundle's install.sh may run."""
+    trusted, installed_sequence, installed_product = _read_state(prefix)
+    manifest = verify_bundle(bundle, {trusted})
+    if manifest.product != installed_product:
+        raise BundleError(f"{MANIFEST_NAME}: bundle is for product '{manifest.product}', this machine runs "
+                          f"'{installed_product}'", hint="use the bundle built for this product")
+    if manifest.target.arch != platform.machine():
+        raise BundleError(f"{MANIFEST_NAME}: bundle targets {manifest.target.arch}, this machine is "
+                          f"{platform.machine()}", hint="use the bundle built for this machine's target")
+    if manifest.sequence <= installed_sequence and not allow_downgrade:
+        raise BundleError(f"{MANIFEST_NAME}: sequence {manifest.sequence} is not newer than the installed "
+                          f"{installed_sequence} (rollback protection)",
+                          hint="use a newer bundle; to go back to the previous release use `airlock upgrade "
+                               "--rollback`; --allow-downgrade installs it anyway (audited)")
+    return manifest
+
+
+def _audit(action: str, obj: str, details: dict) -> None:
+    from appliance.audit import append_audit
+    from appliance.catalog import open_catalog, transaction
+
+    db = open_catalog()
+    try:
+        with transaction(db):
+            append_audit(db, action, obj, details)
+    finally:
+        db.close()
+
+
+def record_install(release: Path, action: str, prefix: Path) -> None:
+    """Called by install.sh (from the new release, after its smoke test): the audit row for this install."""
+    bundle = release / "bundle"
+    key_pem = (bundle / SIGNER_KEY_NAME).read_bytes()
+    signer = fingerprint(load_public_key(key_pem))
+    manifest = verify_manifest((bundle / MANIFEST_NAME).read_bytes(), (bundle / SIGNATURE_NAME).read_bytes(),
+                               key_pem, {signer})
+    details: dict = {"version": manifest.version, "sequence": manifest.sequence, "bundle_id": manifest.bundle_id,
+                     "signer": signer, "prefix": str(prefix)}
+    current = prefix / "current"
+    if current.is_symlink():
+        details["previous"] = os.readlink(current)
+    try:
+        previous_trusted, previous_sequence, _ = _read_state(prefix)
+        details["previous_sequence"] = previous_sequence
+        if previous_trusted != signer:
+            details["key_rotated_from"] = previous_trusted
+    except AirlockError:
+        pass  # first install: no earlier state
+    _audit(action, f"release:{manifest.version}", details)
+
+
+def rollback(prefix: Path) -> tuple[str, str]:
+    """Swap PREFIX/current and PREFIX/previous atomically; returns (from, to)."""
+    current, previous = prefix / "current", prefix / "previous"
+    if not previous.is_symlink():
+        raise AirlockError(f"{previous}: no previous release to roll back to",
+                           hint="a rollback needs an earlier release installed from a bundle")
+    old, new = os.readlink(current), os.readlink(previous)
+    target = prefix / new
+    if (target / ".incomplete").exists() or not (target / "venv" / "bin" / "airlock").is_file():
+        raise AirlockError(f"{target}: the previous release is incomplete or damaged",
+                           hint="reinstall it from its bundle with install.sh --allow-downgrade")
+    for name, value in ((".current.new", new), (".previous.new", old)):
+        tmp = prefix / name
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(value)
+    os.replace(prefix / ".current.new", current)
+    os.replace(prefix / ".previous.new", previous)
+    return old, new
+
+
+@click.command("upgrade")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--rollback", "do_rollback", is_flag=True, help="Switch back to the previous release.")
+@click.option("--allow-downgrade", is_flag=True, help="Install a bundle whose sequence is not newer (audited).")
+@click.option("--prefix", type=click.Path(path_type=Path), default=None,
+              help="Install prefix (default: AIRLOCK_PREFIX or the running release's).")
+@click.option("--python", "python_exe", default=None, help="Python interpreter for the new release's venv.")
+@click.option("--record", type=click.Path(path_type=Path), hidden=True)
+@click.option("--action", type=click.Choice(["release.install", "release.upgrade", "release.downgrade"]),
+              default="release.install", hidden=True)
+def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefix: Path | None,
+            python_exe: str | None, record: Path | None, action: str) -> None:
+    """Verify and install a newer bundle, or roll back to the previous release."""
+    from appliance.paths import airlock_home
+
+    prefix = (prefix or install_prefix()).absolute()
+    if record is not None:
+        record_install(record, action, prefix)
+        return
+    if do_rollback == (bundle is not None):
+        raise AirlockError("give a bundle directory or --rollback (one of them)",
+                           hint="airlock upgrade /media/usb/BUNDLE   or   airlock upgrade --rollback")
+    if do_rollback:
+        old, new = rollback(prefix)
+        _audit("release.rollback", f"release:{Path(new).name}", {"from": old, "to": new, "prefix": str(prefix)})
+        click.echo(f"rolled back: {prefix / 'current'} -> {new} (was {old})")
+        return
+    assert bundle is not None
+    manifest = verify_for_upgrade(bundle, prefix, allow_downgrade=allow_downgrade)
+    click.echo(f"verified with the installed key: {manifest.product} {manifest.version} (sequence "
+               f"{manifest.sequence}); running its install.sh")
+    command = ["/bin/sh", str(bundle / "install.sh"), "--trust", manifest.signer, "--prefix", str(prefix),
+               "--home", str(airlock_home())]
+    units_dir = prefix / "etc" / "units-dir"
+    if units_dir.is_file():
+        command += ["--units-dir", units_dir.read_text().strip()]
+    if allow_downgrade:
+        command.append("--allow-downgrade")
+    if python_exe:
+        command += ["--python", python_exe]
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise AirlockError(f"install.sh of {manifest.version} failed (exit {result.returncode}); the current "
+                           "release is unchanged", hint="read its REFUSED line above")
