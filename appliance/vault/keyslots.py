@@ -123,7 +123,8 @@ def passphrase_kdf(*, memory_mib: int | None = None, kdf: str | None = None) -> 
     if name == "scrypt":
         params = TEST_SCRYPT if test_profile else SCRYPT_DEFAULT
         if memory_mib is not None:
-            params = {"n": max(2, (memory_mib * 1024 * 1024) // (128 * 8)), "r": 8, "p": 1}
+            # scrypt uses 128 * r * n bytes and needs n to be a power of two.
+            params = {"n": 1 << ((memory_mib * 1024 * 1024 // (128 * 8)).bit_length() - 1), "r": 8, "p": 1}
         return KdfParams("scrypt", salt, **params)
     if memory_mib is not None:
         lanes = 1 if memory_mib < 64 else DEFAULT_LANES

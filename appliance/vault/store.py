@@ -97,7 +97,8 @@ def write_file(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: s
     record, dek = _dek(db, keys, object_id)
     if final.exists() and not overwrite:
         raise ObjectError(f"{final} already exists", hint="write under a new name (objects are immutable)")
-    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in (home / "vault", objects_dir(home), final.parent):
+        folder.mkdir(mode=0o700, exist_ok=True)
     temp = final.with_name(f".{final.name}{TEMP_MARKER}{secrets.token_hex(6)}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
