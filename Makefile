@@ -9,9 +9,20 @@ STAMP := $(VENV)/.installed
 # pull "torch" would fetch a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
+# Test wheelhouse for the bundle tests (tests/bundler, tests/e2e): downloaded here, at `make venv`
+# time while the network is allowed, so that `unshare -n make test` builds and installs bundles
+# offline. Git-ignored; see tests/bundler/fill_wheelhouse.py for what it holds.
+WHEELHOUSE := .cache/wheelhouse
+WHEELHOUSE_STAMP := $(WHEELHOUSE)/.downloaded
+
 .PHONY: venv demo test lint unit bench models clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(WHEELHOUSE_STAMP)
+
+$(WHEELHOUSE_STAMP): $(STAMP) tests/bundler/fill_wheelhouse.py
+	mkdir -p $(WHEELHOUSE)
+	$(BIN)/python tests/bundler/fill_wheelhouse.py $(WHEELHOUSE)
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,4 +51,4 @@ models: venv
 	$(BIN)/python models/build_tiny_models.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(WHEELHOUSE) .pytest_cache .ruff_cache .import_linter_cache
