@@ -68,6 +68,22 @@ CHAT_TEMPLATE = (
 )
 
 
+# deepseek-coder-instruct's template (its long default system prompt shortened): `### Instruction:` /
+# `### Response:` turns, each reply closed by <|EOT|>, which is that family's end-of-turn token.
+CODER_EOT = "<|EOT|>"
+CODER_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{%- set ns = namespace(found=false) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'system' -%}{%- set ns.found = true -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{{ bos_token }}{%- if not ns.found -%}{{ 'You are an AI programming assistant.\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{{ message['content'] }}"
+    "{%- else %}{%- if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n' }}"
+    "{%- else %}{{ '### Response:\\n' + message['content'] + '\\n<|EOT|>\\n' }}{%- endif %}{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}{{ '### Response:' }}{% endif %}"
+)
+
+
 def load_corpus() -> list[dict]:
     return [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines() if line]
 
@@ -113,6 +129,22 @@ def training_texts(records: list[dict], tokenizer) -> list[str]:
         else:
             texts.append(tokenizer.apply_chat_template(record["messages"], tokenize=False))
     return texts
+
+
+def coder_tokenizer(tokenizer):
+    """The same BPE with deepseek-coder's end-of-turn token and chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()),
+        bos_token=BOS,
+        eos_token=CODER_EOT,
+        pad_token=PAD,
+        chat_template=CODER_CHAT_TEMPLATE,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def qwen2_config(tokenizer):
@@ -192,9 +224,11 @@ def build(out: Path) -> dict:
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   max_position_embeddings=2048)
+    coder = coder_tokenizer(tokenizer)
     write_config_only(out, "tiny-deepseek-coder", LlamaConfig(
         hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, architectures=["LlamaForCausalLM"], **common), tokenizer)
+        num_key_value_heads=4, architectures=["LlamaForCausalLM"],
+        **{**common, "vocab_size": len(coder), "eos_token_id": coder.eos_token_id}), coder)
     write_config_only(out, "tiny-deepseek-v3", DeepseekV3Config(
         hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
         first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,

@@ -1,0 +1,1 @@
+"""Training: LoRA supervised fine-tuning of causal LMs (and, later, image classifiers)."""

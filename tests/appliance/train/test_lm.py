@@ -1,0 +1,78 @@
+"""Real LoRA training steps on the tiny model: loss goes down, base stays frozen, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance.base_models import resolve_base_model
+from appliance.catalog import open_catalog
+from appliance.train.checkpoints import VaultCheckpoints
+from appliance.train.lm import CHECKPOINT, train_lora
+from appliance.train.recipe import LoraRecipe
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def chats():
+    lines = (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    chat = [r for r in records if "messages" in r]
+    return chat[:64], chat[64:80]
+
+
+@pytest.fixture
+def vault(airlock_home, monkeypatch):
+    """A real vault (test KDF profile) and the root key held in this process."""
+    from appliance.vault.keys import LocalKeys
+    from appliance.vault.keyslots import passphrase_kdf
+    from appliance.vault.lifecycle import Credential, init_vault, open_root
+
+    monkeypatch.setenv("AIRLOCK_KDF_PROFILE", "test")
+    db = open_catalog()
+    init_vault(db, "pass phrase for tests", passphrase_kdf())
+    _, root = open_root(db, Credential.passphrase("pass phrase for tests"))
+    return db, LocalKeys(root)
+
+
+RECIPE = LoraRecipe(max_steps=8, eval_every=4, batch_size=2, max_length=128, lr=3e-3, dropout=0.1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def straight(chats):
+    """One uninterrupted run, shared by the tests below (each run costs real CPU time)."""
+    train, val = chats
+    return train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, RECIPE)
+
+
+def test_training_lowers_validation_loss_and_only_touches_lora(straight):
+    result = straight
+    assert result.steps == 8
+    first_val, last_val = result.val_losses[0][1], result.val_losses[-1][1]
+    assert last_val < first_val
+    assert result.adapter_state and all("lora_" in key for key in result.adapter_state)
+    assert result.real_tokens > 0
+
+
+def test_resume_after_a_stop_matches_an_uninterrupted_run(chats, straight, vault, airlock_home):
+    db, keys = vault
+    train, val = chats
+    base = resolve_base_model("tiny-deepseek-r1")
+
+    checkpoints = VaultCheckpoints(db, keys, airlock_home, "run-resume-test")
+    steps_done = []
+    first = train_lora(base, train, val, RECIPE, checkpoints=checkpoints,
+                       should_stop=lambda: len(steps_done) >= 5,
+                       on_progress=lambda p: steps_done.append(p.step))
+    assert first.steps == 5  # stopped like a SIGTERM would, after checkpointing
+    resumed = train_lora(base, train, val, RECIPE, checkpoints=checkpoints)
+    assert resumed.steps == 8
+    # Same data order, optimizer, schedule and dropout RNG: the same curve (float noise only).
+    assert resumed.train_losses == pytest.approx(straight.train_losses, rel=1e-5, abs=1e-6)
+    assert [v for _, v in resumed.val_losses] == pytest.approx([v for _, v in straight.val_losses], rel=1e-5)
+
+    # The checkpoint is vault ciphertext: no tensor names or recipe text on disk.
+    stored = airlock_home / "vault" / "objects" / "run-resume-test" / (CHECKPOINT + ".alv")
+    raw = stored.read_bytes()
+    assert b"lora_A" not in raw and b"optimizer" not in raw and b"cosine" not in raw
