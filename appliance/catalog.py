@@ -97,8 +97,42 @@ def _migration_2(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Jobs: long-running stages as detached processes, with progress events (see appliance.jobs)."""
+    db.execute("""
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled',
+                                                 'interrupted')),
+            params TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            device TEXT NOT NULL DEFAULT 'cpu',
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            pid INTEGER,
+            pid_start TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            hint TEXT,
+            result TEXT
+        )""")
+    db.execute("CREATE INDEX jobs_state ON jobs(state)")
+    db.execute("""
+        CREATE TABLE job_events (
+            id INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            ts TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('progress', 'log', 'state')),
+            message TEXT NOT NULL DEFAULT '',
+            data TEXT NOT NULL DEFAULT '{}'
+        )""")
+    db.execute("CREATE INDEX job_events_job ON job_events(job_id, id)")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
