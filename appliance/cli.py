@@ -165,6 +165,10 @@ from appliance.upgrade import upgrade  # noqa: E402 - bundle install/upgrade/rol
 
 cli.add_command(upgrade)
 
+from appliance.jobs.cli import jobs  # noqa: E402 - detached long-running work (issue 5)
+
+cli.add_command(jobs)
+
 
 def main() -> None:
     run_cli(cli, "airlock")
