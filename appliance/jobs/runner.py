@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 # Job kinds and their handlers, by import path: a fixed table, never a name taken from the catalog.
 HANDLERS: dict[str, str] = {
-    "train_lm": "appliance.train.job:run_train_lm",
     "vault_verify": "appliance.jobs.vault_verify:run_vault_verify",
 }
 CANCEL_POLL_S = 2.0
