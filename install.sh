@@ -78,8 +78,10 @@ trap 'exit 130' INT TERM HUP
 fingerprint_of() {  # SHA-256 of the DER SubjectPublicKeyInfo
     openssl pkey -pubin -in "$1" -outform DER 2>/dev/null | sha256sum | cut -d' ' -f1
 }
+EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 if [ -f "$TRUST" ]; then
     WANT=$(fingerprint_of "$TRUST")
+    [ "$WANT" != "$EMPTY_SHA256" ] || die "--trust: $TRUST is not a PEM public key"
 else
     WANT=$(printf '%s' "$TRUST" | tr -d ':' | tr 'ABCDEF' 'abcdef')
 fi

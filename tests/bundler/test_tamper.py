@@ -177,3 +177,13 @@ def test_untampered_bundle_verifies(world):
     result = run_bundler("verify", str(world["a"]), "--trust", world["fp"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK: airlock 0.1.0 (sequence 1)")
+
+
+def test_trust_takes_a_public_key_file_too(world, tmp_path):
+    other_pub = world["other_key"].parent / "signing-key.pub.pem"
+    result = _install(world["a"], str(other_pub), tmp_path / "prefix", tmp_path / "home")
+    _assert_refused(result, f"is not the trusted key {world['other_fp']}", tmp_path / "prefix", tmp_path / "home")
+    garbage = tmp_path / "not-a-key.pem"
+    garbage.write_text("hello\n")
+    _assert_refused(_install(world["a"], str(garbage), tmp_path / "prefix", tmp_path / "home"),
+                    "not a PEM public key", tmp_path / "prefix", tmp_path / "home")
