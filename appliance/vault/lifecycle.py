@@ -153,6 +153,9 @@ def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, 
     if running is not None and running.vault_id == vault_id:
         return running
     slot_id, root_key = open_root(db, credential)
+    if running is not None:  # an agent for a vault this home no longer has: stop it, do not orphan it
+        with contextlib.suppress(VaultError):
+            AgentClient(home).lock()
     status = start_agent(home, root_key, vault_id, idle_timeout_s)
     del root_key
     with transaction(db):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -416,3 +417,65 @@ def test_uninitialized_vault_says_what_to_do(airlock_home, passphrase_file):
     short.write_text("too short")
     result = run_cli("vault", "passwd", "--passphrase-file", str(passphrase_file), "--new-passphrase-file", str(short))
     assert result.returncode == 2 and "shorter than 12 characters" in result.stderr
+
+
+def test_model_weights_round_trip_through_memory_only(airlock_home, vault_init, unlock):
+    """Adapters are stored like data: encrypted, and loaded from bytes (safetensors), never a plaintext file."""
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    vault_init()
+    unlock()
+    db, keys = _open(airlock_home)
+    store.create_object(db, keys, "model-1", "model")
+    weights = {"lora_A": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    store.write_bytes(db, keys, airlock_home, "model-1", "adapter.safetensors", save(weights))
+    loaded = load(store.read_bytes(db, keys, airlock_home, "model-1", "adapter.safetensors"))
+    assert np.array_equal(loaded["lora_A"], weights["lora_A"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_agent_refuses_a_peer_with_another_uid(airlock_home, vault_init, unlock):
+    vault_init()
+    unlock()
+    sock = socket_path(airlock_home)
+    # Open the directory and socket modes up on purpose: SO_PEERCRED must still refuse the peer.
+    sock.parent.chmod(0o711)
+    sock.chmod(0o666)
+    try:
+        reply = _ask_as_uid(65534, sock, b'{"op": "status"}\n')
+    finally:
+        sock.parent.chmod(0o700)
+        sock.chmod(0o600)
+    assert reply.get("ok") is False, reply
+    assert "serves uid 0 only (peer uid 65534)" in reply["error"]
+    assert "vault_id" not in reply
+
+
+def _ask_as_uid(uid: int, path: Path, request: bytes) -> dict:
+    """Fork, drop to `uid`, send one request to the agent; the reply comes back through a pipe."""
+    import socket
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(10)
+                client.connect(str(path))
+                with contextlib.suppress(BrokenPipeError):  # the agent may answer and hang up first
+                    client.sendall(request)
+                os.write(write_end, client.recv(4096))
+        except BaseException as exc:
+            os.write(write_end, json.dumps({"child_error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
