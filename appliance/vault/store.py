@@ -134,9 +134,15 @@ def read_into(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: st
     except FileNotFoundError:
         raise ObjectError(f"{path} does not exist (object {object_id} has no file {name!r})",
                           hint="list the object's files, or restore the file from a backup") from None
-    with src:
-        size = decrypt_stream(src, dst, dek=dek, object_id=f"{object_id}/{name}", label=str(path),
-                              expected_dek_id=bytes.fromhex(record.dek_id))
+    try:
+        with src:
+            size = decrypt_stream(src, dst, dek=dek, object_id=f"{object_id}/{name}", label=str(path),
+                                  expected_dek_id=bytes.fromhex(record.dek_id))
+    except StreamError:
+        # A file that fails authentication is a security event, not just an I/O error: record it.
+        with transaction(db):
+            append_audit(db, "vault.read_failed", object_id, {"file": name, "reason": "authentication failed"})
+        raise
     with transaction(db):
         append_audit(db, "vault.read", object_id, {"file": name, "bytes": size})
     return size
@@ -206,7 +212,9 @@ def verify_files(db: sqlite_utils.Database, keys: KeyOps, home: Path, *, sample:
     report = VerifyReport(failed == 0, len(checks), failed, sampled, checks)
     with transaction(db):
         append_audit(db, "vault.verify", "vault", {"files_checked": len(checks), "files_failed": failed,
-                                                   "sampled": sampled})
+                                                   "sampled": sampled,
+                                                   "failed": [f"{c.object_id}/{c.name}" for c in checks
+                                                              if not c.ok][:20]})
     return report
 
 

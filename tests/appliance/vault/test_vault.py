@@ -235,11 +235,11 @@ def test_idle_timeout_locks_and_a_later_job_fails_cleanly(airlock_home, vault_in
 
 def test_key_use_restarts_the_idle_timer(airlock_home, vault_init, unlock, passphrase_file):
     vault_init()
-    unlock("--passphrase-file", str(passphrase_file), "--idle-timeout", "3")
+    unlock("--passphrase-file", str(passphrase_file), "--idle-timeout", "2")
     db, keys = _open(airlock_home)
     store.create_object(db, keys, "dataset-1", "dataset")
-    for i in range(4):  # 4 x 1 s > 3 s, but each read restarts the timer
-        time.sleep(1)
+    for i in range(4):  # 4 x 0.8 s > 2 s, but each key use restarts the timer
+        time.sleep(0.8)
         store.write_bytes(db, keys, airlock_home, "dataset-1", f"part-{i}", b"x")
     assert agent_status(airlock_home) is not None
     _wait_locked(airlock_home)
@@ -324,8 +324,9 @@ def test_verify_reports_each_file_and_names_the_tampered_one(airlock_home, vault
     assert str(target) in failed[("model-1", "b")] and "segment 0" not in failed[("model-1", "b")]
     sample = json.loads(run_cli("vault", "verify", "--sample", "1", "--json").stdout)
     assert (sample["files_checked"], sample["sampled"]) == (1, True)
-    assert [e.details["files_failed"] for e in iter_audit(db, action="vault.verify")] == [0, 2, 2, sample[
-        "files_failed"]]
+    rows = [e.details for e in iter_audit(db, action="vault.verify")]
+    assert [r["files_failed"] for r in rows] == [0, 2, 2, sample["files_failed"]]
+    assert rows[1]["failed"] == ["model-1/a", "model-1/b"]
 
 
 def test_store_refuses_bad_ids_duplicates_and_a_file_moved_between_objects(airlock_home, vault_init, unlock):
@@ -352,6 +353,8 @@ def test_store_refuses_bad_ids_duplicates_and_a_file_moved_between_objects(airlo
                 store.file_path(airlock_home, "dataset-1", "other"))
     with pytest.raises(StreamError, match="does not authenticate as object dataset-1/other"):
         store.read_bytes(db, keys, airlock_home, "dataset-1", "other")
+    assert [(e.object, e.details["file"]) for e in iter_audit(db, action="vault.read_failed")] == [
+        ("dataset-2", "records"), ("dataset-1", "other")]
     with pytest.raises(ObjectError, match="is not in the vault"):
         store.read_bytes(db, keys, airlock_home, "dataset-9", "records")
     # A wrapped DEK copied onto another object's row does not unwrap.
