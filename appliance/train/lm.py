@@ -55,6 +55,8 @@ class TrainResult:
     stopped_early: bool = False
     truncated_examples: int = 0
     real_tokens: int = 0
+    test: Any = None
+    """EvalReport on the test split, when test records were given."""
     adapter_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -108,7 +110,8 @@ def evaluate_loss(model: Any, batches: list[MicroBatch], device: str, autocast_d
 
     model.eval()
     total, tokens = 0.0, 0
-    with torch.no_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    device_type = device.split(":")[0]
+    with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for batch in batches:
             if batch.label_tokens == 0:
                 continue
@@ -139,24 +142,58 @@ def build_lora_model(base: BaseModel, recipe: LoraRecipe) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(flag: bool) -> bool:
+    """Under torchrun every rank must stop at the same step: stop if any rank wants to."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_records: Sequence[dict[str, Any]],
-               recipe: LoraRecipe, *, checkpoints: CheckpointStore | None = None,
+               recipe: LoraRecipe, *, test_records: Sequence[dict[str, Any]] = (),
+               checkpoints: CheckpointStore | None = None,
                on_progress: Callable[[Progress], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train; checkpoint at every evaluation and when `should_stop()` turns true (SIGTERM)."""
+    """Train; checkpoint at every evaluation and when `should_stop()` turns true (SIGTERM).
+
+    Under torchrun (DDP, gloo on CPU / NCCL on GPUs) each optimizer step spreads its
+    `grad_accumulation x world_size` micro-batches over the ranks; the effective batch and the
+    token-weighted loss are those of one process accumulating them all.
+    """
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    rank, world = _distributed()
     device, autocast_dtype = _device_and_dtype(recipe)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
     model, tokenizer = build_lora_model(base, recipe)
     model.to(device).train()
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
     train_examples = encode_records(tokenizer, train_records, recipe.max_length, "train")
     val_batches = make_batches(encode_records(tokenizer, val_records, recipe.max_length, "val"), recipe,
                                tokenizer.pad_token_id, order_seed=None)
     if not train_examples:
         raise AirlockError("the training split is empty", hint="import more records or check the dataset's splits")
     per_epoch = len(make_batches(train_examples, recipe, tokenizer.pad_token_id, order_seed=None))
-    steps_per_epoch = max(1, per_epoch // recipe.grad_accumulation)
+    per_step = recipe.grad_accumulation * world
+    steps_per_epoch = max(1, per_epoch // per_step)
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * steps_per_epoch))
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -176,7 +213,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         result.train_losses, result.val_losses = blob["train_losses"], blob["val_losses"]
 
     def save_checkpoint() -> None:
-        if checkpoints is None:
+        if checkpoints is None or rank != 0:
             return
         buffer = io.BytesIO()
         torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
@@ -191,17 +228,23 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         step = state["step"]
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         batches = make_batches(train_examples, recipe, tokenizer.pad_token_id, order_seed=recipe.seed * 1000 + epoch)
-        group = batches[index_in_epoch * recipe.grad_accumulation:(index_in_epoch + 1) * recipe.grad_accumulation]
+        group = batches[index_in_epoch * per_step:(index_in_epoch + 1) * per_step]
         step_tokens = sum(b.label_tokens for b in group) or 1
         loss_sum = 0.0
-        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            for batch in group:
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            for batch in group[rank::world]:
                 inputs = {k: v.to(device) for k, v in batch.tensors().items()}
-                # Token-weighted over the whole accumulated step, not a mean of micro-batch means.
-                loss = model(**inputs, use_cache=False).loss * (batch.label_tokens / step_tokens)
+                # Token-weighted over the whole step (all ranks), not a mean of micro-batch means;
+                # DDP averages gradients over ranks, hence the x world.
+                loss = forward(**inputs, use_cache=False).loss * (batch.label_tokens / step_tokens * world)
                 loss.backward()
-                loss_sum += loss.item()
+                loss_sum += loss.item() / world
                 tokens_seen += batch.real_tokens
+        if world > 1:
+            total = torch.tensor([loss_sum])
+            torch.distributed.all_reduce(total)
+            loss_sum = total.item()
         if recipe.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
         optimizer.step()
@@ -219,7 +262,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             else:
                 state["bad_evals"] += 1
             save_checkpoint()
-        if on_progress:
+        if on_progress and rank == 0:
             elapsed = time.perf_counter() - started
             done = state["step"] - first_step
             on_progress(Progress(state["step"], total_steps, loss_sum, scheduler.get_last_lr()[0],
@@ -228,10 +271,17 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         if recipe.early_stopping_patience and state["bad_evals"] >= recipe.early_stopping_patience:
             result.stopped_early = True
             break
-        if should_stop and should_stop():
+        if _agree(bool(should_stop and should_stop())):
             save_checkpoint()
             break
 
+    if test_records and state["step"] >= total_steps and rank == 0:
+        from appliance.train.evaluate import evaluate_lm
+
+        test_examples = encode_records(tokenizer, test_records, recipe.max_length, "test")
+        test_batches = make_batches(test_examples, recipe, tokenizer.pad_token_id, order_seed=None)
+        result.test = evaluate_lm(model, tokenizer, test_batches, [r for r in test_records if "messages" in r])
+        model.train()
     result.steps = state["step"]
     result.best_val_loss = state["best_val"]
     result.real_tokens = tokens_seen

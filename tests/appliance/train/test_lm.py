@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from appliance.base_models import resolve_base_model
 from appliance.catalog import open_catalog
 from appliance.train.checkpoints import VaultCheckpoints
+from appliance.train.evaluate import rouge_l
 from appliance.train.lm import CHECKPOINT, train_lora
 from appliance.train.recipe import LoraRecipe
 from tests.conftest import REPO
@@ -19,7 +21,7 @@ def chats():
     lines = (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     chat = [r for r in records if "messages" in r]
-    return chat[:64], chat[64:80]
+    return chat[:64], chat[64:80], chat[80:88]
 
 
 @pytest.fixture
@@ -42,8 +44,8 @@ RECIPE = LoraRecipe(max_steps=8, eval_every=4, batch_size=2, max_length=128, lr=
 @pytest.fixture(scope="module")
 def straight(chats):
     """One uninterrupted run, shared by the tests below (each run costs real CPU time)."""
-    train, val = chats
-    return train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, RECIPE)
+    train, val, test = chats
+    return train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, RECIPE, test_records=test)
 
 
 def test_training_lowers_validation_loss_and_only_touches_lora(straight):
@@ -55,9 +57,26 @@ def test_training_lowers_validation_loss_and_only_touches_lora(straight):
     assert result.real_tokens > 0
 
 
+def test_end_of_training_evaluation_on_the_test_split(straight):
+    report = straight.test
+    assert report.label_tokens > 0
+    assert report.perplexity == pytest.approx(math.exp(report.loss))
+    assert 0.0 < report.token_accuracy <= 1.0
+    assert report.rouge_l is not None and 0.0 <= report.rouge_l <= 1.0
+    assert len(report.samples) == 4 and all(s["reference"] and s["prompt"] for s in report.samples)
+    assert set(report.metrics()) == {"loss", "perplexity", "token_accuracy", "rouge_l", "label_tokens"}
+
+
+def test_rouge_l():
+    assert rouge_l("check the seal first", "check the seal first") == 1.0
+    assert rouge_l("", "anything") == 0.0
+    # LCS "check seal" (2 tokens): precision 2/3, recall 2/4 -> F1 4/7
+    assert rouge_l("check oven seal", "check the seal now") == pytest.approx(4 / 7)
+
+
 def test_resume_after_a_stop_matches_an_uninterrupted_run(chats, straight, vault, airlock_home):
     db, keys = vault
-    train, val = chats
+    train, val, _ = chats
     base = resolve_base_model("tiny-deepseek-r1")
 
     checkpoints = VaultCheckpoints(db, keys, airlock_home, "run-resume-test")

@@ -1,0 +1,46 @@
+"""Run under torchrun by test_ddp.py: train on the corpus with gloo and write rank 0's result.
+
+    torchrun --nproc_per_node 2 tests/appliance/train/ddp_worker.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+RECIPE_FIELDS = dict(max_steps=4, eval_every=4, batch_size=1, max_length=96, lr=3e-3, dropout=0.0, seed=5)
+
+
+def corpus_chats() -> tuple[list[dict], list[dict]]:
+    lines = (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    chats = [r for r in map(json.loads, lines) if "messages" in r]
+    return chats[:32], chats[32:40]
+
+
+def adapter_checksum(adapter_state: dict) -> float:
+    return sum(float(v.double().sum()) for v in adapter_state.values())
+
+
+def main() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from appliance.base_models import resolve_base_model
+    from appliance.train.lm import train_lora
+    from appliance.train.recipe import LoraRecipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    train, val = corpus_chats()
+    result = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, LoraRecipe(**RECIPE_FIELDS))
+    checksums = [None] * dist.get_world_size()
+    dist.all_gather_object(checksums, adapter_checksum(result.adapter_state))
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps({"losses": result.train_losses, "checksums": checksums}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

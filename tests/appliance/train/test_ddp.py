@@ -1,0 +1,56 @@
+"""torchrun with 2 CPU processes (gloo): ranks agree, and match one process accumulating both halves."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.appliance.train.ddp_worker import RECIPE_FIELDS, adapter_checksum, corpus_chats
+from tests.conftest import REPO
+
+
+def _loopback_up() -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            probe.listen()
+            socket.create_connection(probe.getsockname(), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _loopback_up(), reason="gloo needs the loopback interface, which is down here "
+                                                "(e.g. inside `unshare -n`)")
+def test_two_gloo_ranks_match_one_process(tmp_path: Path):
+    from appliance.base_models import resolve_base_model
+    from appliance.train.lm import train_lora
+    from appliance.train.recipe import LoraRecipe
+
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          str(REPO / "tests" / "appliance" / "train" / "ddp_worker.py"), str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["checksums"][0] == pytest.approx(ddp["checksums"][1], rel=1e-6)  # ranks hold the same adapter
+
+    train, val = corpus_chats()
+    single = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val,
+                        LoraRecipe(**RECIPE_FIELDS, grad_accumulation=2))
+    assert ddp["losses"] == pytest.approx(single.train_losses, rel=1e-4, abs=1e-5)
+    assert ddp["checksums"][0] == pytest.approx(adapter_checksum(single.adapter_state), rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
