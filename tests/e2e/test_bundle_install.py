@@ -4,7 +4,8 @@ Two bundles of the appliance with its full pinned CPU stack and the tiny model (
 are built from the local wheelhouse (`make venv` fills it), then installed into a temporary
 prefix inside `unshare -n`: first install with install.sh, the installed `airlock doctor`,
 refusals that must change nothing (lower sequence, another product), `airlock upgrade` to the
-second bundle with a killed earlier install to clean up, and `airlock upgrade --rollback`.
+second bundle with a killed earlier install to clean up, and `airlock upgrade --rollback`. On the
+way: a tampered bundle's install.sh never runs, and a release failing its smoke test is dropped.
 About three minutes on two cores: two venv installs of ~300 MB of wheels dominate.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict:
                key, root / "airlock-0.2.0")
     other = build(write_spec(root / "other.toml", product="other-product", version="9.0.0", sequence=9),
                   key, root / "other-9.0.0")
-    return {"fp": fingerprint, "v1": v1, "v2": v2, "other": other, "root": root}
+    # Signed and intact, but without the appliance: its smoke test (`airlock doctor`) must fail.
+    no_app = build(write_spec(root / "no-app.toml", version="0.5.0", sequence=5), key, root / "airlock-0.5.0")
+    return {"fp": fingerprint, "v1": v1, "v2": v2, "other": other, "no_app": no_app, "root": root}
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -73,6 +77,21 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path):
     refused = _run(airlock, "upgrade", bundles["other"], env=env)
     assert refused.returncode == 2 and "product 'other-product'" in refused.stderr
     assert os.readlink(prefix / "current") == "releases/0.1.0"
+
+    # Nothing from a bundle runs before it verifies: this install.sh would leave a marker.
+    tampered = shutil.copytree(bundles["other"], tmp_path / "tampered")
+    marker = tmp_path / "install-sh-ran"
+    (tampered / "install.sh").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    refused = _run(airlock, "upgrade", tampered, env=env)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: install.sh: size")
+    assert not marker.exists()
+
+    # A release that fails its smoke test never becomes current and leaves nothing selectable.
+    broken = _run(airlock, "upgrade", bundles["no_app"], env=env)
+    assert broken.returncode == 2 and "smoke test failed" in broken.stderr
+    assert os.readlink(prefix / "current") == "releases/0.1.0"
+    assert sorted(p.name for p in (prefix / "releases").iterdir()) == ["0.1.0"]
+    assert (prefix / "etc" / "sequence").read_text().strip() == "1"
 
     # A killed earlier install left a half release and a staging copy: the next run removes them.
     (prefix / "releases" / "0.1.5").mkdir()
