@@ -367,7 +367,19 @@ Persistent=true
 [Install]
 WantedBy=timers.target
 EOF
+# The units run `airlock serve`, `airlock jobs agent` and `airlock jobs retrain`; a release that
+# lacks one of those commands gets its units written but never enabled.
+MISSING_CMD=""
 if [ "$ENABLE" -eq 1 ]; then
+    for cmd in serve "jobs agent" "jobs retrain"; do
+        # Word splitting of "jobs agent" is intended.
+        AIRLOCK_HOME="$HOME_DIR" "$REL/venv/bin/airlock" $cmd --help >/dev/null 2>&1 \
+            || MISSING_CMD="${MISSING_CMD:-airlock $cmd}"
+    done
+fi
+if [ "$ENABLE" -eq 1 ] && [ -n "$MISSING_CMD" ]; then
+    say "note: services not enabled: this release has no '$MISSING_CMD' command yet"
+elif [ "$ENABLE" -eq 1 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null 2>&1 && [ "$UNITS_DIR" = /etc/systemd/system ]; then
         systemctl daemon-reload
         systemctl enable airlock-serve.service airlock-agent.service airlock-retrain.timer

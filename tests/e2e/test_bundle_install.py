@@ -38,7 +38,13 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict:
                   key, root / "other-9.0.0")
     # Signed and intact, but without the appliance: its smoke test (`airlock doctor`) must fail.
     no_app = build(write_spec(root / "no-app.toml", version="0.5.0", sequence=5), key, root / "airlock-0.5.0")
-    return {"fp": fingerprint, "v1": v1, "v2": v2, "other": other, "no_app": no_app, "root": root}
+    # Signed by a new key: once with a rotation statement from the trusted key, once without.
+    new_key, _ = make_key(root / "new-key")
+    rotated = build(write_spec(root / "rotated.toml", version="0.6.0", sequence=6), new_key, root / "rotated",
+                    "--rotate-from", str(key))
+    unvouched = build(write_spec(root / "unvouched.toml", version="0.7.0", sequence=7), new_key, root / "unvouched")
+    return {"fp": fingerprint, "v1": v1, "v2": v2, "other": other, "no_app": no_app, "rotated": rotated,
+            "unvouched": unvouched, "root": root}
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -52,8 +58,10 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path):
     env = {"AIRLOCK_HOME": str(home)}
 
     first = _run(bundles["v1"] / "install.sh", "--trust", bundles["fp"], "--prefix", prefix, "--home", home,
-                 "--units-dir", units, env=env)
+                 "--units-dir", units, "--enable-services", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
+    # This release has no `airlock serve` yet: units are written, never enabled.
+    assert "services not enabled: this release has no 'airlock serve' command yet" in first.stdout
     assert "free space" in first.stdout and "glibc" in first.stdout  # the preflight table
     assert os.readlink(prefix / "current") == "releases/0.1.0"
     assert (prefix / "etc" / "sequence").read_text().strip() == "1"
@@ -93,6 +101,16 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path):
     assert sorted(p.name for p in (prefix / "releases").iterdir()) == ["0.1.0"]
     assert (prefix / "etc" / "sequence").read_text().strip() == "1"
 
+    # Key rotation: a new signer is accepted only with the trusted key's statement. (These two
+    # bundles carry no appliance, so the accepted one stops at the smoke test and changes nothing.)
+    unvouched = _run(airlock, "upgrade", bundles["unvouched"], env=env)
+    assert unvouched.returncode == 2 and "is not trusted" in unvouched.stderr
+    trusted_before = (prefix / "etc" / "trusted-key.pem").read_bytes()
+    rotated = _run(airlock, "upgrade", bundles["rotated"], env=env)
+    assert "verified with the installed key: airlock 0.6.0" in rotated.stdout, rotated.stderr
+    assert rotated.returncode == 2 and "smoke test failed" in rotated.stderr
+    assert (prefix / "etc" / "trusted-key.pem").read_bytes() == trusted_before
+
     # A killed earlier install left a half release and a staging copy: the next run removes them.
     (prefix / "releases" / "0.1.5").mkdir()
     (prefix / "releases" / "0.1.5" / ".incomplete").touch()
@@ -114,6 +132,12 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path):
     assert os.readlink(prefix / "current") == "releases/0.1.0"
     assert os.readlink(prefix / "previous") == "releases/0.2.0"
     assert (prefix / "etc" / "sequence").read_text().strip() == "2"  # the high-water mark stays
+    # --allow-downgrade lets an older sequence through the preflight (the install then refuses to
+    # overwrite the release directory that already holds 0.1.0).
+    allowed = _run(bundles["v1"] / "install.sh", "--trust", bundles["fp"], "--prefix", prefix, "--home", home,
+                   "--allow-downgrade", env=env)
+    assert "downgrade (allowed, audited)" in allowed.stdout
+    assert allowed.returncode != 0 and "releases/0.1.0 already exists" in allowed.stderr
     assert _run(airlock, "doctor", env=env).returncode == 0
 
     audit = json.loads(_run(airlock, "audit", "show", "--json", env=env).stdout)["entries"]
