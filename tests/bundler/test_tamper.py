@@ -89,7 +89,7 @@ def _mix(bundle: Path, world: dict) -> None:
 
 
 def _truncate(bundle: Path, world: dict) -> None:
-    part = bundle / MODEL_DIR / "model.safetensors.part002"
+    part = bundle / MODEL_DIR / "model.safetensors.part000"
     part.write_bytes(part.read_bytes()[:1000])
 
 
@@ -105,7 +105,7 @@ CASES: dict[str, tuple[Callable[[Path, dict], None], str]] = {
     "renamed file": (lambda b, w: (b / MODEL_DIR / "config.json").rename(b / MODEL_DIR / "config.json.bak"),
                      "config.json"),
     "part from another bundle": (_mix, "model.safetensors.part001"),
-    "truncated part": (_truncate, "model.safetensors.part002"),
+    "truncated part": (_truncate, "model.safetensors.part000"),
     "symlink in place of a file": (_symlink, f"{MODEL_DIR}/config.json"),
     "'..' path in the manifest": (_rewrite_path(f"{MODEL_DIR}/tokenizer.json", "models/../../escape.json"),
                                   "escape.json"),
