@@ -16,8 +16,10 @@ from appliance.errors import ModelNotFoundError
 from appliance.paths import models_dirs
 
 DEMO_MODEL = "tiny-deepseek-r1"
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM", "LlamaForCausalLM", "DeepseekV3ForCausalLM",
-                           "DeepseekV2ForCausalLM"}
+CAUSAL_LM_ARCHITECTURES = {"Qwen2ForCausalLM", "LlamaForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"}
+IMAGE_CLASSIFIER_ARCHITECTURES = {"ResNetForImageClassification", "ConvNextForImageClassification",
+                                  "ViTForImageClassification"}
+SUPPORTED_ARCHITECTURES = CAUSAL_LM_ARCHITECTURES | IMAGE_CLASSIFIER_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ def load_causal_lm(model: BaseModel, *, dtype: str = "float32") -> tuple[Any, An
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars garble CLI output and job logs
+    if model.architecture not in CAUSAL_LM_ARCHITECTURES:
+        raise ModelNotFoundError(f"{model.path} is a {model.architecture}, not a language model",
+                                 hint="choose a DeepSeek-family causal LM for text tasks")
     if not model.has_weights:
         raise ModelNotFoundError(f"{model.path} has a config but no *.safetensors weights",
                                  hint="stage the full model (config, tokenizer and weights) from a bundle")

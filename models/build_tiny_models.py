@@ -10,6 +10,8 @@
 - `tiny-deepseek-coder/`: config + tokenizer of a `LlamaForCausalLM` (deepseek-coder/-llm
   architecture); no weights, tests build it with `from_config`.
 - `tiny-deepseek-v3/`: config + tokenizer of a `DeepseekV3ForCausalLM` (MLA + MoE); no weights.
+- `tiny-resnet-cls/`: config of a 20 k-parameter one-channel `ResNetForImageClassification`; no
+  weights (random-initialised, seeded, for the classifier tests and demo).
 
 Bit-for-bit determinism: a fixed thread count, seeded RNGs, MKL in conditional-numerical-reproducibility
 mode and ATen's AVX2 kernels (the baseline of every x86_64 server we target), so that
@@ -198,12 +200,13 @@ def write_config_only(out: Path, name: str, config, tokenizer) -> None:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     config.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
 
 
 def build(out: Path) -> dict:
     import torch
-    from transformers import DeepseekV3Config, LlamaConfig, Qwen2ForCausalLM
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen2ForCausalLM, ResNetConfig
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
@@ -235,6 +238,10 @@ def build(out: Path) -> dict:
         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
         q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
         v_head_dim=32, architectures=["DeepseekV3ForCausalLM"], **common), tokenizer)
+    write_config_only(out, "tiny-resnet-cls", ResNetConfig(
+        num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+        num_labels=2, id2label={0: "normal", 1: "abnormal"}, label2id={"normal": 0, "abnormal": 1},
+        architectures=["ResNetForImageClassification"]), None)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "first_loss": losses[0], "last_loss": losses[-1]}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-MODELS = ("tiny-deepseek-r1", "tiny-deepseek-coder", "tiny-deepseek-v3")
+MODELS = ("tiny-deepseek-r1", "tiny-deepseek-coder", "tiny-deepseek-v3", "tiny-resnet-cls")
 
 
 def _hashes(root: Path) -> dict[str, str]:
