@@ -36,6 +36,7 @@ from bundler.manifest import (
     FileEntry,
     SplitFile,
     canonical_json,
+    check_path,
     fingerprint,
     rotation_record,
 )
@@ -128,6 +129,13 @@ def _assemble(spec: BundleSpec, key: ec.EllipticCurvePrivateKey, root: Path, spl
     (root / SBOM_NAME).write_bytes(build_sbom(spec.product, spec.version, wheels, model_records))
     add(stage_file(root / SBOM_NAME, root, SBOM_NAME, split_bytes, move=True))
 
+    for entry in files:
+        # Targets accept only this path alphabet (install.sh reads the manifest with sed): refuse here, not there.
+        try:
+            check_path(entry.path)
+        except BundleError as exc:
+            raise BundleError(f"{entry.path}: this file name cannot ship in a bundle",
+                              hint="rename it to letters, digits and ._+- only (no spaces, no leading dot)") from exc
     glibc = max(highest_glibc(wheels), 5)
     body = {
         "expires": spec.expires.isoformat(),

@@ -148,3 +148,16 @@ def test_bad_spec_names_the_file_and_field(tmp_path, built, change, message):
 
 def test_wheelhouse_is_offline_material():
     assert (WHEELHOUSE / ".downloaded").exists() or any(WHEELHOUSE.glob("*.whl"))
+
+
+def test_file_names_outside_the_manifest_alphabet_are_refused_at_build(tmp_path, built):
+    odd = tmp_path / "model"
+    odd.mkdir()
+    for source in TINY_MODEL.iterdir():
+        (odd / source.name).write_bytes(source.read_bytes())
+    (odd / "model.safetensors").rename(odd / "my weights.safetensors")
+    result = run_bundler("build", str(write_spec(tmp_path / "spec.toml", model=odd)), "--key", str(built["key"]),
+                         "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "models/tiny-deepseek-r1/my weights.safetensors: this file name cannot ship" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
