@@ -36,5 +36,22 @@ def unshare_available() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
 
 
+def loopback_up() -> bool:
+    """False inside `unshare -n`, where even 127.0.0.1 is down."""
+    import socket
+
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            probe.listen()
+            socket.create_connection(probe.getsockname(), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+needs_loopback = pytest.mark.skipif(not loopback_up(), reason="the loopback interface is down here "
+                                                               "(e.g. inside `unshare -n`)")
+
 needs_unshare = pytest.mark.skipif(not unshare_available(),
                                    reason="`unshare -n` is not permitted here (needs root or user namespaces)")

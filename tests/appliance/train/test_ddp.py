@@ -12,22 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.appliance.train.ddp_worker import RECIPE_FIELDS, adapter_checksum, corpus_chats
-from tests.conftest import REPO
+from tests.conftest import REPO, needs_loopback
 
 
-def _loopback_up() -> bool:
-    try:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            probe.listen()
-            socket.create_connection(probe.getsockname(), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _loopback_up(), reason="gloo needs the loopback interface, which is down here "
-                                                "(e.g. inside `unshare -n`)")
+@needs_loopback  # gloo talks between the ranks over 127.0.0.1
 def test_two_gloo_ranks_match_one_process(tmp_path: Path):
     from appliance.base_models import resolve_base_model
     from appliance.train.lm import train_lora
