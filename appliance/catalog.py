@@ -131,8 +131,60 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX job_events_job ON job_events(job_id, id)")
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Datasets: imported data, its versions and one row per record (hashes and splits, no contents).
+
+    A dataset's records live encrypted in the vault object `object_id` (one DEK per dataset), in
+    shards named after the import job that wrote them. A version becomes visible only when its row
+    and its records' rows commit in one transaction (see appliance.data.store).
+    """
+    db.execute("""
+        CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('text', 'dicom', 'images')),
+            profile TEXT NOT NULL,
+            split_seed TEXT NOT NULL,
+            split_spec TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('importing', 'active', 'deleted')),
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            deleted_at TEXT
+        )""")
+    # A name is reused only after the dataset that had it was deleted.
+    db.execute("CREATE UNIQUE INDEX datasets_live_name ON datasets(name) WHERE state != 'deleted'")
+    db.execute("""
+        CREATE TABLE dataset_versions (
+            dataset_id TEXT NOT NULL REFERENCES datasets(id),
+            version INTEGER NOT NULL,
+            shard_prefix TEXT NOT NULL UNIQUE,
+            job_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            records_added INTEGER NOT NULL,
+            shards INTEGER NOT NULL,
+            content_hash TEXT NOT NULL,
+            summary TEXT NOT NULL,
+            PRIMARY KEY (dataset_id, version)
+        )""")
+    db.execute("""
+        CREATE TABLE dataset_records (
+            dataset_id TEXT NOT NULL REFERENCES datasets(id),
+            content_hash TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            split TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),
+            shard INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            group_key TEXT NOT NULL DEFAULT '',
+            label TEXT,
+            minhash BLOB,
+            PRIMARY KEY (dataset_id, content_hash)
+        )""")
+    db.execute("CREATE INDEX dataset_records_order ON dataset_records(dataset_id, version, shard, position)")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -169,6 +169,10 @@ from appliance.jobs.cli import jobs  # noqa: E402 - detached long-running work (
 
 cli.add_command(jobs)
 
+from appliance.data.cli import data  # noqa: E402 - datasets: import, show, export, delete (issue 4)
+
+cli.add_command(data)
+
 
 def main() -> None:
     run_cli(cli, "airlock")

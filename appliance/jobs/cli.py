@@ -55,6 +55,11 @@ def _progress_text(data: dict) -> str:
         if data.get("eta_s"):
             text += f" eta {int(data['eta_s'])} s"
         return text
+    if "files_done" in data and "files_total" in data:
+        text = f"files {data['files_done']}/{data['files_total']}, {data.get('records', 0)} records"
+        if data.get("eta_s"):
+            text += f" eta {int(data['eta_s'])} s"
+        return text
     return ", ".join(f"{k} {v}" for k, v in sorted(data.items()))
 
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # Job kinds and their handlers, by import path: a fixed table, never a name taken from the catalog.
 HANDLERS: dict[str, str] = {
     "vault_verify": "appliance.jobs.vault_verify:run_vault_verify",
+    "data_import": "appliance.data.import_job:run_data_import",
 }
 CANCEL_POLL_S = 2.0
 

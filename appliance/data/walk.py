@@ -1,0 +1,112 @@
+"""List the files under an import path, in a stable order, without ever raising on a bad entry.
+
+USB sticks bring symlink loops, dangling links, unreadable files and operating-system litter.
+Every entry becomes an `InputFile`; problems become `skip_reason` so that the report can put
+the file in the "rejected" bucket with one clear line instead of aborting the import.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Litter that file managers leave on sticks; reported (so counts add up), never parsed.
+_SYSTEM_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "._.DS_Store"}
+_SYSTEM_DIRS = {"__MACOSX", ".Trashes", ".Spotlight-V100", ".fseventsd", "System Volume Information"}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file found under the import root. `rel` uses '/' and is relative to the root."""
+
+    path: Path
+    rel: str
+    size: int
+    skip_reason: str = ""
+
+
+def walk_inputs(root: Path) -> Iterator[InputFile]:
+    """Yield every file under `root` (or `root` itself if it is a file), sorted by relative path.
+
+    Directory symlinks are followed once; a link back to a directory already visited is a loop.
+    """
+    root = Path(root)
+    try:
+        st = root.stat()
+    except OSError as exc:
+        yield InputFile(root, root.name, 0, f"cannot open the import path ({_os_reason(exc)})")
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        yield _classify(root, root.name)
+        return
+    yield from _walk_dir(root, "", {(st.st_dev, st.st_ino)})
+
+
+def _walk_dir(directory: Path, prefix: str, visited: set[tuple[int, int]]) -> Iterator[InputFile]:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        yield InputFile(directory, prefix.rstrip("/") or ".", 0, f"cannot list this folder ({_os_reason(exc)})")
+        return
+    for entry in entries:
+        rel = prefix + entry.name
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False
+        if entry.is_symlink():
+            try:
+                target = path.stat()
+            except OSError as exc:
+                yield InputFile(path, rel, 0, f"broken or looping symlink ({_os_reason(exc)})")
+                continue
+            if stat.S_ISDIR(target.st_mode):
+                key = (target.st_dev, target.st_ino)
+                if key in visited:
+                    yield InputFile(path, rel, 0, "symlink loop: points back to a folder already imported")
+                    continue
+                visited.add(key)
+                yield from _walk_dir(path, rel + "/", visited)
+                continue
+        elif is_dir:
+            if entry.name in _SYSTEM_DIRS:
+                yield from _litter(path, rel + "/")
+                continue
+            try:
+                dst = entry.stat()
+                visited.add((dst.st_dev, dst.st_ino))
+            except OSError:
+                pass
+            yield from _walk_dir(path, rel + "/", visited)
+            continue
+        yield _classify(path, rel)
+
+
+def _litter(directory: Path, prefix: str) -> Iterator[InputFile]:
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in sorted(files):
+            rel = prefix + os.path.relpath(os.path.join(dirpath, name), directory).replace(os.sep, "/")
+            yield InputFile(Path(dirpath, name), rel, 0, "operating-system metadata, not data")
+
+
+def _classify(path: Path, rel: str) -> InputFile:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return InputFile(path, rel, 0, f"cannot read ({_os_reason(exc)})")
+    if not stat.S_ISREG(st.st_mode):
+        return InputFile(path, rel, 0, "not a regular file (device, pipe or socket)")
+    if path.name in _SYSTEM_NAMES or path.name.startswith("._"):
+        return InputFile(path, rel, st.st_size, "operating-system metadata, not data")
+    if not os.access(path, os.R_OK):
+        return InputFile(path, rel, st.st_size, "cannot read (permission denied); check the file's permissions")
+    return InputFile(path, rel, st.st_size)
+
+
+def _os_reason(exc: OSError) -> str:
+    # strerror only: str(exc) repeats the absolute path, which may hold a patient's name.
+    return (exc.strerror or type(exc).__name__).lower()
