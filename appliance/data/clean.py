@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import textwrap
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -17,10 +18,20 @@ from appliance.data.formats import TextRecord
 # C0/C1 controls except tab and newline, plus invisible format characters that break tokenizers
 # (zero-width space/joiners, BOM, bidi overrides: the latter also hide text from reviewers).
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
-_HTML_HINT = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s[^<>]*)?/?>|&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]{2,8});")
+# Characters that separate lines or pages: they become newlines before controls are removed,
+# or "page one<FF>page two" would turn into "page onepage two".
+_LINE_BREAKS = re.compile("\r\n?|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+# Only real HTML element names count as tags: code has `vector<int>` and `List<String>`, which
+# a generic <name> pattern would delete.
+_TAG_NAMES = (r"(?:a|abbr|address|article|aside|b|big|blockquote|body|br|caption|center|cite|code|col|colgroup|dd|"
+              r"del|dfn|div|dl|dt|em|figcaption|figure|font|footer|form|h[1-6]|head|header|hr|html|i|img|input|ins|"
+              r"kbd|label|li|link|main|mark|meta|nav|o:p|ol|option|p|pre|q|s|samp|section|select|small|span|strike|"
+              r"strong|sub|sup|table|tbody|td|textarea|tfoot|th|thead|title|tr|tt|u|ul|var|wbr)")
+_HTML_TAG = re.compile(r"</?" + _TAG_NAMES + r"(?:\s[^<>]*)?/?>|<!doctype[^<>]*>", re.I)
+_HTML_HINT = re.compile(_HTML_TAG.pattern + r"|<(?:script|style)\b|<!--|&(?:#\d+|#x[0-9a-fA-F]+|[a-zA-Z]{2,8});",
+                        re.I)
 _HTML_DROP = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.S | re.I)
 _HTML_BREAK = re.compile(r"<\s*(br|/p|/div|/li|/tr|/h[1-6])\b[^>]*>", re.I)
-_HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s[^<>]*)?/?>")
 _SPACES = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
@@ -48,8 +59,10 @@ def clean_text(text: str, counts: Counter[str], *, strip_html: bool = True) -> s
     if normalized != out:
         counts["unicode_nfc"] += 1
         out = normalized
-    if "\r" in out:
-        out = out.replace("\r\n", "\n").replace("\r", "\n")
+    broken = _LINE_BREAKS.sub("\n", out)
+    if broken != out:
+        counts["whitespace"] += 1
+        out = broken
     stripped = _CONTROL.sub("", out)
     if stripped != out:
         counts["control_chars"] += 1
@@ -61,33 +74,49 @@ def clean_text(text: str, counts: Counter[str], *, strip_html: bool = True) -> s
         if unhtml != out:
             counts["html"] += 1
             out = _CONTROL.sub("", unhtml)
-    spaced = _BLANK_LINES.sub("\n\n", "\n".join(_SPACES.sub(" ", line).strip() for line in out.split("\n"))).strip()
+    spaced = _BLANK_LINES.sub("\n\n", "\n".join(map(_normalize_line, textwrap.dedent(out).split("\n")))).strip("\n")
     if spaced != out:
         counts["whitespace"] += 1
         out = spaced
     return out
 
 
+def _normalize_line(line: str) -> str:
+    """Collapse runs of spaces and drop trailing ones, but keep the indentation: in code (and
+    in nested lists) it is meaning, not noise. `textwrap.dedent` has removed what all lines share."""
+    indent = line[:len(line) - len(line.lstrip(" \t"))]
+    body = _SPACES.sub(" ", line[len(indent):]).strip()
+    return indent + body if body else ""
+
+
 @dataclass(frozen=True)
 class Cleaned:
-    """Outcome of `clean_record`: a record, or why it was dropped ('empty'/'too_short'/'too_long')."""
+    """Outcome of `clean_record`: a record, or why it was dropped
+    ('empty' / 'no_assistant' / 'too_short' / 'too_long')."""
 
     record: TextRecord | None
     dropped: str = ""
 
 
 def clean_record(record: TextRecord, counts: Counter[str], options: CleanOptions) -> Cleaned:
-    """Clean every message; drop empty messages; judge the length of what is left."""
+    """Clean every message; drop empty messages; judge the length of what is left.
+
+    `counts` gains at most one per kind of change per record, however many messages changed."""
+    changes: Counter[str] = Counter()
     messages = []
     for role, content in record.messages:
-        cleaned = clean_text(content, counts, strip_html=options.strip_html)
+        cleaned = clean_text(content, changes, strip_html=options.strip_html)
         if cleaned:
             messages.append((role, cleaned))
     if len(messages) != len(record.messages):
-        counts["empty_messages_dropped"] += 1
-    # A conversation needs something to learn from: at least one non-system turn.
+        changes["empty_messages_dropped"] += 1
+    counts.update(dict.fromkeys(changes, 1))
+    # A record needs something to learn from: at least one non-system turn, and in a
+    # conversation an assistant turn (training refuses a chat record without one).
     if not any(role != "system" for role, _ in messages):
         return Cleaned(None, "empty")
+    if record.shape != "text" and not any(role == "assistant" for role, _ in messages):
+        return Cleaned(None, "no_assistant")
     total = sum(len(content) for _, content in messages)
     if total < options.min_chars:
         return Cleaned(None, "too_short")

@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from appliance.data.errors import FileRejected
 
@@ -43,6 +44,8 @@ _CSV_AUTO = (
     {"prompt": "question", "completion": "answer"},
     {"text": "text"},
 )
+# Operators know JSON, not Python: "is null", not "is NoneType".
+_JSON_TYPES = {dict: "an object", list: "a list", bool: "a boolean", type(None): "null"}
 _SHAPES_HINT = ("expected one of: instruction+output (alpaca), conversations (sharegpt), messages (OpenAI), "
                 "prompt+completion, text")
 
@@ -72,8 +75,9 @@ class ParseOptions:
     """Text encoding of every file; a file that does not decode is rejected with a hint."""
     max_record_bytes: int = 16 * MiB
     """Longest line/row/document accepted; longer ones are rejected without being held in memory."""
-    max_json_file_bytes: int = 256 * MiB
-    """Largest `.json` (array) file; bigger ones must be converted to JSONL."""
+    max_json_file_bytes: int = 64 * MiB
+    """Largest `.json` file. It is parsed whole, which costs about three times its size in memory
+    (bytes, text, objects), so bigger ones must be converted to JSONL, which streams."""
     txt_split: str = "file"
     """`file`: one document per TXT file; `blocks`: one per blank-line separated block."""
     csv_columns: tuple[tuple[str, str], ...] = ()
@@ -84,6 +88,10 @@ class ParseOptions:
             codecs.lookup(self.encoding)
         except LookupError as exc:
             raise ValueError(f"unknown text encoding {self.encoding!r}") from exc
+        # Files are split into lines as bytes (that is what caps a line's memory), which is only
+        # right for encodings where b"\n" and the JSON/CSV punctuation mean themselves.
+        if '\n,;"{}[]'.encode(self.encoding, "replace") != b'\n,;"{}[]':
+            raise ValueError(f"text encoding {self.encoding!r} is not supported; convert the files to UTF-8")
         if self.txt_split not in ("file", "blocks"):
             raise ValueError("txt_split must be 'file' or 'blocks'")
         for field, _column in self.csv_columns:
@@ -112,7 +120,7 @@ def parse_csv_columns(spec: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         field, sep, column = part.partition("=")
-        if not sep or not column.strip():
+        if not sep or not field.strip() or not column.strip():
             raise ValueError(f"{part!r} is not FIELD=COLUMN")
         pairs.append((field.strip().lower(), column.strip()))
     return tuple(pairs)
@@ -140,13 +148,16 @@ def check_encoding(path: Path, encoding: str) -> None:
     try:
         with path.open("rb") as fh:
             while chunk := fh.read(MiB):
+                # exc.start counts from the bytes of a character split over the previous chunk.
+                pending = len(decoder.getstate()[0])
                 try:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as exc:
-                    bad = chunk[exc.start:exc.start + 1].hex()
-                    line += chunk.count(b"\n", 0, exc.start)
+                    at = max(exc.start - pending, 0)
+                    bad = chunk[at:at + 1].hex()
+                    line += chunk.count(b"\n", 0, at)
                     raise FileRejected(
-                        f"not valid {encoding} at line {line} (byte 0x{bad} at offset {offset + exc.start}); "
+                        f"not valid {encoding} at line {line} (byte 0x{bad} at offset {offset + at}); "
                         f"save it as UTF-8, or re-run with --encoding gbk / latin-1 if that is what it is"
                     ) from None
                 offset += len(chunk)
@@ -177,8 +188,12 @@ def _iter_lines(path: Path, cap: int) -> Iterator[tuple[int, bytes | None]]:
             yield number, line.rstrip(b"\r\n")
 
 
+def _size_text(limit: int) -> str:
+    return f"{limit // MiB} MiB" if limit >= MiB and limit % MiB == 0 else f"{limit} bytes"
+
+
 def _too_long(where: str, options: ParseOptions) -> RecordProblem:
-    return RecordProblem(where, f"longer than the {options.max_record_bytes // MiB} MiB record limit; "
+    return RecordProblem(where, f"longer than the {_size_text(options.max_record_bytes)} record limit; "
                                 "split it, or raise --max-record-mb")
 
 
@@ -210,7 +225,7 @@ def _iter_jsonl(path: Path, options: ParseOptions) -> Iterator[TextRecord | Reco
 def _iter_json(path: Path, options: ParseOptions) -> Iterator[TextRecord | RecordProblem]:
     size = path.stat().st_size
     if size > options.max_json_file_bytes:
-        raise FileRejected(f"a .json file larger than {options.max_json_file_bytes // MiB} MiB must be loaded "
+        raise FileRejected(f"a .json file larger than {_size_text(options.max_json_file_bytes)} is too big to load "
                            "whole; convert it to JSONL (one record per line)")
     raw = path.read_bytes()
     try:
@@ -276,6 +291,9 @@ def record_from_object(obj: object, where: str) -> TextRecord | RecordProblem:
             messages = (("text", _string(obj["text"], "text")),)
     except ValueError as exc:
         return RecordProblem(where, f"{shape}: {exc}")
+    if shape in ("messages", "sharegpt") and not any(role == "assistant" for role, _ in messages):
+        # Training learns from assistant turns and refuses a conversation without one; say so now.
+        return RecordProblem(where, f"{shape}: the conversation has no assistant turn")
     if "system" in obj and shape in ("alpaca", "prompt_completion"):
         try:
             messages = (("system", _string(obj["system"], "system")), *messages)
@@ -289,7 +307,7 @@ def _string(value: object, field: str) -> str:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"field {field!r} is {type(value).__name__}, not text")
+    raise ValueError(f"field {field!r} is {_JSON_TYPES.get(type(value), type(value).__name__)}, not text")
 
 
 def _openai_messages(value: object) -> tuple[tuple[str, str], ...]:
@@ -305,7 +323,8 @@ def _openai_messages(value: object) -> tuple[tuple[str, str], ...]:
         content = message["content"]
         if isinstance(content, list):
             # Multi-part content: keep the text parts (images are not text training data).
-            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            content = "\n".join(_string(p.get("text", ""), f"messages[{index}].content.text")
+                                for p in content if isinstance(p, dict) and p.get("type") == "text")
         out.append(("system" if role == "developer" else role, _string(content, f"messages[{index}].content")))
     return tuple(out)
 
@@ -332,11 +351,16 @@ def _iter_csv(path: Path, options: ParseOptions) -> Iterator[TextRecord | Record
         if sample.startswith("\ufeff"):
             fh.read(1)
         delimiter = "\t" if path.suffix.lower() == ".tsv" else _sniff_delimiter(sample)
-        reader = csv.reader(fh, delimiter=delimiter)
+        # csv.reader would read a 200 MB line whole before its field limit fires; feed it capped lines.
+        too_long: list[int] = []
+        reader = csv.reader(_capped_lines(fh, options.max_record_bytes, too_long), delimiter=delimiter)
         try:
             header = next(reader, None)
         except csv.Error as exc:
             raise FileRejected(f"not a readable CSV header ({exc})") from None
+        if too_long:
+            raise FileRejected(f"the header row is longer than the {_size_text(options.max_record_bytes)} "
+                               "record limit; is this a CSV file?")
         if not header:
             raise FileRejected("the CSV has no header row")
         mapping = _csv_mapping(header, options)
@@ -351,9 +375,28 @@ def _iter_csv(path: Path, options: ParseOptions) -> Iterator[TextRecord | Record
                 yield RecordProblem(f"row {row_number + 1}", f"unreadable CSV ({exc}); rows after it were not read")
                 return
             row_number += 1
+            if too_long:
+                too_long.clear()
+                yield _too_long(f"row {row_number}", options)
+                continue
             if not any(cell.strip() for cell in row):
                 continue
             yield _csv_record(row, header, mapping, f"row {row_number}")
+
+
+def _capped_lines(fh: TextIO, cap: int, too_long: list[int]) -> Iterator[str]:
+    """The lines of `fh`; a line over `cap` characters is skipped in bounded reads, its number
+    appended to `too_long`, and an empty line given to the csv reader in its place."""
+    number = 0
+    while line := fh.readline(cap + 1):
+        number += 1
+        if len(line) > cap and not line.endswith(("\n", "\r")):
+            while (rest := fh.readline(MiB)) and not rest.endswith(("\n", "\r")):
+                pass
+            too_long.append(number)
+            yield "\n"
+            continue
+        yield line
 
 
 def _sniff_delimiter(sample: str) -> str:
@@ -367,12 +410,17 @@ def _csv_mapping(header: list[str], options: ParseOptions) -> dict[str, int]:
     """Field name -> column index. Refuses a header that maps to no known record shape."""
     lowered = [h.strip().lower() for h in header]
     if options.csv_columns:
-        mapping = {}
-        for field, column in options.csv_columns:
-            if column.lower() not in lowered:
-                raise FileRejected(f"--columns names a column that this CSV does not have ({field}=...); "
-                                   f"the header has {len(header)} columns")
-            mapping[field] = lowered.index(column.lower())
+        # The expected names come from the operator's --columns and are safe to repeat; the
+        # header's own names are not (see below), so only their number is given.
+        missing = [column for _field, column in options.csv_columns if column.lower() not in lowered]
+        if missing:
+            raise FileRejected(f"--columns expects the column(s) {', '.join(repr(c) for c in missing)}, which the "
+                               f"header row ({len(header)} columns) does not have; check the names and the delimiter")
+        mapping = {field: lowered.index(column.lower()) for field, column in options.csv_columns}
+        if not ({"instruction", "output"} <= mapping.keys() or {"prompt", "completion"} <= mapping.keys()
+                or "text" in mapping):
+            raise FileRejected("--columns must map instruction+output, prompt+completion or text, "
+                               "e.g. prompt=COL,completion=COL")
     else:
         mapping = {}
         for candidate in _CSV_AUTO:
@@ -399,7 +447,7 @@ def _csv_record(row: list[str], header: list[str], mapping: dict[str, int], wher
 def _iter_txt(path: Path, options: ParseOptions) -> Iterator[TextRecord | RecordProblem]:
     if options.txt_split == "file":
         if path.stat().st_size > options.max_record_bytes:
-            raise FileRejected(f"larger than the {options.max_record_bytes // MiB} MiB document limit; "
+            raise FileRejected(f"larger than the {_size_text(options.max_record_bytes)} document limit; "
                                "use --txt-split blocks, or raise --max-record-mb")
         text = path.read_text(encoding=options.encoding).removeprefix("\ufeff")
         yield TextRecord("file", "text", (("text", text),))

@@ -66,18 +66,24 @@ class FileTally:
             self.issues.append(RecordIssue(where, reason))
 
     def outcome(self, file_no: int, rel: str, size: int, fmt: str) -> FileOutcome:
-        """Decide the file's bucket from its records."""
+        """Decide the file's bucket from its records: imported if any record was; otherwise the
+        most common fate (ties: duplicate, cleaned-empty, rejected), and the reason names each
+        fate that occurred, so that 99 invalid lines are not reported as "empty after cleaning"."""
+        fates = {"duplicate": self.duplicates, "cleaned-empty": self.cleaned_empty, "rejected": self.rejected}
         if self.imported:
             bucket, reason = "imported", ""
-        elif self.duplicates and self.duplicates >= self.cleaned_empty:
-            bucket, reason = "duplicate", "every record is already in this dataset or earlier in this import"
-        elif self.cleaned_empty:
-            bucket, reason = "cleaned-empty", "nothing left after cleaning (or shorter than --min-chars)"
-        elif self.rejected:
-            first = self.issues[0] if self.issues else RecordIssue("?", "invalid")
-            bucket, reason = "rejected", f"no valid records; first problem: {first.where}: {first.reason}"
-        else:
+        elif not any(fates.values()):
             bucket, reason = "cleaned-empty", "no records in the file (only blank lines)"
+        else:
+            bucket = max(fates, key=lambda b: fates[b])
+            first = self.issues[0] if self.issues else RecordIssue("?", "invalid")
+            phrases = {
+                "duplicate": f"{self.duplicates} already in this dataset or earlier in this import",
+                "cleaned-empty": f"{self.cleaned_empty} empty after cleaning (or shorter than --min-chars)",
+                "rejected": f"{self.rejected} rejected (first: {first.where}: {first.reason})",
+            }
+            reason = "no record imported: " + "; ".join(phrases[b] for b in sorted(fates, key=lambda b: b != bucket)
+                                                         if fates[b])
         return FileOutcome(file_no, rel, size, fmt, bucket, reason, self.records_read, self.imported,
                            self.duplicates, self.cleaned_empty, self.rejected, tuple(self.issues))
 
@@ -101,10 +107,17 @@ class ImportReport:
         return sum(f.imported for f in self.files)
 
     def check(self) -> None:
-        """The report accounts for every file read, each exactly once."""
+        """The report accounts for every file read, each exactly once, and for every record read.
+
+        A real exception, not `assert` (which `python -O` drops): an import whose report does not
+        add up must not be committed."""
         numbers = [f.file_no for f in self.files]
-        assert len(numbers) == len(set(numbers)), "a file appears twice in the report"
-        assert sum(self.buckets.values()) == len(self.files), "bucket counts do not add up to the files read"
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise RuntimeError("import report: files are missing or appear twice")
+        for f in self.files:
+            if f.bucket != "quarantined" and f.records_read and \
+                    f.records_read != f.imported + f.duplicates + f.cleaned_empty + f.rejected:
+                raise RuntimeError(f"import report: the record counts of file {f.file_no} do not add up")
 
     def summary(self) -> dict[str, Any]:
         """Counts only (no paths, no contents): safe for the catalog and the audit log."""

@@ -23,7 +23,8 @@ class SplitSpec:
     test: float = 0.1
 
     def __post_init__(self) -> None:
-        if min(self.train, self.val, self.test) < 0 or abs(self.train + self.val + self.test - 1.0) > 1e-9:
+        # `not (x >= 0)` and `not (... <= 1e-9)` also refuse NaN, which compares false both ways.
+        if not (min(self.train, self.val, self.test) >= 0 and abs(self.train + self.val + self.test - 1.0) <= 1e-9):
             raise ValueError("split fractions must be >= 0 and add up to 1")
 
     @classmethod
@@ -33,7 +34,7 @@ class SplitSpec:
         if len(parts) != 3:
             raise ValueError("give three numbers: train/val/test, e.g. 80/10/10")
         total = sum(parts)
-        if total <= 0:
+        if not total > 0:
             raise ValueError("split fractions must add up to more than 0")
         return cls(*(p / total for p in parts))
 

@@ -78,16 +78,24 @@ def _walk_dir(directory: Path, prefix: str, visited: set[tuple[int, int]]) -> It
                 continue
             try:
                 dst = entry.stat()
-                visited.add((dst.st_dev, dst.st_ino))
             except OSError:
-                pass
+                dst = None
+            if dst is not None:
+                key = (dst.st_dev, dst.st_ino)
+                # A symlink earlier in the order (or a bind mount) already brought this folder in:
+                # reading it again would count every file in it twice.
+                if key in visited:
+                    yield InputFile(path, rel, 0, "the same folder was already read through a symlink or mount")
+                    continue
+                visited.add(key)
             yield from _walk_dir(path, rel + "/", visited)
             continue
         yield _classify(path, rel)
 
 
 def _litter(directory: Path, prefix: str) -> Iterator[InputFile]:
-    for dirpath, _dirs, files in os.walk(directory):
+    for dirpath, dirs, files in os.walk(directory):
+        dirs.sort()  # os.walk lists in directory order; the report's order must not depend on it
         for name in sorted(files):
             rel = prefix + os.path.relpath(os.path.join(dirpath, name), directory).replace(os.sep, "/")
             yield InputFile(Path(dirpath, name), rel, 0, "operating-system metadata, not data")
