@@ -54,7 +54,10 @@ def data() -> None:
 @click.option("--near-dup", default="0.85", show_default=True,
               help="Near-duplicate similarity threshold in (0, 1], or 'off'.")
 @click.option("--split", "split_text", help="train/val/test, e.g. 80/10/10 (fixed when the dataset is created).")
-@click.option("--image-size", type=click.IntRange(8, 4096), default=224, show_default=True)
+@click.option("--image-size", type=click.IntRange(8, 4096), default=224, show_default=True,
+              help="Images are resized to this square size.")
+@click.option("--max-image-mb", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Largest DICOM/image file read.")
 @click.option("--accept-burned-in", is_flag=True,
               help="Import DICOM images that may show burned-in patient text instead of quarantining them (audited).")
 @click.option("--dry-run", is_flag=True, help="Report what would happen; store nothing (works while locked).")
@@ -62,7 +65,8 @@ def data() -> None:
 @_json
 def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: str, scrub_pii: bool | None,
                 encoding: str, txt_split: str, columns: str | None, min_chars: int, max_chars: int,
-                max_record_mb: int, near_dup: str, split_text: str | None, image_size: int, accept_burned_in: bool,
+                max_record_mb: int, near_dup: str, split_text: str | None, image_size: int, max_image_mb: int,
+                accept_burned_in: bool,
                 dry_run: bool, detach: bool, as_json: bool) -> int:
     """Import PATH (a file or folder, e.g. /media/usb) into dataset NAME.
 
@@ -77,7 +81,7 @@ def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: s
     datasets.check_name(name)
     existing = datasets.find(db, name)
     options = _options(fmt, labels, profile, scrub_pii, encoding, txt_split, columns, min_chars, max_chars,
-                       max_record_mb, near_dup, split_text, image_size, accept_burned_in,
+                       max_record_mb, near_dup, split_text, image_size, max_image_mb, accept_burned_in,
                        existing.split_spec if existing else None)
     if dry_run:
         report = run_dry(db, path, name, options)
@@ -122,7 +126,7 @@ def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: s
 
 
 def _options(fmt, labels, profile, scrub_pii, encoding, txt_split, columns, min_chars, max_chars, max_record_mb,
-             near_dup, split_text, image_size, accept_burned_in, existing_split):
+             near_dup, split_text, image_size, max_image_mb, accept_burned_in, existing_split):
     from appliance.data.clean import CleanOptions
     from appliance.data.errors import DataError
     from appliance.data.formats import ParseOptions, parse_csv_columns
@@ -137,7 +141,8 @@ def _options(fmt, labels, profile, scrub_pii, encoding, txt_split, columns, min_
             parse=ParseOptions(encoding=encoding, max_record_bytes=max_record_mb * 1024 * 1024, txt_split=txt_split,
                                csv_columns=parse_csv_columns(columns) if columns else ()),
             clean=CleanOptions(min_chars=min_chars, max_chars=max_chars), near_dup_threshold=threshold,
-            splits=splits, accept_burned_in=accept_burned_in, image_size=image_size)
+            splits=splits, accept_burned_in=accept_burned_in, image_size=image_size,
+            max_image_file_mb=max_image_mb)
     except ValueError as exc:
         raise DataError(f"invalid import option: {exc}", hint="see `airlock data import --help`") from None
 

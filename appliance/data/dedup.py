@@ -118,6 +118,11 @@ class NearDupIndex:
         for band in _band_keys(sig):
             self._bands.setdefault(band, []).append(idx)
 
+    def merge(self, other: NearDupIndex) -> None:
+        """Add every signature of `other` (a finished file's) to this index."""
+        for key, sig in zip(other._keys, other._sigs, strict=True):
+            self.add(key, sig)
+
 
 def _band_keys(sig: np.ndarray) -> list[bytes]:
     raw = sig.tobytes()

@@ -52,6 +52,8 @@ class ImportOptions:
     """Import DICOM images that may carry burned-in text instead of quarantining them (audited)."""
     image_size: int = 224
     """Pixels are resized to image_size x image_size before they are stored as float16."""
+    max_image_file_mb: int = 512
+    """Largest DICOM/image file read: each is decoded in memory (and DICOM kept whole for review)."""
     retain_patient_characteristics: bool = True
     retain_modified_dates: bool = True
     private_creators_allowed: tuple[str, ...] = ()
@@ -63,6 +65,8 @@ class ImportOptions:
             raise ValueError(f"unknown profile {self.profile!r}")
         if self.image_size < 8 or self.image_size > 4096:
             raise ValueError("image_size must be between 8 and 4096")
+        if self.max_image_file_mb < 1:
+            raise ValueError("max_image_file_mb must be at least 1")
 
     @property
     def pii_enabled(self) -> bool:
@@ -109,7 +113,12 @@ class KnownRecords:
 
 @dataclass
 class ImportContext:
-    """Per-run state shared by the per-kind importers."""
+    """Per-run state shared by the per-kind importers.
+
+    Records are accepted per file: `accept` holds them until the file is finished, and only
+    `commit_file` hands them to the sink. A file that fails halfway (a USB stick pulled out, a
+    parser error) is rejected whole and leaves no records, counts or signatures behind.
+    """
 
     options: ImportOptions
     secret: bytes
@@ -120,17 +129,50 @@ class ImportContext:
     splits: Counter[str] = field(default_factory=Counter)
     seen: set[str] = field(default_factory=set)
     near: NearDupIndex | None = None
+    """This run's committed signatures; `known.near` (earlier versions) is only read."""
     labels: dict[str, str] | None = None
+    _pending: list[AcceptedRecord] = field(default_factory=list)
+    _file_seen: set[str] = field(default_factory=set)
+    _file_near: NearDupIndex | None = None
+    _changes_before: Counter[str] = field(default_factory=Counter)
 
     def keyed_hash(self, purpose: str, value: str) -> str:
         """HMAC-SHA256 under the site secret: stable across imports, not reversible without it."""
         return hmac.new(self.secret, f"{purpose}\0{value}".encode(), hashlib.sha256).hexdigest()
 
+    def is_duplicate(self, content_hash: str) -> bool:
+        return content_hash in self.seen or content_hash in self._file_seen or content_hash in self.known.hashes
+
+    def near_duplicate(self, sig) -> bool:
+        return any(index is not None and index.query(sig) is not None
+                   for index in (self.known.near, self.near, self._file_near))
+
+    def add_signature(self, content_hash: str, sig) -> None:
+        if self._file_near is not None:
+            self._file_near.add(content_hash, sig)
+
     def accept(self, record: AcceptedRecord) -> None:
-        self.seen.add(record.content_hash)
-        self.splits[record.split] += 1
-        if self.sink is not None:
-            self.sink(record)
+        self._file_seen.add(record.content_hash)
+        self._pending.append(record)
+
+    def begin_file(self) -> None:
+        self._pending, self._file_seen = [], set()
+        self._file_near = NearDupIndex(self.near.threshold) if self.near is not None else None
+        self._changes_before = Counter(self.changes)
+
+    def commit_file(self) -> None:
+        for record in self._pending:
+            self.seen.add(record.content_hash)
+            self.splits[record.split] += 1
+            if self.sink is not None:
+                self.sink(record)
+        if self.near is not None and self._file_near is not None:
+            self.near.merge(self._file_near)
+        self._pending, self._file_seen, self._file_near = [], set(), None
+
+    def abort_file(self) -> None:
+        self.changes = self._changes_before
+        self._pending, self._file_seen, self._file_near = [], set(), None
 
 
 def plan_inputs(root: Path, fmt: str) -> tuple[list[InputFile], list[str], str]:
@@ -162,20 +204,29 @@ def run_import(root: Path, options: ImportOptions, *, secret: bytes, split_seed:
     known = known or KnownRecords()
     ctx = ImportContext(options, secret, split_seed, known, sink)
     if options.near_dup_threshold is not None:
-        ctx.near = known.near if known.near is not None else NearDupIndex(options.near_dup_threshold)
+        ctx.near = NearDupIndex(options.near_dup_threshold)
+    if options.labels and kind == "text":
+        raise DataError("--labels is for DICOM and image imports; this import is text",
+                        hint="leave out --labels, or pass --format dicom / images")
     if kind in ("dicom", "images"):
         from appliance.data.labels import load_labels
 
         ctx.labels = load_labels(options.labels) if options.labels else None
     outcomes: list[FileOutcome] = []
     total_bytes = sum(f.size for f in inputs)
-    started, done_bytes = time.monotonic(), 0
+    started, done_bytes, imported = time.monotonic(), 0, 0
     for number, (item, fmt) in enumerate(zip(inputs, fmts, strict=True), start=1):
-        outcomes.append(_import_one(number, item, fmt, kind, ctx))
+        ctx.begin_file()
+        outcome = _import_one(number, item, fmt, kind, ctx)
+        if outcome.bucket == "rejected" and outcome.imported == 0:
+            ctx.abort_file()  # e.g. read error after some records: keep none of them
+        else:
+            ctx.commit_file()
+        outcomes.append(outcome)
+        imported += outcome.imported
         done_bytes += item.size
         if progress is not None:
-            progress(Progress(number, len(inputs), done_bytes, total_bytes, sum(o.imported for o in outcomes),
-                              time.monotonic() - started))
+            progress(Progress(number, len(inputs), done_bytes, total_bytes, imported, time.monotonic() - started))
     report = ImportReport(tuple(outcomes), dict(ctx.changes), dict(ctx.splits), kind)
     report.check()
     return report
@@ -192,6 +243,10 @@ def _import_one(number: int, item: InputFile, fmt: str, kind: str, ctx: ImportCo
         return FileOutcome(number, item.rel, 0, fmt, "rejected", "the file is empty")
     if KINDS.get(fmt) != kind:
         return FileOutcome(number, item.rel, item.size, fmt, "rejected", f"not {kind} data (this import is {kind})")
+    if kind != "text" and item.size > ctx.options.max_image_file_mb * 1024 * 1024:
+        return FileOutcome(number, item.rel, item.size, fmt, "rejected",
+                           f"larger than {ctx.options.max_image_file_mb} MiB (e.g. a long cine loop); export "
+                           "single frames, or raise --max-image-mb")
     try:
         if fmt in TEXT_FORMATS:
             return _import_text_file(number, item, fmt, ctx)
@@ -205,8 +260,19 @@ def _import_one(number: int, item: InputFile, fmt: str, kind: str, ctx: ImportCo
     except FileRejected as exc:
         return FileOutcome(number, item.rel, item.size, fmt, "rejected", exc.reason)
     except (OSError, MemoryError) as exc:
+        ctx.abort_file()
         return FileOutcome(number, item.rel, item.size, fmt, "rejected",
                            f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})")
+    except Exception as exc:
+        # A parser bug or a file that changed while it was read must not stop the whole import.
+        # Type and place only: the message may quote the file's contents.
+        import traceback
+
+        ctx.abort_file()
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return FileOutcome(number, item.rel, item.size, fmt, "rejected",
+                           f"could not be read: internal error ({type(exc).__name__} at "
+                           f"{Path(frame.filename).name}:{frame.lineno}); please report it")
 
 
 def _import_text_file(number: int, item: InputFile, fmt: str, ctx: ImportContext) -> FileOutcome:
@@ -231,18 +297,18 @@ def _import_text_file(number: int, item: InputFile, fmt: str, ctx: ImportContext
         if options.pii_enabled:
             messages = tuple((role, scrub_text(content, ctx.changes)) for role, content in messages)
         digest = record_hash(messages)
-        if digest in ctx.seen or digest in ctx.known.hashes:
+        if ctx.is_duplicate(digest):
             tally.duplicates += 1
             ctx.changes["duplicate_exact"] += 1
             continue
         sig_bytes = b""
         if ctx.near is not None:
             sig = signature(minhash_text(messages))
-            if ctx.near.query(sig) is not None:
+            if ctx.near_duplicate(sig):
                 tally.duplicates += 1
                 ctx.changes["duplicate_near"] += 1
                 continue
-            ctx.near.add(digest, sig)
+            ctx.add_signature(digest, sig)
             sig_bytes = signature_to_bytes(sig)
         split = assign_split(digest, ctx.split_seed, options.splits)
         ctx.accept(AcceptedRecord(digest, split, number, "text", _text_payload(messages, parsed.shape),

@@ -17,8 +17,15 @@ from appliance.data import datasets
 from appliance.data.errors import DataError
 from appliance.data.pipeline import ImportOptions
 from appliance.data.splits import SplitSpec
-from appliance.data.store import (ImportCancelled, delete_dataset, export_dataset, import_dataset, iter_records,
-                                  load_report, recover_imports)
+from appliance.data.store import (
+    ImportCancelled,
+    delete_dataset,
+    export_dataset,
+    import_dataset,
+    iter_records,
+    load_report,
+    recover_imports,
+)
 from tests.conftest import BIN, REPO, run_cli
 
 
@@ -92,7 +99,6 @@ def test_appending_keeps_old_records_in_their_splits(vault, tmp_path: Path) -> N
 
 
 def test_near_duplicates_of_earlier_versions_are_dropped(vault, tmp_path: Path) -> None:
-    db, _, _ = vault
     write_jsonl(tmp_path / "v1" / "a.jsonl", 0, 20)
     _import(vault, tmp_path / "v1")
     near = tmp_path / "v2" / "b.jsonl"

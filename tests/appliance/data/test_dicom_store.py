@@ -1,0 +1,85 @@
+"""DICOM through the whole CLI: import with folder labels, show, export, and no PHI in plaintext anywhere
+(catalog, audit, vault files, job logs, temp dirs)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from tests.appliance.data.dicom_samples import PATIENTS, write_sample_tree, write_ultrasound
+from tests.conftest import run_cli
+
+
+def _plaintext_hits(root: Path, markers: list[bytes], skip: Path | None = None, since: float = 0.0) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        try:
+            if not path.is_file() or path.is_symlink() or (skip is not None and skip in path.parents) \
+                    or path.stat().st_mtime < since:
+                continue
+        except OSError:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        hits += [f"{path}: {m.decode()}" for m in markers if m in data]
+    return hits
+
+
+def test_dicom_import_show_export_and_no_phi_at_rest(vault_init, unlock, airlock_home: Path, tmp_path: Path) -> None:
+    started = time.time()
+    src = tmp_path / "usb"
+    tree = write_sample_tree(src, patients=2, studies=1, images=2)
+    write_ultrasound(src / "us" / "scan.dcm")  # no BurnedInAnnotation on an ultrasound: quarantined
+    vault_init()
+    unlock()
+    done = run_cli("data", "import", str(src), "--name", "chest", "--format", "dicom", "--profile", "medical")
+    assert done.returncode == 0, done.stderr
+    assert "quarantined" in done.stdout and "us/scan.dcm" in done.stdout
+
+    show = json.loads(run_cli("data", "show", "chest", "--json").stdout)
+    assert show["dataset"]["kind"] == "dicom"
+    assert sum(show["split_counts"].values()) == len(tree.files)
+    assert set(show["labels"]) == {"disc", "square"}
+    assert show["versions"][0]["summary"]["buckets"]["quarantined"] == 1
+
+    out = tmp_path / "review"
+    exported = run_cli("data", "export", "chest", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    dcm = sorted(out.rglob("*.dcm"))
+    assert len(dcm) == len(tree.files)
+    assert {p.parent.name for p in dcm} == {"disc", "square"}
+
+    import pydicom
+
+    for path in dcm:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert str(ds.PatientName).startswith("ANON-")
+    originals = {f.sop_uid for f in tree.files} | {f.study_uid for f in tree.files}
+    markers = [m.encode() for p in PATIENTS[:2] for m in (p.name, p.patient_id)] + [u.encode() for u in originals]
+    assert _plaintext_hits(out, markers) == []
+    # At rest: the catalog (incl. audit and job rows), vault files and job logs hold none of it.
+    assert _plaintext_hits(airlock_home, markers) == []
+    # Temp dirs: nothing written there while the appliance ran (pytest's own folders hold the inputs).
+    assert _plaintext_hits(Path(tempfile.gettempdir()), markers, skip=tmp_path.parents[1], since=started) == []
+
+    again = run_cli("data", "import", str(src), "--name", "chest", "--format", "dicom", "--profile", "medical",
+                    "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["records_added"] == 0
+
+
+def test_labels_file_for_text_is_refused(vault_init, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text('{"text": "press 4 hydraulic leak"}\n')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("key,label\na.jsonl,x\n")
+    vault_init()
+    result = run_cli("data", "import", str(src), "--name", "t", "--labels", str(labels), "--dry-run")
+    assert result.returncode == 2
+    assert "--labels is for DICOM and image imports" in result.stderr
