@@ -78,8 +78,26 @@ def compute_entry_hash(prev_hash: str, seq: int, ts: str, actor: str, action: st
     return hashlib.sha256(DOMAIN + prev_hash.encode("ascii") + body.encode("utf-8")).hexdigest()
 
 
+_PROCESS_ACTOR: list[str] = []
+
+
+def set_process_actor(actor: str) -> None:
+    """Fix the actor of every row this process writes: a job acts for the account that started it,
+    whoever holds the key agent by the time it runs."""
+    _PROCESS_ACTOR[:] = [actor]
+
+
 def current_actor() -> str:
-    """The OS account behind this process (operator accounts replace this with issue 12)."""
+    """Who is acting: the process's fixed actor (jobs), else the account logged in to the key agent
+    (with OS user, TTY and SSH client), else only the OS account (nobody logged in)."""
+    if _PROCESS_ACTOR:
+        return _PROCESS_ACTOR[0]
+    from appliance.access import current_session
+    from appliance.paths import airlock_home
+
+    session = current_session(airlock_home())
+    if session is not None:
+        return session.actor
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

@@ -183,8 +183,83 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX dataset_records_order ON dataset_records(dataset_id, version, shard, position)")
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Training runs: what was trained on what, with which recipe, and how well (see appliance.train.runs).
+
+    Lineage for auditors and the registry: base model name + content hash, dataset id + pinned
+    version + that version's content hash, the recipe and its hash. The adapter itself is the
+    vault object `artifact` (encrypted); metrics are numbers only, never record contents.
+    """
+    db.execute("""
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('lm', 'classifier')),
+            task TEXT,
+            job_id TEXT NOT NULL UNIQUE REFERENCES jobs(id),
+            base_model TEXT NOT NULL,
+            base_hash TEXT,
+            dataset_id TEXT NOT NULL REFERENCES datasets(id),
+            dataset_name TEXT NOT NULL,
+            dataset_version INTEGER NOT NULL,
+            dataset_hash TEXT NOT NULL,
+            recipe TEXT NOT NULL,
+            recipe_hash TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled',
+                                                 'interrupted')),
+            metrics TEXT NOT NULL DEFAULT '{}',
+            lineage TEXT NOT NULL DEFAULT '{}',
+            artifact TEXT,
+            error TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            actor TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX runs_dataset ON runs(dataset_id, dataset_version)")
+    db.execute("CREATE INDEX runs_created ON runs(created_at)")
+
+
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Accounts: one per person, each with its own passphrase key slot and a role (see appliance.access).
+
+    A vault created before accounts existed gets an `admin` account for each passphrase slot it
+    has, so an installed appliance keeps unlocking after the upgrade.
+    """
+    db.execute("""
+        CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'auditor')),
+            slot_id TEXT UNIQUE,
+            state TEXT NOT NULL CHECK (state IN ('active', 'disabled')),
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            failed_unlocks INTEGER NOT NULL DEFAULT 0,
+            locked_until TEXT,
+            last_unlock_at TEXT,
+            disabled_at TEXT,
+            CHECK ((state = 'active') = (slot_id IS NOT NULL))
+        )""")
+    db.execute("""
+        CREATE TABLE emergency_access (
+            id INTEGER PRIMARY KEY,
+            started_at TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            agent_pid INTEGER,
+            acknowledged_by TEXT,
+            acknowledged_at TEXT,
+            note TEXT
+        )""")
+    legacy = [r[0] for r in db.execute("SELECT slot_id FROM vault_key_slots WHERE kind = 'passphrase'"
+                                        " ORDER BY slot_id")]
+    for number, slot_id in enumerate(legacy, start=1):
+        db.execute("INSERT INTO users (name, role, slot_id, state, created_at, created_by)"
+                   " VALUES (?, 'admin', ?, 'active', ?, 'migration 6')",
+                   ["admin" if number == 1 else f"admin{number}", slot_id, datetime.now(UTC).isoformat()])
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                             _migration_5, _migration_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -161,6 +161,10 @@ from appliance.vault.cli import vault  # noqa: E402 - command groups register he
 
 cli.add_command(vault)
 
+from appliance.vault.users_cli import users  # noqa: E402 - accounts and roles (issue 12)
+
+cli.add_command(users)
+
 from appliance.upgrade import upgrade  # noqa: E402 - bundle install/upgrade/rollback (issue 9)
 
 cli.add_command(upgrade)
@@ -172,6 +176,10 @@ cli.add_command(jobs)
 from appliance.data.cli import data  # noqa: E402 - datasets: import, show, export, delete (issue 4)
 
 cli.add_command(data)
+
+from appliance.train.cli import train  # noqa: E402 - fine-tuning runs as resumable jobs (issue 5)
+
+cli.add_command(train)
 
 
 def main() -> None:

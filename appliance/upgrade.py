@@ -83,6 +83,19 @@ def verify_for_upgrade(bundle: Path, prefix: Path, *, allow_downgrade: bool) -> 
     return manifest
 
 
+def _require_admin() -> None:
+    """Upgrades and rollbacks are an admin's: once a vault (and so accounts) exists, log in first."""
+    from appliance.access import require
+    from appliance.catalog import open_catalog
+    from appliance.paths import airlock_home
+
+    db = open_catalog()
+    try:
+        require(db, airlock_home(), "release.upgrade", unless_no_vault=True)
+    finally:
+        db.close()
+
+
 def _audit(action: str, obj: str, details: dict) -> None:
     from appliance.audit import append_audit
     from appliance.catalog import open_catalog, transaction
@@ -159,6 +172,7 @@ def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefi
     if do_rollback == (bundle is not None):
         raise AirlockError("give a bundle directory or --rollback (one of them)",
                            hint="airlock upgrade /media/usb/BUNDLE   or   airlock upgrade --rollback")
+    _require_admin()
     if do_rollback:
         old, new = rollback(prefix)
         _audit("release.rollback", f"release:{Path(new).name}", {"from": old, "to": new, "prefix": str(prefix)})

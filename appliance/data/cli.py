@@ -91,12 +91,14 @@ def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: s
             click.echo(f"dry run: nothing was stored. Importing {path} into {name!r} would give:")
             _echo_report(report.to_dict())
         return 0
+    from appliance.access import require
     from appliance.data.import_job import options_to_params
     from appliance.jobs.records import create_job, get_job
     from appliance.jobs.runner import run_job, start_job
     from appliance.vault.lifecycle import keys_for
 
     keys_for(db, airlock_home())  # fail now with "vault is locked", not inside the job
+    require(db, airlock_home(), "data.import")
     params = {"path": str(path.resolve()), "name": name, "options": options_to_params(options)}
     if detach:
         job = start_job(db, "data_import", params)
@@ -269,6 +271,7 @@ def data_show(name: str, as_json: bool) -> None:
 @_json
 def data_report(name: str, version: int | None, as_json: bool) -> None:
     """Per-file outcomes of an import. File names may identify patients, so this needs an unlocked vault."""
+    from appliance.access import require
     from appliance.data import datasets
     from appliance.data.store import load_report
     from appliance.paths import airlock_home
@@ -276,6 +279,7 @@ def data_report(name: str, version: int | None, as_json: bool) -> None:
 
     db = _open()
     ds = datasets.get(db, name)
+    require(db, airlock_home(), "data.report")
     entry, report = load_report(db, keys_for(db, airlock_home()), airlock_home(), ds, version)
     if as_json:
         echo_json({"dataset": ds.name, "version": entry.version, "report": report})
@@ -292,11 +296,13 @@ def data_report(name: str, version: int | None, as_json: bool) -> None:
 @click.option("--split", type=click.Choice(["train", "val", "test"]), help="Only this split.")
 def data_export(name: str, out: Path, split: str | None) -> None:
     """Write the stored, de-identified records out (JSONL, or DICOM/PNG per label) for a data steward. Audited."""
+    from appliance.access import require
     from appliance.data.store import export_dataset
     from appliance.paths import airlock_home
     from appliance.vault.lifecycle import keys_for
 
     db = _open()
+    require(db, airlock_home(), "data.export")
     counts = export_dataset(db, keys_for(db, airlock_home()), airlock_home(), name, out, split=split)
     click.echo(f"exported {sum(counts.values())} records of {name!r} to {out} "
                f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'})")
@@ -308,6 +314,7 @@ def data_export(name: str, out: Path, split: str | None) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask to type the name.")
 def data_delete(name: str, yes: bool) -> None:
     """Crypto-shred a dataset: its data key is destroyed, then its files. Cannot be undone."""
+    from appliance.access import require
     from appliance.data import datasets
     from appliance.data.errors import DataError
     from appliance.data.store import delete_dataset
@@ -315,6 +322,7 @@ def data_delete(name: str, yes: bool) -> None:
 
     db = _open()
     ds = datasets.get(db, name)
+    require(db, airlock_home(), "data.delete")
     if not yes:
         typed = click.prompt(f"This destroys dataset {name!r} for good. Type its name to confirm", default="",
                              show_default=False)

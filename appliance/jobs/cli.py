@@ -121,9 +121,13 @@ def jobs_logs(job_id: str, limit: int, as_json: bool) -> None:
 @click.argument("job_id")
 def jobs_cancel(job_id: str) -> None:
     """Ask a job to checkpoint and stop (SIGTERM); it ends `cancelled`."""
+    from appliance.access import require
     from appliance.jobs.runner import cancel_job
+    from appliance.paths import airlock_home
 
-    cancel_job(_open(), job_id)
+    db = _open()
+    require(db, airlock_home(), "jobs.control", unless_no_vault=True)
+    cancel_job(db, job_id)
     click.echo(f"cancel requested for {job_id}; it checkpoints and stops (follow with `airlock jobs show {job_id}`)")
 
 
@@ -131,9 +135,13 @@ def jobs_cancel(job_id: str) -> None:
 @click.argument("job_id")
 def jobs_resume(job_id: str) -> None:
     """Run an interrupted, cancelled or failed job again from its last checkpoint."""
+    from appliance.access import require
     from appliance.jobs.runner import resume_job
+    from appliance.paths import airlock_home
 
-    resume_job(_open(), job_id)
+    db = _open()
+    require(db, airlock_home(), "jobs.control", unless_no_vault=True)
+    resume_job(db, job_id)
     click.echo(f"resumed {job_id} (follow with `airlock jobs show {job_id}`)")
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 HANDLERS: dict[str, str] = {
     "vault_verify": "appliance.jobs.vault_verify:run_vault_verify",
     "data_import": "appliance.data.import_job:run_data_import",
+    "train": "appliance.train.jobs:run_training",
 }
 CANCEL_POLL_S = 2.0
 
@@ -169,6 +170,9 @@ def run_job(db: sqlite_utils.Database, job_id: str) -> int:
     job = records.get_job(db, job_id)
     if job.state != "queued":
         raise JobError(f"job {job_id} is {job.state}, not queued", hint="use `airlock jobs resume` to run it again")
+    from appliance.audit import set_process_actor
+
+    set_process_actor(job.actor)
     ctx = JobContext(db, job, airlock_home())
     signal.signal(signal.SIGTERM, lambda *_: ctx._terminated.__setitem__(0, True))
     try:

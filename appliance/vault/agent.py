@@ -50,6 +50,23 @@ class AgentStatus:
     seconds_left: int
     idle_timeout_s: int
     pid: int
+    account: str = ""
+    """Who unlocked: an operator account, `break-glass` (recovery key) or `scheduler` (machine key)."""
+    role: str = ""
+    session: str = "normal"
+    """normal | emergency (break-glass) | scheduler."""
+    origin: str = ""
+    """OS user, terminal and SSH client of the unlocking process, for the audit actor."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an unlock proved, handed to the agent so every later command knows who is acting."""
+
+    account: str
+    role: str
+    session: str = "normal"
+    origin: str = ""
 
 
 def runtime_dir() -> Path:
@@ -110,7 +127,9 @@ class AgentClient:
 
     def status(self) -> AgentStatus:
         a = self.call("status")
-        return AgentStatus(str(a["vault_id"]), int(a["seconds_left"]), int(a["idle_timeout_s"]), int(a["pid"]))
+        return AgentStatus(str(a["vault_id"]), int(a["seconds_left"]), int(a["idle_timeout_s"]), int(a["pid"]),
+                           str(a.get("account", "")), str(a.get("role", "")), str(a.get("session", "normal")),
+                           str(a.get("origin", "")))
 
     def lock(self) -> None:
         self.call("lock")
@@ -141,13 +160,16 @@ def agent_status(home: Path) -> AgentStatus | None:
         return None
 
 
-def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int) -> AgentStatus:
-    """Start a detached agent holding `root_key` and wait until it listens."""
+def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int,
+                identity: Identity | None = None) -> AgentStatus:
+    """Start a detached agent holding `root_key` (and who unlocked it) and wait until it listens."""
     path = socket_path(home)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale socket of a killed agent (callers checked that none answers)
+    identity = identity or Identity("", "")
     command = [sys.executable, "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
-               "--vault-id", vault_id, "--idle-timeout", str(idle_timeout_s)]
+               "--vault-id", vault_id, "--idle-timeout", str(idle_timeout_s), "--account", identity.account,
+               "--role", identity.role, "--session", identity.session, "--origin", identity.origin]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True, cwd="/")
     assert proc.stdin is not None
@@ -172,7 +194,8 @@ def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int)
 # ---------------------------------------------------------------- agent side
 
 
-def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: bytes) -> str:
+def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: bytes,
+          identity: Identity | None = None) -> str:
     """Answer requests until idle timeout or `lock`. Returns why it stopped."""
     keys = LocalKeys(root_key)
     old_umask = os.umask(0o177)
@@ -200,7 +223,7 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
             except TimeoutError:
                 continue
             with conn:
-                op, reply = _handle(conn, keys, vault_id, idle_timeout_s, deadline)
+                op, reply = _handle(conn, keys, vault_id, idle_timeout_s, deadline, identity or Identity("", ""))
                 if op in KEY_OPS and reply.get("ok"):
                     deadline = time.monotonic() + idle_timeout_s
                 with contextlib.suppress(OSError):
@@ -220,7 +243,7 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
 
 
 def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s: int,
-            deadline: float) -> tuple[str, dict]:
+            deadline: float, identity: Identity) -> tuple[str, dict]:
     conn.settimeout(CLIENT_TIMEOUT_S)
     _pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     if uid != os.getuid():
@@ -230,7 +253,8 @@ def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s:
         op = str(request.get("op"))
         if op == "status":
             return op, {"ok": True, "vault_id": vault_id, "idle_timeout_s": idle_timeout_s, "pid": os.getpid(),
-                        "seconds_left": max(0, round(deadline - time.monotonic()))}
+                        "seconds_left": max(0, round(deadline - time.monotonic())), "account": identity.account,
+                        "role": identity.role, "session": identity.session, "origin": identity.origin}
         if op == "lock":
             return op, {"ok": True}
         if op == "new_kek":
@@ -255,7 +279,7 @@ def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s:
         return "error", {"ok": False, "error": "malformed request to the key agent"}
 
 
-def _audit_idle_lock(home: Path, reason: str) -> None:
+def _audit_idle_lock(home: Path, reason: str, account: str = "") -> None:
     """Best effort: the agent's own exit is recorded when nobody asked for it."""
     from appliance.audit import append_audit
     from appliance.catalog import CATALOG_FILENAME, open_catalog
@@ -264,7 +288,8 @@ def _audit_idle_lock(home: Path, reason: str) -> None:
         return
     with contextlib.suppress(Exception):
         db = open_catalog(home)
-        append_audit(db, "vault.lock", "vault", {"reason": reason})
+        append_audit(db, "vault.lock", "vault", {"reason": reason, "account": account},
+                     actor=f"agent:{account}" if account else None)
         db.close()
 
 
@@ -295,16 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--vault-id", required=True)
     parser.add_argument("--idle-timeout", type=int, default=DEFAULT_IDLE_TIMEOUT_S)
+    parser.add_argument("--account", default="")
+    parser.add_argument("--role", default="")
+    parser.add_argument("--session", default="normal")
+    parser.add_argument("--origin", default="")
     args = parser.parse_args(argv)
     root_key = sys.stdin.buffer.read(32)
     if len(root_key) != 32:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    reason = serve(args.home, args.socket, args.vault_id, max(1, args.idle_timeout), root_key)
+    reason = serve(args.home, args.socket, args.vault_id, max(1, args.idle_timeout), root_key,
+                   Identity(args.account, args.role, args.session, args.origin))
     del root_key
     if reason != "locked":  # `vault lock` writes its own row, with the operator as actor
-        _audit_idle_lock(args.home, reason)
+        _audit_idle_lock(args.home, reason, args.account)
     return 0
 
 

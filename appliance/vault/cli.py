@@ -42,9 +42,11 @@ def vault() -> None:
 @_machine_file
 @_kdf_memory
 @click.option("--kdf", type=click.Choice(["argon2id", "scrypt"]), help="Passphrase KDF (default: argon2id).")
+@click.option("--admin", "admin_name", default="admin", show_default=True,
+              help="Name of the first account (role admin); the passphrase is its own.")
 def vault_init(passphrase_file: Path | None, with_machine_key: bool, machine_key_file: Path | None,
-               kdf_memory_mib: int | None, kdf: str | None) -> None:
-    """Create the vault: root key, passphrase slot, recovery key (printed once), optional machine key."""
+               kdf_memory_mib: int | None, kdf: str | None, admin_name: str) -> None:
+    """Create the vault: root key, the first admin account, recovery key (printed once), optional machine key."""
     from appliance.catalog import open_catalog
     from appliance.paths import ensure_home
     from appliance.vault.keyslots import passphrase_kdf
@@ -56,8 +58,9 @@ def vault_init(passphrase_file: Path | None, with_machine_key: bool, machine_key
         with_machine_key = True
     key_file = (machine_key_file or default_machine_key_path(home)) if with_machine_key else None
     result = init_vault(open_catalog(), passphrase, passphrase_kdf(memory_mib=kdf_memory_mib, kdf=kdf),
-                        machine_key_file=key_file)
+                        machine_key_file=key_file, admin=admin_name)
     click.echo(f"vault {result.vault_id} created with slots: {', '.join(result.slot_ids)}")
+    click.echo(f"first account: {admin_name} (admin); add people with `airlock users add NAME --role ...`")
     click.echo(f"passphrase KDF: {_describe_kdf(result.kdf)}")
     if key_file:
         click.echo(f"machine key file (unattended unlock, keep root-only): {key_file}")
@@ -72,9 +75,13 @@ def vault_init(passphrase_file: Path | None, with_machine_key: bool, machine_key
 @_machine_file
 @click.option("--idle-timeout", type=click.IntRange(min=1, max=7 * 24 * 3600), default=900, show_default=True,
               help="Seconds without key use after which the agent wipes the key and exits.")
+@click.option("--user", "user", help="Your account (default: your OS user's account, or the only one).")
 def vault_unlock(passphrase_file: Path | None, recovery_key_file: Path | None, use_machine_key: bool,
-                 machine_key_file: Path | None, idle_timeout: int) -> None:
-    """Start the key agent: jobs, commands and the UI get keys from it until it locks."""
+                 machine_key_file: Path | None, idle_timeout: int, user: str | None) -> None:
+    """Log in: start the key agent holding the key and who you are, until it locks.
+
+    With the recovery key this is emergency (break-glass) access: admin rights for this session,
+    flagged in the audit log until an admin acknowledges it."""
     from appliance.catalog import open_catalog
     from appliance.paths import ensure_home
     from appliance.vault import records
@@ -83,10 +90,17 @@ def vault_unlock(passphrase_file: Path | None, recovery_key_file: Path | None, u
     home = ensure_home()
     db = open_catalog()
     records.require_initialized(db)  # before prompting for a passphrase
+    if not (recovery_key_file or use_machine_key):
+        from appliance.vault.accounts import resolve_name
+
+        user = resolve_name(db, user)
     credential = _credential(home, passphrase_file, recovery_key_file, use_machine_key, machine_key_file)
-    status = unlock_vault(db, home, credential, idle_timeout)
-    click.echo(f"vault unlocked: the key agent (pid {status.pid}) locks after {_duration(status.idle_timeout_s)} "
-               f"idle ({_duration(status.seconds_left)} left)")
+    status = unlock_vault(db, home, credential, idle_timeout, account=user)
+    click.echo(f"vault unlocked for {status.account} ({status.role}): the key agent (pid {status.pid}) locks after "
+               f"{_duration(status.idle_timeout_s)} idle ({_duration(status.seconds_left)} left)")
+    if status.session == "emergency":
+        click.echo("EMERGENCY ACCESS: this session is flagged in the audit log until an admin acknowledges it "
+                   "(`airlock users emergencies`)", err=True)
 
 
 @vault.command("lock")
@@ -128,6 +142,10 @@ def vault_status(as_json: bool) -> None:
         "slots": records.slot_summaries(db),
         "objects": {"active": counts.get("active", 0), "deleted": counts.get("shredded", 0)},
         "unlock_failures": records.unlock_failures(db)[0],
+        "account": agent.account if agent else None,
+        "role": agent.role if agent else None,
+        "session": agent.session if agent else None,
+        "emergencies_pending": _pending_emergencies(db) if vault_id else [],
     }
     if as_json:
         echo_json(doc)
@@ -136,8 +154,11 @@ def vault_status(as_json: bool) -> None:
         click.echo("no vault yet: run `airlock vault init`")
         return
     if agent:
-        click.echo(f"vault: unlocked, locks in {_duration(agent.seconds_left)} without use "
-                   f"(idle timeout {_duration(agent.idle_timeout_s)}, agent pid {agent.pid})")
+        click.echo(f"vault: unlocked for {agent.account} ({agent.role}), locks in {_duration(agent.seconds_left)} "
+                   f"without use (idle timeout {_duration(agent.idle_timeout_s)}, agent pid {agent.pid})")
+    for pending in doc["emergencies_pending"]:
+        click.echo(f"EMERGENCY ACCESS #{pending['id']} at {pending['started_at']} ({pending['origin']}) is not yet "
+                   "acknowledged by an admin (`airlock users ack-emergency ID`)")
     else:
         click.echo("vault: locked (run `airlock vault unlock`)")
     click.echo(f"KEK version: {kek}; objects: {doc['objects']['active']} ({doc['objects']['deleted']} deleted)")
@@ -153,9 +174,10 @@ def vault_status(as_json: bool) -> None:
 @click.option("--new-passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Read the new passphrase from this file.")
 @_kdf_memory
+@click.option("--user", "user", help="With --recovery-key-file: whose passphrase to reset (default: the only account).")
 def vault_passwd(passphrase_file: Path | None, recovery_key_file: Path | None, new_passphrase_file: Path | None,
-                 kdf_memory_mib: int | None) -> None:
-    """Change the passphrase (re-wraps that slot only). Use --recovery-key-file if it was forgotten."""
+                 kdf_memory_mib: int | None, user: str | None) -> None:
+    """Change your passphrase (re-wraps that slot only). Use --recovery-key-file if it was forgotten."""
     from appliance.catalog import open_catalog
     from appliance.paths import ensure_home
     from appliance.vault.keyslots import passphrase_kdf
@@ -164,7 +186,8 @@ def vault_passwd(passphrase_file: Path | None, recovery_key_file: Path | None, n
     home = ensure_home()
     credential = _credential(home, passphrase_file, recovery_key_file, False, None)
     new = _new_passphrase(new_passphrase_file, prompt="New vault passphrase")
-    slot_id = change_passphrase(open_catalog(), credential, new, passphrase_kdf(memory_mib=kdf_memory_mib))
+    slot_id = change_passphrase(open_catalog(), credential, new, passphrase_kdf(memory_mib=kdf_memory_mib),
+                                account=user)
     click.echo(f"passphrase changed (slot {slot_id}); the data and other slots are unchanged")
 
 
@@ -210,6 +233,9 @@ def vault_rotate() -> None:
     from appliance.vault.lifecycle import keys_for, rotate_keks
 
     db = open_catalog()
+    from appliance.access import require
+
+    require(db, ensure_home(), "vault.rotate")
     version, count = rotate_keks(db, keys_for(db, ensure_home()))
     click.echo(f"KEK rotated to version {version}: {count} data keys re-wrapped, older KEK versions destroyed")
 
@@ -219,6 +245,7 @@ def vault_rotate() -> None:
 @_json
 def vault_verify(sample: int | None, as_json: bool) -> int:
     """Decrypt and authenticate every stored file (or a sample); report each. Exits 1 on any failure."""
+    from appliance.access import require
     from appliance.catalog import open_catalog
     from appliance.paths import ensure_home
     from appliance.vault.lifecycle import keys_for
@@ -226,6 +253,7 @@ def vault_verify(sample: int | None, as_json: bool) -> int:
 
     home = ensure_home()
     db = open_catalog()
+    require(db, home, "vault.verify")
     report = verify_files(db, keys_for(db, home), home, sample=sample)
     if as_json:
         echo_json(report.to_dict())
@@ -251,7 +279,11 @@ def vault_delete(object_id: str, yes: bool) -> None:
 
     if not yes:
         click.confirm(f"destroy object {object_id} and its key for good?", abort=True)
-    removed = delete_object(open_catalog(), ensure_home(), object_id)
+    from appliance.access import require
+
+    db = open_catalog()
+    require(db, ensure_home(), "vault.delete")
+    removed = delete_object(db, ensure_home(), object_id)
     click.echo(f"object {object_id} deleted: key destroyed, {removed} files removed")
 
 
@@ -309,3 +341,9 @@ def _describe_kdf(kdf: dict) -> str:
 def _duration(seconds: int) -> str:
     minutes, secs = divmod(max(0, seconds), 60)
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _pending_emergencies(db) -> list[dict]:
+    from appliance.vault.accounts import pending_emergencies
+
+    return pending_emergencies(db)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from appliance.audit import append_audit, current_actor
 from appliance.catalog import transaction
 from appliance.vault import records
-from appliance.vault.agent import AgentClient, AgentStatus, agent_status, start_agent
+from appliance.vault.agent import AgentClient, AgentStatus, Identity, agent_status, start_agent
 from appliance.vault.errors import UnlockError, VaultError, VaultLockedError
 from appliance.vault.keys import KeyOps, LocalKeys, disable_core_dumps
 from appliance.vault.keyslots import (
@@ -77,8 +77,11 @@ def backoff_seconds(failures: int) -> float:
 
 
 def init_vault(db: sqlite_utils.Database, passphrase: str, kdf: KdfParams, *,
-               machine_key_file: Path | None = None) -> InitResult:
-    """Create the root key, its slots and KEK version 1. Refuses when a vault exists."""
+               machine_key_file: Path | None = None, admin: str = "admin") -> InitResult:
+    """Create the root key, its slots, KEK version 1 and the first (admin) account. Refuses when a vault exists."""
+    from appliance.vault import accounts
+
+    accounts.check_name(admin)
     if records.vault_id(db) is not None:
         raise VaultError("this AIRLOCK_HOME already has a vault",
                          hint="use `airlock vault add-slot` or `airlock vault passwd` to change how it unlocks")
@@ -99,9 +102,10 @@ def init_vault(db: sqlite_utils.Database, passphrase: str, kdf: KdfParams, *,
             for slot in slots:
                 records.insert_slot(db, slot, current_actor())
             records.insert_kek(db, 1, keys.new_kek(1))
+            accounts.insert(db, admin, "admin", "passphrase-1", current_actor())
             append_audit(db, "vault.init", "vault", {
                 "vault_id": new_vault_id, "slots": [s.slot_id for s in slots], "kdf": kdf.describe(),
-                "kek_version": 1, "machine_slot": machine_secret is not None,
+                "kek_version": 1, "machine_slot": machine_secret is not None, "admin_account": admin,
                 "machine_key_file": str(machine_key_file) if machine_key_file else None})
     except BaseException:
         if machine_key_file:
@@ -113,14 +117,22 @@ def init_vault(db: sqlite_utils.Database, passphrase: str, kdf: KdfParams, *,
     return InitResult(new_vault_id, recovery_text, [s.slot_id for s in slots], kdf.describe())
 
 
-def open_root(db: sqlite_utils.Database, credential: Credential) -> tuple[str, bytes]:
+def open_root(db: sqlite_utils.Database, credential: Credential, *, account: str | None = None
+              ) -> tuple[str, bytes]:
     """(slot_id, root key) for a credential, or UnlockError after a growing, audited delay.
 
-    Every failure reads the same, whether the secret or the slot is wrong. The failure count
-    lives in the catalog, so restarting the command does not reset the delay.
+    A passphrase opens only the slot of `account` when one is named (and counts towards that
+    account's lockout). Every failure reads the same, whether the secret or the slot is wrong.
+    The failure count lives in the catalog, so restarting the command does not reset the delay.
     """
+    from appliance.vault import accounts
+
     records.require_initialized(db)
     disable_core_dumps()
+    named = None
+    if account is not None and credential.kind == "passphrase":
+        named = accounts.get(db, account)
+        accounts.check_not_locked(db, named, current_actor())
     failures, last = records.unlock_failures(db)
     if last:
         pending = backoff_seconds(failures) - (datetime.now(UTC) - datetime.fromisoformat(last)).total_seconds()
@@ -128,16 +140,23 @@ def open_root(db: sqlite_utils.Database, credential: Credential) -> tuple[str, b
             time.sleep(pending)
     if credential.secret:
         for slot in records.slots(db, kind=credential.kind):
+            if named is not None and slot.slot_id != named.slot_id:
+                continue
             root_key = unwrap_root(slot, credential.secret)
             if root_key is not None:
                 with transaction(db):
                     records.reset_unlock_failures(db)
+                    if named is not None:
+                        accounts.record_success(db, named.name)
                 return slot.slot_id, root_key
     with transaction(db):
         failures = records.record_unlock_failure(db)
         delay = backoff_seconds(failures)
-        append_audit(db, "vault.unlock_failed", "vault", {"credential": credential.kind, "failures": failures,
-                                                          "delay_s": delay})
+        details = {"credential": credential.kind, "failures": failures, "delay_s": delay}
+        if named is not None:
+            details["account"] = named.name
+            details["account_failures"] = accounts.record_failure(db, named.name, current_actor())
+        append_audit(db, "vault.unlock_failed", named.name if named is not None else "vault", details)
     time.sleep(delay)
     name = _CREDENTIAL_NAMES.get(credential.kind, credential.kind)
     raise UnlockError(f"the vault did not unlock: that {name} is not correct",
@@ -146,21 +165,49 @@ def open_root(db: sqlite_utils.Database, credential: Credential) -> tuple[str, b
                            "--recovery-key-file FILE`")
 
 
-def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, idle_timeout_s: int) -> AgentStatus:
-    """Open a slot and hand the root key to a new key agent. An unlocked vault stays as it is."""
+def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, idle_timeout_s: int,
+                 account: str | None = None) -> AgentStatus:
+    """Open a slot and hand the root key, and who opened it, to a new key agent.
+
+    A passphrase logs in its account (with its role); the recovery key is break-glass access
+    (admin for this session, flagged until an admin acknowledges it); the machine key is the
+    `scheduler`. An agent already running for this vault is replaced only when someone else
+    logs in: the same account unlocking again keeps it.
+    """
+    from appliance.access import origin
+    from appliance.vault import accounts
+
     vault_id = records.require_initialized(db)
     running = agent_status(home)
-    if running is not None and running.vault_id == vault_id:
-        return running
-    slot_id, root_key = open_root(db, credential)
-    if running is not None:  # an agent for a vault this home no longer has: stop it, do not orphan it
+    if credential.kind == "passphrase":
+        account = accounts.resolve_name(db, account)
+        if running is not None and running.vault_id == vault_id and running.account == account:
+            return running
+    slot_id, root_key = open_root(db, credential, account=account if credential.kind == "passphrase" else None)
+    where = origin()
+    if credential.kind == "passphrase":
+        owner = accounts.for_slot(db, slot_id)
+        if owner is None:
+            raise UnlockError("this passphrase slot belongs to no account",
+                              hint="an admin adds your account with `airlock users add`")
+        identity = Identity(owner.name, owner.role, "normal", where)
+    elif credential.kind == "recovery":
+        identity = Identity("break-glass", "admin", "emergency", where)
+    else:
+        identity = Identity("scheduler", "scheduler", "scheduler", where)
+    if running is not None:  # someone else's session, or another vault's agent: end it, do not orphan it
         with contextlib.suppress(VaultError):
             AgentClient(home).lock()
-    status = start_agent(home, root_key, vault_id, idle_timeout_s)
+    status = start_agent(home, root_key, vault_id, idle_timeout_s, identity)
     del root_key
+    actor = identity.account if identity.session == "normal" else f"{identity.account} [{identity.session}]"
     with transaction(db):
-        append_audit(db, "vault.unlock", "vault", {"slot_id": slot_id, "credential": credential.kind,
-                                                   "idle_timeout_s": idle_timeout_s, "agent_pid": status.pid})
+        details = {"slot_id": slot_id, "credential": credential.kind, "idle_timeout_s": idle_timeout_s,
+                   "agent_pid": status.pid, "account": identity.account, "role": identity.role}
+        if identity.session == "emergency":
+            details["emergency"] = True
+            details["emergency_id"] = accounts.record_emergency(db, where, status.pid)
+        append_audit(db, "vault.unlock", "vault", details, actor=f"{actor} ({where})")
     return status
 
 
@@ -169,10 +216,11 @@ def lock_vault(db: sqlite_utils.Database, home: Path) -> bool:
     status = agent_status(home)
     if status is None:
         return False
+    actor = current_actor()  # while the session still exists
     with contextlib.suppress(VaultLockedError):
         AgentClient(home).lock()
     with transaction(db):
-        append_audit(db, "vault.lock", "vault", {"reason": "operator", "agent_pid": status.pid})
+        append_audit(db, "vault.lock", "vault", {"reason": "operator", "agent_pid": status.pid}, actor=actor)
     return True
 
 
@@ -182,18 +230,20 @@ def keys_for(db: sqlite_utils.Database, home: Path) -> KeyOps:
 
 
 def change_passphrase(db: sqlite_utils.Database, credential: Credential, new_passphrase: str,
-                      kdf: KdfParams) -> str:
+                      kdf: KdfParams, account: str | None = None) -> str:
     """Re-wrap a passphrase slot with a new passphrase (nothing else changes). Returns the slot id.
 
-    With the old passphrase, its own slot is re-wrapped; with the recovery key, the first
-    passphrase slot is (the way back from a forgotten passphrase).
+    With the old passphrase, its own slot is re-wrapped; with the recovery key, the slot of
+    `account` (default: the only account) is (the way back from a forgotten passphrase).
     """
+    from appliance.vault import accounts
+
     slot_id, root_key = open_root(db, credential)
     if credential.kind != "passphrase":
-        passphrase_slots = records.slots(db, kind="passphrase")
-        if not passphrase_slots:
-            raise VaultError("the vault has no passphrase slot to change", hint="use `airlock vault add-slot`")
-        slot_id = passphrase_slots[0].slot_id
+        target = accounts.get(db, accounts.resolve_name(db, account))
+        if target.slot_id is None:
+            raise VaultError(f"the account {target.name} is disabled", hint="add a new account instead")
+        slot_id = target.slot_id
     slot = wrap_root(root_key, slot_id=slot_id, kind="passphrase", kdf=kdf, secret=new_passphrase.encode("utf-8"))
     del root_key
     with transaction(db):
@@ -204,8 +254,20 @@ def change_passphrase(db: sqlite_utils.Database, credential: Credential, new_pas
 
 def add_slot(db: sqlite_utils.Database, credential: Credential, kind: str, *, passphrase: str | None = None,
              kdf: KdfParams | None = None, machine_key_file: Path | None = None) -> tuple[str, str | None]:
-    """Add a slot of `kind`. Returns (slot_id, recovery key text for a recovery slot, else None)."""
-    _, root_key = open_root(db, credential)
+    """Add a recovery or machine slot (passphrase slots belong to accounts: `users add`).
+
+    The credential must open an admin's slot or be the recovery key. Returns (slot_id, recovery
+    key text for a recovery slot, else None)."""
+    from appliance.vault import accounts
+
+    if kind == "passphrase":
+        raise VaultError("passphrase slots belong to accounts", hint="add a person with `airlock users add NAME`")
+    slot_used, root_key = open_root(db, credential)
+    owner = accounts.for_slot(db, slot_used)
+    if credential.kind == "machine" or (credential.kind == "passphrase" and (owner is None or owner.role != "admin")):
+        del root_key
+        raise VaultError("adding a key slot needs an admin's passphrase (or the recovery key)",
+                         hint="ask an admin to run `airlock vault add-slot`")
     shown: str | None = None
     if kind == "passphrase":
         if passphrase is None or kdf is None:

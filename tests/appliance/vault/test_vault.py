@@ -197,7 +197,9 @@ def test_status_json_keys_and_lock(airlock_home, vault_init, unlock, agents):
     unlock("--passphrase-file", str(airlock_home.parent / "passphrase.txt"), "--idle-timeout", "600")
     status = json.loads(run_cli("vault", "status", "--json").stdout)
     assert set(status) == {"initialized", "vault_id", "state", "seconds_left", "idle_timeout_s", "agent_pid",
-                           "kek_version", "slots", "objects", "unlock_failures"}
+                           "kek_version", "slots", "objects", "unlock_failures", "account", "role", "session",
+                           "emergencies_pending"}
+    assert (status["account"], status["role"], status["session"]) == ("admin", "admin", "normal")
     assert status["state"] == "unlocked" and 590 <= status["seconds_left"] <= 600
     assert status["idle_timeout_s"] == 600 and status["objects"] == {"active": 0, "deleted": 0}
     pid = status["agent_pid"]
@@ -230,7 +232,8 @@ def test_idle_timeout_locks_and_a_later_job_fails_cleanly(airlock_home, vault_in
     for command in (["vault", "rotate"], ["vault", "verify"]):
         result = run_cli(*command)
         assert result.returncode == 2 and result.stderr.startswith(LOCKED_LINE) and "hint:" in result.stderr
-    assert next(iter_audit(db, action="vault.lock")).details == {"reason": "idle_timeout"}
+        assert "airlock vault unlock" in result.stderr
+    assert next(iter_audit(db, action="vault.lock")).details == {"reason": "idle_timeout", "account": "admin"}
 
 
 def test_key_use_restarts_the_idle_timer(airlock_home, vault_init, unlock, passphrase_file):
