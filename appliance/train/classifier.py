@@ -47,11 +47,16 @@ class ClassifierRecipe:
         checks = [("lr", self.lr, 1e-6, 1.0), ("max_steps", self.max_steps, 1, 1_000_000),
                   ("batch_size", self.batch_size, 1, 4096), ("max_rotation_deg", self.max_rotation_deg, 0, 45),
                   ("eval_every", self.eval_every, 1, 100_000),
-                  ("early_stopping_patience", self.early_stopping_patience, 0, 1000)]
+                  ("early_stopping_patience", self.early_stopping_patience, 0, 1000), ("seed", self.seed, 0, 2**31 - 1)]
         for name, value, low, high in checks:
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-                raise RecipeError(f"classifier recipe field {name} = {value!r} is outside {low:g}..{high:g}",
-                                  hint=f"pick a number between {low:g} and {high:g}")
+                low_text, high_text = (f"{v:,}" if isinstance(v, int) else f"{v:g}" for v in (low, high))
+                raise RecipeError(f"classifier recipe field {name} = {value!r} is outside {low_text}..{high_text}",
+                                  hint=f"pick a number between {low_text} and {high_text}")
+        for name in ("augment", "class_weighting"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"classifier recipe field {name} = {getattr(self, name)!r} is not true or false",
+                                  hint=f"write {name} = true or {name} = false")
 
 
 @dataclass(frozen=True)

@@ -49,15 +49,22 @@ class Progress:
 @dataclass
 class TrainResult:
     steps: int
+    total_steps: int = 0
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     best_val_loss: float | None = None
+    initial_val_loss: float | None = None
+    """Validation loss of the untouched base model (before step 1): what training improved on."""
     stopped_early: bool = False
     truncated_examples: int = 0
     real_tokens: int = 0
     test: Any = None
     """EvalReport on the test split, when test records were given."""
     adapter_state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+Encoder = Callable[[Any, Sequence[dict[str, Any]], int, str], list[Example]]
+"""(tokenizer, records, max_length, split name) -> examples; the job passes one that caches in the vault."""
 
 
 def encode_records(tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, split: str) -> list[Example]:
@@ -167,7 +174,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
                recipe: LoraRecipe, *, test_records: Sequence[dict[str, Any]] = (),
                checkpoints: CheckpointStore | None = None,
                on_progress: Callable[[Progress], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> TrainResult:
+               should_stop: Callable[[], bool] | None = None,
+               encode: Encoder = encode_records) -> TrainResult:
     """Train; checkpoint at every evaluation and when `should_stop()` turns true (SIGTERM).
 
     Under torchrun (DDP, gloo on CPU / NCCL on GPUs) each optimizer step spreads its
@@ -186,8 +194,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     forward = model
     if world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
-    train_examples = encode_records(tokenizer, train_records, recipe.max_length, "train")
-    val_batches = make_batches(encode_records(tokenizer, val_records, recipe.max_length, "val"), recipe,
+    train_examples = encode(tokenizer, train_records, recipe.max_length, "train")
+    val_batches = make_batches(encode(tokenizer, val_records, recipe.max_length, "val"), recipe,
                                tokenizer.pad_token_id, order_seed=None)
     if not train_examples:
         raise AirlockError("the training split is empty", hint="import more records or check the dataset's splits")
@@ -199,7 +207,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, recipe))
-    result = TrainResult(steps=0, truncated_examples=sum(e.truncated for e in train_examples))
+    result = TrainResult(steps=0, total_steps=total_steps, truncated_examples=sum(e.truncated for e in train_examples))
     state = {"step": 0, "best_val": None, "bad_evals": 0}
 
     saved = checkpoints.read_bytes(CHECKPOINT) if checkpoints else None
@@ -211,6 +219,9 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         torch.set_rng_state(blob["rng"])
         state = blob["state"]
         result.train_losses, result.val_losses = blob["train_losses"], blob["val_losses"]
+    elif val_batches:
+        # Eval mode draws no random numbers: the training curve is the same with or without this.
+        state["initial_val"] = evaluate_loss(model, val_batches, device, autocast_dtype)
 
     def save_checkpoint() -> None:
         if checkpoints is None or rank != 0:
@@ -278,12 +289,13 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     if test_records and state["step"] >= total_steps and rank == 0:
         from appliance.train.evaluate import evaluate_lm
 
-        test_examples = encode_records(tokenizer, test_records, recipe.max_length, "test")
+        test_examples = encode(tokenizer, test_records, recipe.max_length, "test")
         test_batches = make_batches(test_examples, recipe, tokenizer.pad_token_id, order_seed=None)
         result.test = evaluate_lm(model, tokenizer, test_batches, [r for r in test_records if "messages" in r])
         model.train()
     result.steps = state["step"]
     result.best_val_loss = state["best_val"]
+    result.initial_val_loss = state.get("initial_val")
     result.real_tokens = tokens_seen
     result.adapter_state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
     return result

@@ -126,8 +126,9 @@ def _bounded(name: str, value: Any, low: float, high: float, kind: type | tuple[
                           hint=f"pick a value between {low:g} and {high:g}")
 
 
-def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> LoraRecipe:
-    known = {f.name for f in fields(LoraRecipe)}
+def recipe_from_dict(values: dict[str, Any], source: str = "recipe", cls: type[Any] = LoraRecipe) -> Any:
+    """A recipe of dataclass `cls` (LoraRecipe, or ClassifierRecipe for image classifiers) from plain values."""
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise RecipeError(f"{source}: unknown field(s) {', '.join(unknown)}",
@@ -135,13 +136,13 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> LoraReci
     values = dict(values)
     if isinstance(values.get("target_modules"), list):
         values["target_modules"] = tuple(values["target_modules"])
-    return LoraRecipe(**values)
+    return cls(**values)
 
 
-def load_recipe(path: Path | None) -> LoraRecipe:
-    """Read a recipe TOML file (None = all defaults). Errors name the file."""
+def load_recipe(path: Path | None, cls: type[Any] = LoraRecipe) -> Any:
+    """Read a recipe TOML file (None = all defaults) into `cls`. Errors name the file."""
     if path is None:
-        return LoraRecipe()
+        return cls()
     try:
         values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -149,7 +150,7 @@ def load_recipe(path: Path | None) -> LoraRecipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe {path} is not valid TOML: {exc}", hint="fix the line named above") from exc
     try:
-        return recipe_from_dict(values, str(path))
+        return recipe_from_dict(values, str(path), cls)
     except RecipeError as exc:
         message = exc.message if exc.message.startswith(str(path)) else f"{path}: {exc.message}"
         raise RecipeError(message, hint=exc.hint) from None

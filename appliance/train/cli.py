@@ -1,0 +1,265 @@
+"""`airlock train lm|classifier|runs|show`: fine-tuning runs as resumable jobs over encrypted datasets.
+
+    airlock train lm --base tiny-deepseek-r1 --data qa --recipe recipe.toml          # starts the job, returns
+    airlock train lm --base tiny-deepseek-r1 --data qa --recipe recipe.toml --wait   # ... and follows it
+    airlock train lm --resume RUN [--wait]                                            # after kill -9 / cancel / failure
+    airlock train runs [--json] / airlock train show RUN [--json]
+
+A run always starts as a detached job (it survives the terminal closing); `--wait` follows its
+progress and exits 0 only when it succeeded. Ctrl-C while waiting leaves the job running.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.cli_output import echo_json, echo_table
+
+_json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def _open():
+    """The catalog, after runs whose job process vanished took its state, and stale token caches were shredded."""
+    from appliance.catalog import open_catalog
+    from appliance.jobs.runner import reconcile_jobs
+    from appliance.paths import airlock_home
+    from appliance.train.runs import sync_with_jobs
+    from appliance.train.token_cache import shred_caches_of_deleted_datasets
+
+    db = open_catalog()
+    reconcile_jobs(db)
+    sync_with_jobs(db)
+    for object_id in shred_caches_of_deleted_datasets(db, airlock_home()):
+        click.echo(f"note: shredded {object_id}, the token cache of a deleted dataset", err=True)
+    return db
+
+
+@click.group()
+def train() -> None:
+    """Fine-tune a language model (LoRA) or an image classifier on a dataset in the vault."""
+
+
+def _start_options(func):
+    options = [
+        click.option("--base", help="Base model name (`airlock base-models list`) or absolute path."),
+        click.option("--data", "dataset", help="Dataset name (`airlock data list`); its latest version is pinned."),
+        click.option("--recipe", "recipe_path", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Recipe TOML (every field optional; unknown fields are refused)."),
+        click.option("--resume", "resume_run", metavar="RUN",
+                     help="Continue an interrupted, cancelled or failed run from its last checkpoint."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (cuda:0 when a GPU is visible, else cpu), cpu, or cuda:N."),
+        click.option("--wait", is_flag=True,
+                     help="Follow the job's progress until it ends; exit 2 unless it succeeded."),
+        _json,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@train.command("lm")
+@_start_options
+def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
+             wait: bool, as_json: bool) -> int:
+    """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
+    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json)
+
+
+@train.command("classifier")
+@_start_options
+def train_classifier(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
+                     device: str, wait: bool, as_json: bool) -> int:
+    """Fine-tune an image classifier on an images or DICOM dataset with labels."""
+    return _start("classifier", base, dataset, recipe_path, resume_run, device, wait, as_json)
+
+
+def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
+           device: str, wait: bool, as_json: bool) -> int:
+    from appliance.access import require
+    from appliance.jobs.records import get_job
+    from appliance.paths import airlock_home
+    from appliance.train import runs
+    from appliance.vault.lifecycle import keys_for
+
+    command = f"airlock train {kind}"
+    if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise runs.RunError(f"--device {device!r} is not auto, cpu or cuda:N", hint="e.g. --device cuda:1")
+    db = _open()
+    keys_for(db, airlock_home())  # fail now with "vault is locked", not inside the job
+    require(db, airlock_home(), "train.start")  # operators and admins train; auditors never decrypt data
+    if resume_run:
+        if base or dataset or recipe_path:
+            raise runs.RunError("--resume continues a run with its own base model, data and recipe",
+                                hint="leave out --base, --data and --recipe, or start a new run without --resume")
+        run = _resume(db, kind, resume_run)
+        verb = "resumed"
+    else:
+        if not base or not dataset:
+            example = "tiny-deepseek-r1" if kind == "lm" else "tiny-resnet-cls"
+            raise runs.RunError(f"`{command}` needs --base and --data (or --resume RUN)",
+                                hint=f"e.g. {command} --base {example} --data NAME --recipe recipe.toml")
+        from appliance.train.jobs import recipe_class, start_training
+        from appliance.train.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, recipe_class(kind))
+        run, _ = start_training(db, kind, base, dataset, recipe, device=device)
+        verb = "started"
+    if not as_json:
+        click.echo(f"{verb} run {run.id} (job {run.job_id}): {run.base_model} on {run.dataset_name} "
+                   f"v{run.dataset_version}")
+    if not wait:
+        if as_json:
+            echo_json({"run": run.to_dict(), "job": get_job(db, run.job_id).to_dict()})
+        else:
+            click.echo(f"follow it with `airlock train show {run.id}` or `airlock jobs show {run.job_id}`")
+        return 0
+    job = _follow(db, run.job_id, quiet=as_json)
+    if job is None:
+        return 130
+    run = runs.get_run(db, run.id)
+    if as_json:
+        echo_json({"run": run.to_dict(), "job": job.to_dict()})
+    if job.state != "succeeded":
+        from appliance.errors import AirlockError
+
+        hint = job.hint or ""
+        if job.state in ("cancelled", "interrupted"):
+            hint = f"continue it from its last checkpoint with `{command} --resume {run.id}`"
+        raise AirlockError(f"run {run.id} ended {job.state}" + (f": {job.error}" if job.error else ""), hint=hint)
+    if not as_json:
+        click.echo(f"run {run.id} succeeded: {_metric_text(run)}; weights in vault object {run.artifact}")
+    return 0
+
+
+def _resume(db, kind: str, run_id: str):
+    from appliance.jobs.runner import resume_job
+    from appliance.train import runs
+
+    run = runs.get_run(db, run_id)
+    if run.kind != kind:
+        raise runs.RunError(f"run {run_id} was started with `airlock train {run.kind}`, not `airlock train {kind}`",
+                            hint=f"use `airlock train {run.kind} --resume {run_id}`")
+    if run.state == "succeeded":
+        raise runs.RunError(f"run {run_id} already finished", hint="start a new run to train again")
+    if run.state in ("queued", "running"):
+        raise runs.RunError(f"run {run_id} is {run.state}", hint=f"follow it with `airlock train show {run_id}`")
+    resume_job(db, run.job_id)
+    return runs.get_run(db, run_id)
+
+
+def _follow(db, job_id: str, *, quiet: bool):
+    """Print progress events to stderr until the job ends. None when the operator pressed Ctrl-C."""
+    from appliance.jobs.records import JobEvent
+    from appliance.jobs.runner import wait_for
+
+    def show(event: JobEvent) -> None:
+        if quiet:
+            return
+        if event.kind == "progress" and "step" in event.data:
+            click.echo(_progress_text(event.data), err=True)
+        elif event.kind == "progress" or event.kind == "log":
+            click.echo(event.message, err=True)
+        elif event.kind == "state":
+            click.echo(f"job {event.message}", err=True)
+
+    try:
+        return wait_for(db, job_id, timeout_s=30 * 24 * 3600, on_event=show)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the job keeps running (`airlock jobs show {job_id}`, "
+                   f"`airlock jobs cancel {job_id}`)", err=True)
+        return None
+
+
+def _progress_text(d: dict[str, Any]) -> str:
+    parts = [f"step {d['step']}/{d.get('total_steps', '?')}"]
+    if d.get("loss") is not None:
+        parts.append(f"loss {d['loss']:.4f}")
+    if d.get("val_loss") is not None:
+        parts.append(f"val loss {d['val_loss']:.4f}")
+    if d.get("val_auc") is not None:
+        parts.append(f"val AUC {d['val_auc']:.3f}")
+    if d.get("tokens_per_s"):
+        parts.append(f"{d['tokens_per_s']:.0f} tok/s")
+    if d.get("eta_s") is not None:
+        parts.append(f"eta {int(d['eta_s'])} s")
+    if d.get("peak_memory_mb"):
+        parts.append(f"peak {d['peak_memory_mb']:.0f} MiB")
+    return ", ".join(parts)
+
+
+def _metric_text(run) -> str:
+    m = run.metrics
+    if run.kind == "lm":
+        before, after = m.get("initial_val_loss"), m.get("val_loss")
+        text = f"val loss {_num(before)} -> {_num(after)}" if before is not None else f"val loss {_num(after)}"
+        test = m.get("test") or {}
+        if test.get("perplexity") is not None:
+            text += f", test perplexity {_num(test['perplexity'], 2)}"
+        return text
+    test = m.get("test") or {}
+    text = f"val AUC {_num(m.get('val_auc'), 3)}"
+    if test.get("accuracy") is not None:
+        text += f", test accuracy {_num(test['accuracy'], 3)}, test AUC {_num(test.get('roc_auc'), 3)}"
+    return text
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@train.command("runs")
+@click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]))
+@click.option("--kind", type=click.Choice(["lm", "classifier"]))
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@_json
+def train_runs(state: str | None, kind: str | None, limit: int, as_json: bool) -> None:
+    """Training runs, newest first."""
+    from appliance.train.runs import list_runs
+
+    found = list_runs(_open(), state=state, kind=kind, limit=limit)
+    if as_json:
+        echo_json({"runs": [r.to_dict() for r in found]})
+        return
+    if not found:
+        click.echo("no training runs yet: start one with `airlock train lm --base NAME --data DATASET`")
+        return
+    echo_table([(r.id, r.state, r.base_model, f"{r.dataset_name} v{r.dataset_version}", r.created_at,
+                 _metric_text(r) if r.metrics else "") for r in found],
+               ["run", "state", "base", "data", "created", "metrics"])
+
+
+@train.command("show")
+@click.argument("run_id")
+@_json
+def train_show(run_id: str, as_json: bool) -> None:
+    """One run: lineage (base model, dataset version, recipe and their hashes), state, metrics, artifact."""
+    from appliance.audit import canonical_json
+    from appliance.jobs.records import events, get_job
+    from appliance.train.runs import get_run
+
+    db = _open()
+    run = get_run(db, run_id)
+    job = get_job(db, run.job_id)
+    last = events(db, job.id, kind="progress", limit=1)
+    if as_json:
+        echo_json({"run": run.to_dict(), "job": job.to_dict(), "last_progress": last[0].data if last else None})
+        return
+    rows = [("run", run.id), ("kind", run.kind), ("state", run.state), ("job", f"{job.id} ({job.state})"),
+            ("started by", run.actor), ("created", run.created_at), ("finished", run.finished_at or "-"),
+            ("base model", f"{run.base_model} sha256 {run.base_hash or '(hashed when the job starts)'}"),
+            ("dataset", f"{run.dataset_name} ({run.dataset_id}) version {run.dataset_version} "
+                        f"sha256 {run.dataset_hash}"),
+            ("recipe", f"sha256 {run.recipe_hash} {canonical_json(run.recipe)}")]
+    if last and run.state in ("queued", "running"):
+        rows.append(("progress", _progress_text(last[0].data) if "step" in last[0].data else last[0].message))
+    if run.metrics:
+        rows.append(("metrics", _metric_text(run)))
+    if run.artifact:
+        rows.append(("weights", f"vault object {run.artifact} (encrypted)"))
+    if run.error or job.error:
+        rows += [("error", run.error or job.error or ""), ("hint", job.hint or "")]
+    echo_table(rows, ["field", "value"])
