@@ -103,6 +103,8 @@ def recover_imports(db: sqlite_utils.Database, home: Path) -> list[str]:
                 if vault_records.dek(db, ds.id).state == "active":
                     delete_object(db, home, ds.id)
                     done.append(f"shredded the key of deleted dataset {ds.name}")
+            if _shred_derived(db, home, ds.id):
+                done.append(f"shredded the caches of deleted dataset {ds.name}")
             continue
         with dataset_lock(home, ds.name) as free:
             if not free:
@@ -390,7 +392,19 @@ def delete_dataset(db: sqlite_utils.Database, home: Path, name: str, *, actor: s
             datasets.set_state(db, ds.id, "deleted")
             append_audit(db, "data.delete", name, {"dataset_id": ds.id, "records": count}, actor=actor)
         delete_object(db, home, ds.id)
+        _shred_derived(db, home, ds.id)
     return count
+
+
+def _shred_derived(db: sqlite_utils.Database, home: Path, dataset_id: str) -> list[str]:
+    """Crypto-shred what was derived from a dataset's records (tokenized caches: `tok-<dataset id>-...`)."""
+    from appliance.vault.store import delete_object
+
+    rows = db.execute("SELECT object_id FROM vault_deks WHERE state = 'active' AND object_id LIKE ? ESCAPE '\\'",
+                      [f"tok-{dataset_id}-%".replace("_", "\\_")]).fetchall()
+    for (object_id,) in rows:
+        delete_object(db, home, object_id)
+    return [r[0] for r in rows]
 
 
 def export_dataset(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, out: Path, *,
