@@ -1,0 +1,276 @@
+"""Build a TensorRT engine from ONNX bytes on this GPU, and run one: build, bind, check, load.
+
+    build = build_engine(onnx_bytes, variant="int8", profiles=classifier_profiles((1, 224, 224), max_batch=32),
+                         options=EngineBuildOptions(), quant_recipe=report["recipe"])
+    build.plan, build.sidecar          # bytes to encrypt into the vault + the JSON that binds it to this machine
+    runner = load_engine(build.plan, build.sidecar)   # checks the sidecar first; .run({name: ndarray}) -> dict
+
+The ONNX is parsed from memory (OnnxParser.parse), the plan comes back as bytes
+(build_serialized_network): neither touches the disk. Precision comes from the ONNX variant on a
+strongly typed network (`tensorrt_api`), so the same variant means the same engine on TensorRT 10
+and 11. The timing cache persists per (GPU, SM, CUDA, TensorRT, build flags) under
+`$AIRLOCK_HOME/engines/timing-cache/`: it holds kernel timings, not weights, and makes rebuilds of
+the same architecture fast. Buffers are torch CUDA tensors; execution is `execute_async_v3` on
+torch's current stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.optimize.engine_sidecar import (
+    HARDWARE_COMPATIBILITY,
+    MachineInfo,
+    check_sidecar,
+    current_machine,
+    make_sidecar,
+)
+from appliance.optimize.errors import EngineError
+from appliance.optimize.tensorrt_api import import_tensorrt, tensorrt_api
+
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+"""input name -> (min shape, opt shape, max shape)"""
+
+
+@dataclass(frozen=True)
+class EngineBuildOptions:
+    workspace_gib: float = 4.0
+    """Largest scratch memory a layer may use while running (0.25-256)."""
+    builder_optimization_level: int = 3
+    """0 (fast build) to 5 (slowest build, fastest engine); TensorRT's default is 3."""
+    hardware_compatibility: str = "none"
+    """"none" (this GPU's SM only, fastest), "ampere_plus" (any SM >= 8.0), "same_compute_capability"."""
+    version_compatible: bool = False
+    """Let later TensorRT versions load the engine (embeds the lean runtime; somewhat slower)."""
+    weak_fp16: bool = False
+    """TensorRT 10.x only: let the builder choose FP16 kernels for an FP32 or Q/DQ ONNX (weak typing)."""
+    timing_cache_dir: str | None = None
+    """Where timing caches persist; None = $AIRLOCK_HOME/engines/timing-cache."""
+
+    def __post_init__(self) -> None:
+        if not 0.25 <= self.workspace_gib <= 256:
+            raise EngineError(f"workspace_gib = {self.workspace_gib} is outside 0.25..256", hint="use e.g. 4")
+        if self.builder_optimization_level not in range(6):
+            raise EngineError(f"builder_optimization_level = {self.builder_optimization_level} is not 0-5",
+                              hint="use 3 (TensorRT's default) or 5 for the fastest engine")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise EngineError(f"hardware_compatibility = {self.hardware_compatibility!r} is not one of "
+                              f"{', '.join(HARDWARE_COMPATIBILITY)}",
+                              hint='use "none" unless engines move between GPUs')
+
+    def cache_relevant(self) -> dict[str, Any]:
+        """The options that change which kernels TensorRT times (the timing cache key)."""
+        return {"hardware_compatibility": self.hardware_compatibility,
+                "version_compatible": self.version_compatible, "weak_fp16": self.weak_fp16}
+
+
+@dataclass(frozen=True)
+class EngineBuild:
+    plan: bytes
+    sidecar: dict[str, Any]
+
+
+def classifier_profiles(image_shape: tuple[int, int, int], *, max_batch: int = 32, opt_batch: int = 8) -> list[Profile]:
+    shape = tuple(image_shape)
+    return [{"pixel_values": ((1, *shape), (min(opt_batch, max_batch), *shape), (max_batch, *shape))}]
+
+
+def causal_lm_profiles(config: Any, *, max_batch: int = 4, max_sequence: int = 512,
+                       max_past: int = 2048) -> list[Profile]:
+    """One profile from a one-token decode step up to a full prefill; tuned for decoding (the common call)."""
+    from appliance.optimize.export_graphs import causal_lm_io_names
+    from appliance.optimize.onnx_export import kv_cache_layout
+
+    layers, kv_heads, head_dim = kv_cache_layout(config)
+    opt_past = min(256, max_past)
+    profile: Profile = {
+        "input_ids": ((1, 1), (1, 1), (max_batch, max_sequence)),
+        "attention_mask": ((1, 1), (1, opt_past + 1), (max_batch, max_past + max_sequence)),
+        "position_ids": ((1, 1), (1, 1), (max_batch, max_sequence)),
+    }
+    for name in causal_lm_io_names(layers)[0][3:]:
+        profile[name] = ((1, kv_heads, 0, head_dim), (1, kv_heads, opt_past, head_dim),
+                         (max_batch, kv_heads, max_past, head_dim))
+    return [profile]
+
+
+def default_timing_cache_dir() -> Path:
+    from appliance.paths import airlock_home
+
+    return airlock_home() / "engines" / "timing-cache"
+
+
+def timing_cache_key(machine: MachineInfo, variant: str, options: EngineBuildOptions) -> str:
+    fields = {"gpu": machine.gpu, "sm": machine.sm, "cuda": machine.cuda, "tensorrt": machine.tensorrt,
+              "variant": variant, **options.cache_relevant()}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1].lower()  # DataType.HALF -> "half"
+
+
+def _check_profiles(network: Any, profiles: list[Profile]) -> None:
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    if not profiles:
+        raise EngineError("no optimization profile given", hint="use classifier_profiles or causal_lm_profiles")
+    for index, profile in enumerate(profiles):
+        unknown = sorted(set(profile) - set(inputs))
+        if unknown:
+            raise EngineError(f"optimization profile {index} names {unknown[0]!r}, which the ONNX model has no "
+                              f"input called (inputs: {', '.join(inputs)})", hint="build profiles for this model")
+        for name, shape in inputs.items():
+            if -1 in shape and name not in profile:
+                raise EngineError(f"input {name!r} has dynamic dimensions {list(shape)} and no range in "
+                                  f"optimization profile {index}", hint="add it to the profile")
+        for name, (low, opt, high) in profile.items():
+            if not (len(low) == len(opt) == len(high) == len(inputs[name])) or not all(
+                    a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+                raise EngineError(f"optimization profile {index}: {name} needs min <= opt <= max of rank "
+                                  f"{len(inputs[name])}, got {low} / {opt} / {high}", hint="fix the profile")
+
+
+def build_engine(onnx_bytes: bytes, *, variant: str, profiles: list[Profile], options: EngineBuildOptions,
+                 quant_recipe: dict[str, Any] | None = None, machine: MachineInfo | None = None) -> EngineBuild:
+    """Parse, configure, build (minutes on a large model): the plan and its sidecar."""
+    trt = import_tensorrt()
+    api = tensorrt_api(trt)
+    machine = machine or current_machine()
+    if machine.sm is None:
+        raise EngineError("TensorRT engines are built on the GPU that will run them, and this machine has none",
+                          hint="build the engine on the serving GPU; here the model is served through ONNX Runtime")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(api.network_flags(trt, weak_fp16=options.weak_fp16))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineError(f"TensorRT {api.version} cannot parse the ONNX model: {(errors or ['unknown'])[0][:300]}",
+                          hint="serve the model through ONNX Runtime; check the export with the Q/DQ checker")
+    _check_profiles(network, profiles)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 1024**3))
+    config.builder_optimization_level = options.builder_optimization_level
+    for flag in api.precision_flags(trt, variant=variant, weak_fp16=options.weak_fp16):
+        config.set_flag(flag)
+    if options.hardware_compatibility != "none":
+        config.hardware_compatibility_level = api.hardware_compatibility(trt, options.hardware_compatibility)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    for profile in profiles:
+        optimization_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.items():
+            optimization_profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(optimization_profile)
+
+    cache_dir = Path(options.timing_cache_dir) if options.timing_cache_dir else default_timing_cache_dir()
+    cache_path = cache_dir / f"timing-{timing_cache_key(machine, variant, options)}.cache"
+    cached = cache_path.read_bytes() if cache_path.is_file() else b""
+    try:
+        timing_cache = config.create_timing_cache(cached)
+    except Exception:  # a damaged or foreign cache only costs build time: start empty
+        timing_cache = config.create_timing_cache(b"")
+    config.set_timing_cache(timing_cache, False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"TensorRT {api.version} could not build an engine from this model (its messages are in "
+                          "the job log)", hint="try builder_optimization_level = 3 and a larger workspace_gib, or "
+                                               "serve the model through ONNX Runtime")
+    plan_bytes = bytes(plan)
+    _write_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
+
+    tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
+    tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
+    io = [{"name": t.name, "mode": mode, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for mode, t in tensors]
+    sidecar = make_sidecar(machine=machine, onnx_bytes=onnx_bytes, plan_bytes=plan_bytes, variant=variant,
+                           profiles=[{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
+                           io=io, options={**asdict(options), "timing_cache_dir": None, "tensorrt_major": api.major},
+                           quant_recipe=quant_recipe)
+    return EngineBuild(plan_bytes, sidecar)
+
+
+def load_engine(plan: bytes, sidecar: dict[str, Any], *, machine: MachineInfo | None = None) -> TensorRTRunner:
+    """Check the sidecar against this machine, then deserialize. Plans come from our own vault (authenticated)."""
+    machine = machine or current_machine()
+    check_sidecar(sidecar, machine, plan_bytes=plan)
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    if sidecar["options"].get("version_compatible"):
+        # A version-compatible plan carries the lean runtime's host code. We only run plans that we built and
+        # that come out of the vault with their SHA-256 checked against the sidecar above.
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise EngineError(f"TensorRT {machine.tensorrt} could not load the engine", hint="rebuild with `airlock "
+                                                                                         "engine build`")
+    return TensorRTRunner(engine, trt)
+
+
+class TensorRTRunner:
+    """`run({name: ndarray}) -> {name: ndarray}` on profile 0, with torch CUDA tensors as buffers."""
+
+    kind = "tensorrt"
+
+    def __init__(self, engine: Any, trt: Any) -> None:
+        import numpy as np
+
+        self.engine, self.trt = engine, trt
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
+        self.input_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.input_names}
+        self.output_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.output_names}
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        stream = torch.cuda.current_stream()
+        keep: list[Any] = []  # inputs must live until the stream is done with them
+
+        def address(tensor: Any) -> int:
+            if tensor.numel() == 0:  # an empty tensor (e.g. no past yet) still needs a valid address
+                tensor = torch.empty(1, dtype=tensor.dtype, device="cuda")
+            keep.append(tensor)
+            return tensor.data_ptr()
+
+        for name in self.input_names:
+            array = np.ascontiguousarray(feeds[name])
+            if array.dtype != self.input_dtypes[name]:
+                raise EngineError(f"engine input {name} is {array.dtype}, the engine wants {self.input_dtypes[name]}",
+                                  hint="feed the dtypes of the exported model")
+            tensor = torch.from_numpy(array).to("cuda", non_blocking=False)
+            if not self.context.set_input_shape(name, tuple(array.shape)):
+                raise EngineError(f"engine input {name} has shape {list(array.shape)}, outside the engine's "
+                                  "optimization profile", hint="rebuild the engine with larger profiles")
+            self.context.set_tensor_address(name, address(tensor))
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = torch.from_numpy(np.empty(0, dtype=self.output_dtypes[name])).dtype
+            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, address(outputs[name]))
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineError("TensorRT failed to run the engine", hint="see the job log for TensorRT's messages")
+        stream.synchronize()
+        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
