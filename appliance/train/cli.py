@@ -54,6 +54,8 @@ def _start_options(func):
                      help="auto (cuda:0 when a GPU is visible, else cpu), cpu, or cuda:N."),
         click.option("--wait", is_flag=True,
                      help="Follow the job's progress until it ends; exit 2 unless it succeeded."),
+        click.option("--task", help="Register the finished run as a candidate model version of this task "
+                                    "(`airlock models`)."),
         _json,
     ]
     for option in reversed(options):
@@ -64,21 +66,21 @@ def _start_options(func):
 @train.command("lm")
 @_start_options
 def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
-             wait: bool, as_json: bool) -> int:
+             wait: bool, task: str | None, as_json: bool) -> int:
     """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
-    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json)
+    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task)
 
 
 @train.command("classifier")
 @_start_options
 def train_classifier(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
-                     device: str, wait: bool, as_json: bool) -> int:
+                     device: str, wait: bool, task: str | None, as_json: bool) -> int:
     """Fine-tune an image classifier on an images or DICOM dataset with labels."""
-    return _start("classifier", base, dataset, recipe_path, resume_run, device, wait, as_json)
+    return _start("classifier", base, dataset, recipe_path, resume_run, device, wait, as_json, task)
 
 
 def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
-           device: str, wait: bool, as_json: bool) -> int:
+           device: str, wait: bool, as_json: bool, task: str | None = None) -> int:
     from appliance.access import require
     from appliance.jobs.records import get_job
     from appliance.paths import airlock_home
@@ -92,9 +94,10 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
     keys_for(db, airlock_home())  # fail now with "vault is locked", not inside the job
     require(db, airlock_home(), "train.start")  # operators and admins train; auditors never decrypt data
     if resume_run:
-        if base or dataset or recipe_path:
-            raise runs.RunError("--resume continues a run with its own base model, data and recipe",
-                                hint="leave out --base, --data and --recipe, or start a new run without --resume")
+        if base or dataset or recipe_path or task:
+            raise runs.RunError("--resume continues a run with its own base model, data, recipe and task",
+                                hint="leave out --base, --data, --recipe and --task, or start a new run without "
+                                     "--resume")
         run = _resume(db, kind, resume_run)
         verb = "resumed"
     else:
@@ -106,7 +109,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         from appliance.train.recipe import load_recipe
 
         recipe = load_recipe(recipe_path, recipe_class(kind))
-        run, _ = start_training(db, kind, base, dataset, recipe, device=device)
+        run, _ = start_training(db, kind, base, dataset, recipe, device=device, task=task)
         verb = "started"
     if not as_json:
         click.echo(f"{verb} run {run.id} (job {run.job_id}): {run.base_model} on {run.dataset_name} "
@@ -132,6 +135,9 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         raise AirlockError(f"run {run.id} ended {job.state}" + (f": {job.error}" if job.error else ""), hint=hint)
     if not as_json:
         click.echo(f"run {run.id} succeeded: {_metric_text(run)}; weights in vault object {run.artifact}")
+        if (job.result or {}).get("version"):
+            click.echo(f"registered as model version {job.result['version']} (candidate): `airlock models card "
+                       f"{job.result['version']}`")
     return 0
 
 

@@ -88,8 +88,11 @@ def auto_device() -> str:
 
 
 def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset_name: str, recipe: Any, *,
-                   device: str = "auto", actor: str | None = None) -> tuple[Run, Job]:
-    """Validate, pin the dataset's latest version, write the job and run rows, launch the job process."""
+                   device: str = "auto", actor: str | None = None, task: str | None = None) -> tuple[Run, Job]:
+    """Validate, pin the dataset's latest version, write the job and run rows, launch the job process.
+
+    `task`: when the run succeeds it is registered as a candidate version of that task (appliance.registry).
+    """
     from appliance.catalog import transaction
     from appliance.jobs import records
     from appliance.jobs.runner import launch
@@ -100,6 +103,10 @@ def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset
         raise runs.RunError(f"unknown training kind {kind!r}", hint="use lm or classifier")
     check_base_model(base_name, kind)
     pinned = pin_dataset(db, dataset_name, kind)
+    if task is not None:  # refuse a task the run could not join now, not after training
+        from appliance.registry.versions import check_run_fits_task
+
+        check_run_fits_task(db, task, kind, pinned.dataset.id)
     values = recipe_dict(recipe)
     device = auto_device() if device == "auto" else device
     run_id = runs.new_run_id(kind)
@@ -107,7 +114,7 @@ def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset
         job = records.create_job(db, JOB_KIND, {"run": run_id, "kind": kind, "base": base_name,
                                                 "dataset": dataset_name, "dataset_version": pinned.version},
                                  device=device, actor=actor)
-        runs.insert_run(db, Run(run_id, kind, None, job.id, base_name, None, pinned.dataset.id, pinned.dataset.name,
+        runs.insert_run(db, Run(run_id, kind, task, job.id, base_name, None, pinned.dataset.id, pinned.dataset.name,
                                 pinned.version, pinned.content_hash, values, recipe_hash(values), "queued", {}, {},
                                 None, None, runs.now(), None, None, job.actor))
     launch(job)  # only now: the job process reads the run row first thing
@@ -248,7 +255,7 @@ def _train_lm(ctx: JobContext, run: Run) -> dict[str, Any]:
     artifact = save_artifact(ctx.db, keys, ctx.home, run.id, files)
     run = runs.finish_run(ctx.db, run.id, "succeeded", metrics=metrics, artifact=artifact)
     _shred_checkpoint(ctx, run.id)
-    return {"run": run.id, "artifact": artifact, "steps": result.steps,
+    return {"run": run.id, "artifact": artifact, "steps": result.steps, **_register(ctx, keys, run),
             **{k: run.metrics.get(k) for k in ("initial_val_loss", "val_loss", "best_val_loss")}}
 
 
@@ -301,8 +308,26 @@ def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:
     artifact = save_artifact(ctx.db, keys, ctx.home, run.id, files)
     run = runs.finish_run(ctx.db, run.id, "succeeded", metrics=metrics, artifact=artifact)
     _shred_checkpoint(ctx, run.id)
-    return {"run": run.id, "artifact": artifact, "steps": result.steps,
+    return {"run": run.id, "artifact": artifact, "steps": result.steps, **_register(ctx, keys, run),
             **{k: run.metrics.get(k) for k in ("val_auc", "best_val_auc")}}
+
+
+def _register(ctx: JobContext, keys: Any, run: Run) -> dict[str, Any]:
+    """A run started with a task becomes a candidate version of it ({} without a task).
+
+    The run has succeeded by now: a registration that fails leaves it succeeded, says why, and can
+    be repeated with `airlock models register RUN --task TASK`."""
+    if not run.task:
+        return {}
+    from appliance.registry.versions import register_run
+
+    try:
+        version = register_run(ctx.db, keys, ctx.home, run, run.task, actor=run.actor)
+    except AirlockError as exc:
+        ctx.log(f"not registered as a version of {run.task}: {exc.message}")
+        return {"registration_error": exc.message}
+    ctx.log(f"registered as {version.id} (candidate)")
+    return {"version": version.id}
 
 
 def _shred_checkpoint(ctx: JobContext, run_id: str) -> None:

@@ -175,8 +175,13 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
                checkpoints: CheckpointStore | None = None,
                on_progress: Callable[[Progress], None] | None = None,
                should_stop: Callable[[], bool] | None = None,
-               encode: Encoder = encode_records) -> TrainResult:
+               encode: Encoder = encode_records,
+               init_adapter: dict[str, Any] | None = None) -> TrainResult:
     """Train; checkpoint at every evaluation and when `should_stop()` turns true (SIGTERM).
+
+    `init_adapter` (a peft adapter state dict of the same LoRA structure) continues training from
+    an earlier adapter instead of a fresh one: incremental retraining starts from the production
+    model. A checkpoint, when there is one, wins over it (it already descends from it).
 
     Under torchrun (DDP, gloo on CPU / NCCL on GPUs) each optimizer step spreads its
     `grad_accumulation x world_size` micro-batches over the ranks; the effective batch and the
@@ -190,6 +195,11 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     if device == "cuda" and world > 1:
         device = f"cuda:{rank % torch.cuda.device_count()}"
     model, tokenizer = build_lora_model(base, recipe)
+    if init_adapter is not None:
+        loaded = set_peft_model_state_dict(model, init_adapter)
+        if getattr(loaded, "unexpected_keys", None):
+            raise AirlockError("the adapter to continue from does not fit this recipe's LoRA structure",
+                               hint="keep rank, alpha and target_modules of the parent run, or train fresh")
     model.to(device).train()
     forward = model
     if world > 1:

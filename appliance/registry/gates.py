@@ -1,0 +1,194 @@
+"""What a retrain reads, and whether its result may replace production.
+
+Data: the records imported since the production version's dataset version (all their splits),
+plus a seeded replay sample of earlier train and val records, `replay` being the sample's share
+of the mix (0.2: one earlier record for every four new ones). The sample is a pure function of
+(seed, record hashes), so a resumed job reads exactly the same records.
+
+Gates, in order, all recorded on the version:
+1. forgetting: on every earlier frozen test split (the test records of each earlier dataset
+   version; records keep their split forever), the candidate's test loss may rise at most
+   `max_forgetting` relative to production's (0.05 = 5%; perplexity rises by exp(delta loss));
+2. new data: on the new records' test split, the candidate's loss may rise at most
+   `new_data_tolerance` relative to production's (default 0.01: improvement, or parity
+   within 1%, so float noise and a tie do not reject);
+3. engine parity: QAT/TensorRT parity for tasks that deploy engines; not applicable until the
+   optimize stage feeds it.
+A gate that has no records to measure on is `not_applicable` and says so; it does not block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PASS, FAIL, NOT_APPLICABLE = "pass", "fail", "not_applicable"
+
+
+@dataclass
+class RetrainData:
+    """Decrypted records for one retrain (in memory only)."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    val: list[dict[str, Any]] = field(default_factory=list)
+    frozen_tests: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """split name (e.g. 'maint@v1/test') -> the test records of one earlier dataset version."""
+    new_test: list[dict[str, Any]] = field(default_factory=list)
+    new_test_name: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    """new_train, replay_train, new_val, replay_val, earlier_train: numbers only."""
+
+
+def replay_count(new: int, available: int, replay: float) -> int:
+    """Earlier records to mix in so that they are `replay` of the mix, capped by what exists."""
+    if replay <= 0 or new <= 0:
+        return 0
+    return min(available, round(new * replay / (1 - replay)))
+
+
+def replay_sample(hashes: Sequence[str], count: int, seed: int) -> set[str]:
+    """`count` record hashes chosen by a seeded hash order: the same every time for the same inputs."""
+    ranked = sorted(hashes, key=lambda h: hashlib.sha256(f"replay/{seed}/{h}".encode()).digest())
+    return set(ranked[:count])
+
+
+def split_name(dataset: str, first: int, last: int | None = None) -> str:
+    versions = f"v{first}" if last is None or last == first else f"v{first}-v{last}"
+    return f"{dataset}@{versions}/test"
+
+
+def select_records(rows: Sequence[tuple[str, int, str, dict[str, Any]]], *, dataset: str, since: int, last: int,
+                   replay: float, seed: int) -> RetrainData:
+    """rows: (content hash, dataset version, split, record) in storage order, versions 1..last."""
+    new = [r for r in rows if since < r[1] <= last]
+    old = [r for r in rows if r[1] <= since]
+    data = RetrainData(new_test_name=split_name(dataset, since + 1, last))
+    for split in ("train", "val"):
+        fresh = [r for r in new if r[2] == split]
+        earlier = [r for r in old if r[2] == split]
+        chosen = replay_sample([r[0] for r in earlier], replay_count(len(fresh), len(earlier), replay), seed)
+        picked = [r[3] for r in fresh] + [r[3] for r in earlier if r[0] in chosen]
+        setattr(data, split, picked)
+        data.counts[f"new_{split}"] = len(fresh)
+        data.counts[f"replay_{split}"] = len(chosen)
+        data.counts[f"earlier_{split}"] = len(earlier)
+    for version in range(1, since + 1):
+        tests = [r[3] for r in old if r[1] == version and r[2] == "test"]
+        data.frozen_tests[split_name(dataset, version)] = tests
+    data.new_test = [r[3] for r in new if r[2] == "test"]
+    data.counts["new_test"] = len(data.new_test)
+    return data
+
+
+@dataclass(frozen=True)
+class SplitLoss:
+    split: str
+    records: int
+    production: float | None
+    candidate: float | None
+
+    @property
+    def relative_change(self) -> float | None:
+        if self.production is None or self.candidate is None or self.production <= 0:
+            return None
+        return (self.candidate - self.production) / self.production
+
+    def to_dict(self) -> dict[str, Any]:
+        change = self.relative_change
+        return {"split": self.split, "records": self.records,
+                "production_loss": _round(self.production), "candidate_loss": _round(self.candidate),
+                "production_perplexity": _round(_ppl(self.production)),
+                "candidate_perplexity": _round(_ppl(self.candidate)),
+                "relative_change": _round(change)}
+
+
+def _ppl(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:+.1f}%"
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    passed: bool
+    gates: dict[str, Any]
+    reasons: list[str]
+
+
+def decide(frozen: Sequence[SplitLoss], new: SplitLoss, *, max_forgetting: float, new_data_tolerance: float,
+           deploys_engines: bool) -> GateOutcome:
+    """The three gates over measured losses. Pure: same numbers in, same verdict and reasons out."""
+    reasons: list[str] = []
+    entries = []
+    for split in frozen:
+        entry = split.to_dict()
+        change = split.relative_change
+        if change is None:
+            entry["status"] = NOT_APPLICABLE
+            entry["reason"] = "no test records in this version" if split.records == 0 else "loss undefined"
+        elif change > max_forgetting:
+            entry["status"] = FAIL
+            reasons.append(f"forgetting: {split.split} test loss {split.production:.4f} -> {split.candidate:.4f} "
+                           f"({_pct(change)}, limit {_pct(max_forgetting)})")
+        else:
+            entry["status"] = PASS
+        entries.append(entry)
+    measured = [e for e in entries if e["status"] != NOT_APPLICABLE]
+    forgetting: dict[str, Any] = {
+        "status": (FAIL if any(e["status"] == FAIL for e in entries) else PASS) if measured else NOT_APPLICABLE,
+        "metric": "test loss, relative change", "max_relative_increase": max_forgetting, "splits": entries}
+    if not measured:
+        forgetting["reason"] = "no earlier test split has records to measure"
+
+    new_entry: dict[str, Any] = {**new.to_dict(), "metric": "test loss, relative change",
+                                 "max_relative_increase": new_data_tolerance}
+    change = new.relative_change
+    if change is None:
+        new_entry["status"] = NOT_APPLICABLE
+        new_entry["reason"] = "the new records have no test split yet (small imports may land in train/val only)"
+    elif change > new_data_tolerance:
+        new_entry["status"] = FAIL
+        reasons.append(f"new data: {new.split} test loss {new.production:.4f} -> {new.candidate:.4f} "
+                       f"({_pct(change)}, must not rise more than {_pct(new_data_tolerance)})")
+    else:
+        new_entry["status"] = PASS
+
+    engine = {"status": NOT_APPLICABLE,
+              "reason": ("the task deploys engines, but QAT/engine parity is not yet measured by retraining; "
+                         "build and check the engine with the optimize stage before serving it")
+              if deploys_engines else "the task does not deploy QAT/TensorRT engines"}
+    gates = {"forgetting": forgetting, "new_data": new_entry, "engine_parity": engine}
+    return GateOutcome(not reasons, gates, reasons)
+
+
+def evaluate_losses(base: Any, recipe: Any, adapter_state: dict[str, Any], splits: dict[str, list[dict[str, Any]]],
+                    ) -> dict[str, float | None]:
+    """Token-weighted test loss of base + adapter on each split (None for an empty split). Loads the model once."""
+    from peft import set_peft_model_state_dict
+
+    from appliance.train.lm import _device_and_dtype, build_lora_model, encode_records, evaluate_loss, make_batches
+
+    device, autocast_dtype = _device_and_dtype(recipe)
+    model, tokenizer = build_lora_model(base, recipe)
+    set_peft_model_state_dict(model, adapter_state)
+    model.to(device).eval()
+    out: dict[str, float | None] = {}
+    for name, records in splits.items():
+        if not records:
+            out[name] = None
+            continue
+        batches = make_batches(encode_records(tokenizer, records, recipe.max_length, name), recipe,
+                               tokenizer.pad_token_id, order_seed=None)
+        loss = evaluate_loss(model, batches, device, autocast_dtype)
+        out[name] = loss if math.isfinite(loss) else None
+    del model
+    return out
