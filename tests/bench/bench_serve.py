@@ -1,0 +1,216 @@
+"""Serving throughput and latency: `airlock serve` on the tiny model under bounded load from another process.
+
+    .venv/bin/python tests/bench/bench_serve.py [--clients 32] [--seconds 30] [--max-tokens 32]
+    .venv/bin/python tests/bench/bench_serve.py --home H --run RUN      # reuse an unlocked appliance and run
+
+Without --home it builds a throw-away appliance the way an operator would (vault, the demo corpus's chat
+records, a 2-step LoRA run of tiny-deepseek-r1 exported to FP32 ONNX by `airlock optimize`, an API
+key; the vault uses the test-only fast KDF).
+Then, for each --backend (pytorch, and auto: the run's ONNX export on ONNX Runtime or TensorRT, as
+`airlock optimize` prepared it) and worker count, it starts the real server on a loopback port
+and a second process that keeps `--clients` concurrent clients busy for `--seconds` with chat
+completions of exactly `--max-tokens` tokens (`ignore_eos`), half of them streamed. It prints
+requests/s, generated tokens/s, p50/p99 latency, p50 time to first token of the streams, and
+errors by status (429/503 are the admission control refusing, never a hung connection).
+Prints the ratio between configurations measured in this one run. Never fails on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+QUESTION = "The compressor C2 shows intermittent stop. What should I check first?"
+
+
+def airlock(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([str(BIN / "airlock"), *args], capture_output=True, text=True, env={**os.environ, **env},
+                            cwd=REPO, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"`airlock {' '.join(args[:3])}` failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def build_appliance(root: Path) -> tuple[dict[str, str], str]:
+    """A fresh home with one succeeded tiny LoRA run. Returns (environment, run id)."""
+    env = {"AIRLOCK_HOME": str(root / "home"), "AIRLOCK_KDF_PROFILE": "test"}  # test-only KDF: a throw-away vault
+    (root / "pass").write_text("bench passphrase for a throw-away vault\n")
+    airlock(env, "vault", "init", "--passphrase-file", str(root / "pass"))
+    airlock(env, "vault", "unlock", "--passphrase-file", str(root / "pass"))
+    lines = (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    (root / "qa").mkdir()
+    (root / "qa" / "qa.jsonl").write_text("\n".join(line for line in lines if '"messages"' in line) + "\n")
+    airlock(env, "data", "import", str(root / "qa"), "--name", "qa", "--near-dup", "off")
+    (root / "tiny.toml").write_text("max_steps = 2\neval_every = 2\nbatch_size = 2\nmax_length = 64\nrank = 4\n")
+    out = json.loads(airlock(env, "train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
+                             str(root / "tiny.toml"), "--wait", "--json"))
+    # An FP32 ONNX export, so that `--backend auto` has ONNX Runtime to choose.
+    airlock(env, "optimize", "run", out["run"]["id"], "--variants", "fp32", "--no-qat", "--wait")
+    return env, out["run"]["id"]
+
+
+def start_server(env: dict[str, str], run: str, backend: str, workers: int, clients: int, log: Path
+                 ) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([str(BIN / "airlock"), "serve", "--port", "0", "--run", f"qa={run}", "--backend",
+                                backend, "--workers", str(workers), "--queue-depth", str(clients),
+                                "--per-key-concurrency", str(clients)],
+                               stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, env={**os.environ, **env},
+                               cwd=REPO)
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        if match:
+            return process, match.group(1)
+    raise SystemExit(f"the server did not start; see {log}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def load(url: str, key: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    """The second process: `clients` concurrent clients for `seconds`; returns the measurements."""
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = []
+    first_tokens: list[float] = []
+    errors: dict[str, int] = {}
+    tokens = [0]
+    body = {"model": "qa", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
+            "temperature": 0.7, "ignore_eos": True}
+
+    async def client(number: int, http: httpx.AsyncClient, deadline: float) -> None:
+        streamed = number % 2 == 1
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                if streamed:
+                    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+                        if response.status_code != 200:
+                            await response.aread()
+                            errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+                            await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                            continue
+                        first = None
+                        async for line in response.aiter_lines():
+                            if first is None and '"content"' in line and '"content": ""' not in line:
+                                first = time.monotonic() - started
+                        if first is not None:
+                            first_tokens.append(first)
+                    tokens[0] += max_tokens
+                else:
+                    response = await http.post("/v1/chat/completions", json=body)
+                    if response.status_code != 200:
+                        errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+                        await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                        continue
+                    tokens[0] += response.json()["usage"]["completion_tokens"]
+                latencies.append(time.monotonic() - started)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                     limits=limits) as http:
+            started = time.monotonic()
+            await asyncio.gather(*(client(i, http, started + seconds) for i in range(clients)))
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(main())
+    return {"elapsed_s": elapsed, "requests": len(latencies), "tokens": tokens[0], "errors": errors,
+            "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
+            "ttft_p50_s": percentile(first_tokens, 0.5)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--workers", default="2", help="worker counts to compare, e.g. 1,2,4")
+    parser.add_argument("--backends", default="pytorch,auto",
+                        help="--backend values to compare (auto: the ONNX export on ONNX Runtime/TensorRT)")
+    parser.add_argument("--home", type=Path, help="an existing AIRLOCK_HOME with an unlocked vault (admin logged in)")
+    parser.add_argument("--run", help="with --home: the succeeded LM run to serve")
+    parser.add_argument("--load", nargs=2, metavar=("URL", "KEY"), help=argparse.SUPPRESS)  # the client process
+    args = parser.parse_args()
+    if args.load:
+        print(json.dumps(load(args.load[0], args.load[1], args.clients, args.seconds, args.max_tokens)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        if args.home:
+            env, run = {"AIRLOCK_HOME": str(args.home)}, args.run
+            if not run:
+                raise SystemExit("--home needs --run RUN")
+        else:
+            print("building a throw-away appliance with a tiny LoRA run ...", flush=True)
+            env, run = build_appliance(root)
+        key = json.loads(airlock(env, "keys", "create", f"bench-{int(time.time())}", "--json"))["secret"]
+        print(f"run {run}; {args.clients} clients x {args.seconds:g} s; {args.max_tokens} tokens per request; "
+              f"half streamed; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the "
+              "machine skews every number)", flush=True)
+        print("backend    workers  req/s   tok/s    p50 s   p99 s   ttft p50 s  errors")
+        measured: dict[tuple[str, int], dict] = {}
+        for backend in args.backends.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                process, url = start_server(env, run, backend, workers, args.clients, root / f"server-{backend}.log")
+                try:
+                    models = subprocess.run([sys.executable, "-c", "import httpx, sys; print(httpx.get(sys.argv[1], "
+                                             "headers={'Authorization': 'Bearer ' + sys.argv[2]}).text)",
+                                             f"{url}/v1/models", key], capture_output=True, text=True, check=True)
+                    kind = json.loads(models.stdout)["data"][0]["airlock"]["backend"]
+                    client = subprocess.run([sys.executable, __file__, "--load", url, key, "--clients",
+                                             str(args.clients), "--seconds", str(args.seconds), "--max-tokens",
+                                             str(args.max_tokens)], capture_output=True, text=True, check=False)
+                finally:
+                    stop_server(process)
+                if client.returncode != 0:
+                    print(f"{kind:<10} {workers:<7}  load process failed: {client.stderr.strip()[-300:]}")
+                    continue
+                result = json.loads(client.stdout.strip().splitlines()[-1])
+                measured[(kind, workers)] = result
+                print(f"{kind:<10} {workers:<7}  {result['requests'] / result['elapsed_s']:<6.2f}  "
+                      f"{result['tokens'] / result['elapsed_s']:<7.1f}  {result['p50_s']:<7.3f} "
+                      f"{result['p99_s']:<7.3f} {result['ttft_p50_s']:<11.3f} {result['errors'] or 'none'}", flush=True)
+        missing = [k for k in ("pytorch", "ort-cpu", "ort-cuda", "tensorrt") if k not in {b for b, _ in measured}]
+        if missing:
+            print(f"not measured here: {', '.join(missing)} (no GPU, no TensorRT, or no ONNX export of the run)")
+        if len(measured) >= 2:
+            (first, base), *rest = measured.items()
+            for (backend, workers), result in rest:
+                ratio = (result["tokens"] / result["elapsed_s"]) / max(1e-9, base["tokens"] / base["elapsed_s"])
+                print(f"tokens/s ratio {backend} x{workers} vs {first[0]} x{first[1]}: {ratio:.2f}x")
+        if not args.home:
+            airlock(env, "vault", "lock")
+
+
+if __name__ == "__main__":
+    main()
