@@ -31,12 +31,12 @@ if TYPE_CHECKING:
 ROLES = ("admin", "operator", "auditor")
 _OPERATOR = frozenset({
     "data.import", "data.export", "data.report", "train.start", "optimize.run", "jobs.control", "serve.control",
-    "vault.verify", "vault.lock", "models.view",
+    "vault.verify", "vault.lock", "models.view", "models.register",
 })
 _AUDITOR = frozenset({"data.report", "audit.verify", "models.view", "vault.lock"})
 _ADMIN_ONLY = frozenset({
     "users.manage", "keys.manage", "models.promote", "schedules.manage", "release.upgrade", "vault.rotate",
-    "vault.add_slot", "data.delete", "vault.delete", "emergency.acknowledge",
+    "vault.add_slot", "data.delete", "vault.delete", "emergency.acknowledge", "models.delete", "models.policy",
 })
 PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": _OPERATOR | _AUDITOR | _ADMIN_ONLY,
@@ -143,5 +143,8 @@ def _describe(action: str) -> str:
             "vault.rotate": "rotating the vault's keys", "vault.delete": "deleting a vault object",
             "vault.add_slot": "adding a key slot", "vault.verify": "verifying the vault's files",
             "jobs.control": "controlling jobs", "train.start": "training", "models.promote": "promoting a model",
+            "models.register": "registering a model version", "models.delete": "deleting a model version",
+            "models.policy": "changing a task's gates and auto-promotion", "schedules.manage": "changing schedules",
             "release.upgrade": "upgrading the appliance", "keys.manage": "managing API keys",
+            "serve.control": "starting the inference server", "optimize.run": "optimizing or exporting a model",
             "emergency.acknowledge": "acknowledging emergency access"}.get(action, f"'{action}'")

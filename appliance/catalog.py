@@ -257,9 +257,122 @@ def _migration_6(db: sqlite_utils.Database) -> None:
                    ["admin" if number == 1 else f"admin{number}", slot_id, datetime.now(UTC).isoformat()])
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """API keys of the inference server: SHA-256 of each key, never the key (see appliance.serve.api_keys).
+
+    `tasks` is a JSON list of the models a key may use ([] = all). A revoked key keeps its row for
+    the audit trail; a name is reused only after its key was revoked.
+    """
+    db.execute("""
+        CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL,
+            tasks TEXT NOT NULL DEFAULT '[]',
+            state TEXT NOT NULL CHECK (state IN ('active', 'revoked')),
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            revoked_at TEXT,
+            revoked_by TEXT
+        )""")
+    db.execute("CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE state = 'active'")
+
+
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """Model registry, retraining gates and schedules (see appliance.registry, docs/adr/0007-registry-and-gates.md).
+
+    A model version is a trained artifact with its lineage, gate results and state; exactly one
+    version per task is `production` (a partial unique index, so no code path can make two).
+    `model_promotions` is the production history that `rollback` walks back. Schedules say when
+    `airlock schedule run-due` retrains a task; every due run leaves a `schedule_runs` row, also
+    the ones skipped because the vault was locked.
+    """
+    db.execute("""
+        CREATE TABLE model_tasks (
+            name TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('lm', 'classifier')),
+            dataset_id TEXT NOT NULL REFERENCES datasets(id),
+            base_model TEXT NOT NULL,
+            auto_promote INTEGER NOT NULL DEFAULT 0 CHECK (auto_promote IN (0, 1)),
+            max_forgetting REAL NOT NULL DEFAULT 0.05 CHECK (max_forgetting >= 0),
+            new_data_tolerance REAL NOT NULL DEFAULT 0.01 CHECK (new_data_tolerance >= 0),
+            deploys_engines INTEGER NOT NULL DEFAULT 0 CHECK (deploys_engines IN (0, 1)),
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            updated_at TEXT,
+            updated_by TEXT
+        )""")
+    db.execute("""
+        CREATE TABLE model_versions (
+            id TEXT PRIMARY KEY,
+            task TEXT NOT NULL REFERENCES model_tasks(name),
+            kind TEXT NOT NULL CHECK (kind IN ('lm', 'classifier')),
+            number INTEGER NOT NULL CHECK (number >= 1),
+            state TEXT NOT NULL CHECK (state IN ('candidate', 'production', 'retired', 'rejected', 'deleted')),
+            run_id TEXT NOT NULL UNIQUE REFERENCES runs(id),
+            parent_id TEXT REFERENCES model_versions(id),
+            base_model TEXT NOT NULL,
+            base_hash TEXT,
+            dataset_versions TEXT NOT NULL,
+            recipe_hash TEXT NOT NULL,
+            code_version TEXT NOT NULL,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            artifacts TEXT NOT NULL DEFAULT '{}',
+            gates TEXT NOT NULL DEFAULT '{}',
+            reasons TEXT NOT NULL DEFAULT '[]',
+            created_at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            state_changed_at TEXT NOT NULL,
+            UNIQUE (task, number)
+        )""")
+    db.execute("CREATE UNIQUE INDEX model_versions_one_production ON model_versions(task) WHERE state = 'production'")
+    db.execute("""
+        CREATE TABLE model_promotions (
+            id INTEGER PRIMARY KEY,
+            task TEXT NOT NULL REFERENCES model_tasks(name),
+            action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
+            version_id TEXT NOT NULL REFERENCES model_versions(id),
+            previous_id TEXT REFERENCES model_versions(id),
+            actor TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX model_promotions_task ON model_promotions(task, id)")
+    db.execute("""
+        CREATE TABLE schedules (
+            task TEXT PRIMARY KEY REFERENCES model_tasks(name),
+            every_s INTEGER CHECK (every_s IS NULL OR every_s >= 60),
+            cron TEXT,
+            min_new_records INTEGER NOT NULL DEFAULT 1 CHECK (min_new_records >= 1),
+            inbox TEXT,
+            replay REAL NOT NULL DEFAULT 0.2,
+            next_due_at TEXT NOT NULL,
+            last_run_at TEXT,
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            updated_at TEXT,
+            CHECK ((every_s IS NULL) != (cron IS NULL))
+        )""")
+    db.execute("""
+        CREATE TABLE schedule_runs (
+            id INTEGER PRIMARY KEY,
+            task TEXT NOT NULL,
+            due_at TEXT NOT NULL,
+            ran_at TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('started', 'skipped', 'nothing_new', 'failed')),
+            reason TEXT NOT NULL DEFAULT '',
+            hint TEXT NOT NULL DEFAULT '',
+            job_id TEXT,
+            records_imported INTEGER NOT NULL DEFAULT 0,
+            actor TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX schedule_runs_task ON schedule_runs(task, id)")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                             _migration_5, _migration_6]
+                                                             _migration_5, _migration_6, _migration_7,
+                                                             _migration_8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

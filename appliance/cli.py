@@ -6,6 +6,8 @@ inside the commands that need them, so `airlock --help` answers at once.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 import appliance
@@ -21,11 +23,39 @@ from bundler.errors import run_cli
 def cli(ctx: click.Context, debug: bool) -> None:
     """Airlock: offline fine-tuning appliance.
 
-    Start with `airlock doctor`. The operator UI arrives with the TUI release; until then
-    every stage is a command below.
+    `airlock` alone, in a terminal, opens the operator UI (also `airlock tui`); every stage is
+    also a command below. Start with `airlock doctor`.
     """
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+        import sys
+
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            _open_ui(None, debug)
+        else:  # piped or scripted: the UI needs a terminal
+            click.echo(ctx.get_help())
+
+
+@cli.command("tui")
+@click.option("--mount", "mount_root", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Folder the import wizard browses (default: /media if it exists, else your home directory).")
+@click.pass_context
+def tui_command(ctx: click.Context, mount_root: Path | None) -> None:
+    """Open the operator's terminal UI (what `airlock` alone does in a terminal)."""
+    _open_ui(mount_root, bool(ctx.parent and ctx.parent.params.get("debug")))
+
+
+def _open_ui(mount_root: Path | None, debug: bool) -> None:
+    # The UI is loaded by name: `appliance` never imports `tui` (import-linter's layers), the entry
+    # point only launches it, and `airlock --help` stays free of Textual.
+    import importlib
+
+    try:
+        ui = importlib.import_module("tui.app")
+    except ModuleNotFoundError as exc:
+        raise AirlockError(f"the terminal UI cannot start: {exc.name} is not installed",
+                           hint="install the appliance from its bundle (install.sh); every stage is also an "
+                                "`airlock` command (`airlock --help`)") from None
+    ui.run(mount_root=mount_root, debug=debug)
 
 
 @cli.command()
@@ -180,6 +210,31 @@ cli.add_command(data)
 from appliance.train.cli import train  # noqa: E402 - fine-tuning runs as resumable jobs (issue 5)
 
 cli.add_command(train)
+
+from appliance.serve.cli import serve  # noqa: E402 - the inference server, foreground or as a job (issue 8)
+
+cli.add_command(serve)
+
+from appliance.serve.keys_cli import keys  # noqa: E402 - API keys of the inference server (issue 8)
+
+cli.add_command(keys)
+
+from appliance.optimize.cli import engine, optimize  # noqa: E402 - INT8 QAT, ONNX exports, TensorRT engines
+
+cli.add_command(optimize)
+cli.add_command(engine)
+
+from appliance.registry.cli import models  # noqa: E402 - model registry: versions, promotion, cards (issue 6)
+
+cli.add_command(models)
+
+from appliance.registry.cli import retrain  # noqa: E402 - gated incremental retraining (issue 6)
+
+cli.add_command(retrain)
+
+from appliance.registry.schedule_cli import schedule  # noqa: E402 - scheduled retraining and inbox (issue 6)
+
+cli.add_command(schedule)
 
 
 def main() -> None:

@@ -39,6 +39,10 @@ HANDLERS: dict[str, str] = {
     "vault_verify": "appliance.jobs.vault_verify:run_vault_verify",
     "data_import": "appliance.data.import_job:run_data_import",
     "train": "appliance.train.jobs:run_training",
+    "retrain": "appliance.registry.retrain:run_retrain",
+    "serve": "appliance.serve.server:run_serve_job",
+    "optimize": "appliance.optimize.jobs:run_optimize",
+    "engine_build": "appliance.optimize.jobs:run_engine_build",
 }
 CANCEL_POLL_S = 2.0
 

@@ -172,7 +172,8 @@ def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, 
     A passphrase logs in its account (with its role); the recovery key is break-glass access
     (admin for this session, flagged until an admin acknowledges it); the machine key is the
     `scheduler`. An agent already running for this vault is replaced only when someone else
-    logs in: the same account unlocking again keeps it.
+    logs in: the same account unlocking again keeps it, and a machine-key unlock never ends a
+    person's session.
     """
     from appliance.access import origin
     from appliance.vault import accounts
@@ -183,6 +184,8 @@ def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, 
         account = accounts.resolve_name(db, account)
         if running is not None and running.vault_id == vault_id and running.account == account:
             return running
+    if credential.kind == "machine" and running is not None and running.vault_id == vault_id:
+        return running  # unattended jobs use whoever is logged in; they never end a person's session
     slot_id, root_key = open_root(db, credential, account=account if credential.kind == "passphrase" else None)
     where = origin()
     if credential.kind == "passphrase":
