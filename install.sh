@@ -344,8 +344,13 @@ After=network.target
 [Service]
 Type=$3
 Environment=AIRLOCK_HOME=$HOME_DIR
+EnvironmentFile=-$PREFIX/etc/serve.env
+# Models are encrypted: without a logged-in agent the key comes from the machine key, if the site
+# chose one at `vault init` (otherwise this step fails, is ignored, and the command says why).
+ExecStartPre=-$PREFIX/bin/airlock vault unlock --machine-key
 ExecStart=$PREFIX/bin/airlock $4
 Restart=$5
+RestartSec=30
 NoNewPrivileges=yes
 PrivateTmp=yes
 
@@ -353,9 +358,9 @@ PrivateTmp=yes
 WantedBy=multi-user.target
 EOF
 }
-unit airlock-serve.service "Airlock inference server" simple serve on-failure
-unit airlock-agent.service "Airlock job agent" simple "jobs agent" on-failure
-unit airlock-retrain.service "Airlock incremental retrain" oneshot "jobs retrain" no
+# serve.args holds the site's `airlock serve` arguments (e.g. --task radiology-reports-lm --host ...).
+unit airlock-serve.service "Airlock inference server" simple "serve \$AIRLOCK_SERVE_ARGS" on-failure
+unit airlock-retrain.service "Airlock scheduled retraining" oneshot "schedule run-due --machine-key" no
 cat > "$UNITS_DIR/airlock-retrain.timer" <<EOF
 [Unit]
 Description=Airlock nightly incremental retrain
@@ -367,12 +372,12 @@ Persistent=true
 [Install]
 WantedBy=timers.target
 EOF
-# The units run `airlock serve`, `airlock jobs agent` and `airlock jobs retrain`; a release that
-# lacks one of those commands gets its units written but never enabled.
+# The units run `airlock serve` and `airlock schedule run-due`; a release that lacks one of those
+# commands gets its units written but never enabled.
 MISSING_CMD=""
 if [ "$ENABLE" -eq 1 ]; then
-    for cmd in serve "jobs agent" "jobs retrain"; do
-        # Word splitting of "jobs agent" is intended.
+    for cmd in serve "schedule run-due"; do
+        # Word splitting of "schedule run-due" is intended.
         AIRLOCK_HOME="$HOME_DIR" "$REL/venv/bin/airlock" $cmd --help >/dev/null 2>&1 \
             || MISSING_CMD="${MISSING_CMD:-airlock $cmd}"
     done
@@ -382,7 +387,7 @@ if [ "$ENABLE" -eq 1 ] && [ -n "$MISSING_CMD" ]; then
 elif [ "$ENABLE" -eq 1 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null 2>&1 && [ "$UNITS_DIR" = /etc/systemd/system ]; then
         systemctl daemon-reload
-        systemctl enable airlock-serve.service airlock-agent.service airlock-retrain.timer
+        systemctl enable airlock-serve.service airlock-retrain.timer
     else
         say "note: services not enabled (needs root, systemctl and units in /etc/systemd/system)"
     fi
