@@ -1,0 +1,83 @@
+"""The import wizard end to end: preview without contents, dry run, a real import job, the dataset's
+detail with its per-file report, an appliance error as a dialog, and a typed-confirmation delete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from textual.widgets import DataTable, Input
+
+from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, wait_until
+from tui.dialogs import ConfirmByTyping, ErrorDialog
+from tui.screens.data import DatasetScreen
+from tui.screens.import_wizard import ImportScreen
+from tui.screens.job import JobScreen
+
+
+@pilot_test
+async def test_import_wizard_dry_run_then_import_job_then_detail_and_delete(unlocked, qa_source: Path):
+    (qa_source / "notes.bin").write_bytes(b"\x00\x01binary")  # rejected, with its reason
+    secret_text = json.loads((qa_source / "qa.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+    app = make_app(mount_root=qa_source.parent)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.session is not None, "the session")
+        await pilot.press("2")
+        await wait_until(pilot, lambda: app.current_mode == "data", "the data screen")
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, ImportScreen), "the wizard")
+        wizard = app.screen
+
+        path = wizard.query_one("#path", Input)
+        path.value = str(qa_source)
+        path.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "contents hidden" in text_of(app, "#preview"), "the preview")
+        preview = text_of(app, "#preview")
+        assert "2 files" in preview and "1 jsonl" in preview
+        assert "line 1: messages: user" in preview and "chars" in preview
+        assert secret_text[:20] not in preview  # shapes and lengths only
+        assert wizard.query_one("#name", Input).value == "qa-export"  # suggested from the folder name
+
+        # An appliance error (a bad dataset name) is a dialog with its message and hint.
+        wizard.query_one("#name", Input).value = "Bad Name!"
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: isinstance(app.screen, ErrorDialog), "the error dialog")
+        assert "is not allowed" in app.screen.message and "lowercase" in app.screen.hint
+        await pilot.press("escape")
+
+        wizard.query_one("#name", Input).value = "qa"
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: "would be imported" in text_of(app, "#dry-run-summary"), "the dry run")
+        summary = text_of(app, "#dry-run-summary")
+        assert "2 files: imported 1" in summary and "rejected 1" in summary
+        assert table_rows(app, "#dry-run-problems")[0][:2] == ["notes.bin", "rejected"]
+
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, JobScreen), "the job screen")
+        job_screen = app.screen
+        await wait_until(pilot, lambda: job_screen.job is not None and job_screen.job.state == "succeeded",
+                         "the import job", 60)
+        assert "dataset qa version 1" in text_of(app, "#job-run")
+
+        await pilot.press("escape", "escape")
+        await wait_until(pilot, lambda: any(row[0] == "qa" for row in table_rows(app, "#datasets")),
+                         "the new dataset in the table")
+        app.screen.query_one("#datasets", DataTable).focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, DatasetScreen), "the dataset detail")
+        await wait_until(pilot, lambda: "Import report, version 1" in text_of(app, "#report-summary"),
+                         "the decrypted report")
+        assert "rejected 1" in text_of(app, "#report-summary")
+        assert table_rows(app, "#problems")[0][:2] == ["notes.bin", "rejected"]
+
+        await pilot.press("delete")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the confirmation")
+        await pilot.press("q", "x", "enter")  # not the name: nothing happens
+        assert "did not match" in text_of(app, "#confirm-feedback")
+        app.screen.query_one("#typed", Input).value = "qa"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not isinstance(app.screen, (ConfirmByTyping, DatasetScreen)),
+                         "the dataset list again")
+        await wait_until(pilot, lambda: table_rows(app, "#datasets")[0][0].startswith("no datasets"),
+                         "the empty list")

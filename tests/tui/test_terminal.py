@@ -1,0 +1,89 @@
+"""`airlock` in a real terminal (tmux, 80x24): no arguments opens the UI, the operator logs in with
+the keyboard, sees the dashboard, and imports a folder as a job."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.appliance.vault.conftest import PASSPHRASE
+from tests.conftest import BIN, REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+class Terminal:
+    """A private tmux server (its own socket: other tmux sessions are never touched) running one command."""
+
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.tmux = ["tmux", "-L", f"airlock-test-{os.getpid()}"]
+        self.env = env
+        subprocess.run([*self.tmux, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24", "-s", "ui",
+                        command], env=env, check=True)
+
+    def screen(self) -> str:
+        result = subprocess.run([*self.tmux, "capture-pane", "-p", "-t", "ui"], capture_output=True, text=True,
+                                check=False)
+        return result.stdout
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} did not appear within {timeout:.0f} s; the screen:\n{screen}")
+            time.sleep(0.2)
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        subprocess.run([*self.tmux, "send-keys", "-t", "ui", *(["-l"] if literal else []), *keys], check=True)
+        time.sleep(0.3)
+
+    def running(self) -> bool:
+        return subprocess.run([*self.tmux, "has-session", "-t", "ui"], capture_output=True, check=False).returncode == 0
+
+    def close(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, check=False)
+
+
+def test_airlock_without_arguments_in_a_terminal_logs_in_shows_the_dashboard_and_imports(vault_init, airlock_home,
+                                                                                          qa_source: Path):
+    vault_init()
+    env = {**os.environ, "AIRLOCK_HOME": str(airlock_home), "AIRLOCK_KDF_PROFILE": "test", "TERM": "xterm-256color"}
+    terminal = Terminal(f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(str(BIN / 'airlock'))}", env)
+    try:
+        login = terminal.wait_for("Log in with your account")
+        assert "Airlock · log in" in login and "admin" in login  # the only account, prefilled
+        terminal.keys(PASSPHRASE, literal=True)
+        terminal.keys("Enter")
+        home = terminal.wait_for("unlocked: admin (admin role)")
+        assert "1 Home" in home and "7 Audit" in home and "Running jobs" in home
+        assert PASSPHRASE not in home
+
+        terminal.keys("2")
+        terminal.wait_for("Datasets in the vault")
+        terminal.keys("n")
+        terminal.wait_for("Import data")
+        terminal.keys("Tab")
+        terminal.keys("Tab")  # past the tree and the preview, to the path
+        terminal.keys(str(qa_source), literal=True)
+        terminal.keys("Enter")
+        terminal.wait_for("contents hidden")
+        terminal.keys("C-s")
+        done = terminal.wait_for("SUCCEEDED", timeout=60)
+        assert "dataset qa-export version 1" in done
+
+        terminal.keys("q")
+        deadline = time.monotonic() + 10
+        while terminal.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not terminal.running()  # `airlock` exited; the session closed with it
+    finally:
+        terminal.close()
