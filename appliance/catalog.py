@@ -369,10 +369,26 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX schedule_runs_task ON schedule_runs(task, id)")
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    """Task policy for retraining classifiers and deploying engines (docs/adr/0007-registry-and-gates.md).
+
+    `ewc_lambda`: strength of the EWC penalty a retrain adds (0 = off). The engine-parity gate of a
+    task that deploys engines quantizes `engine_variant` (QAT, or PTQ when `engine_qat` is 0) and
+    holds ONNX Runtime parity to `engine_max_rel_diff` / `engine_min_top1` (NULL: the optimize
+    stage's own tolerance for the variant).
+    """
+    for column in ("ewc_lambda REAL NOT NULL DEFAULT 0 CHECK (ewc_lambda >= 0)",
+                   "engine_variant TEXT NOT NULL DEFAULT 'int8' CHECK (engine_variant IN ('fp32', 'fp16', 'int8'))",
+                   "engine_qat INTEGER NOT NULL DEFAULT 1 CHECK (engine_qat IN (0, 1))",
+                   "engine_max_rel_diff REAL CHECK (engine_max_rel_diff IS NULL OR engine_max_rel_diff >= 0)",
+                   "engine_min_top1 REAL CHECK (engine_min_top1 IS NULL OR engine_min_top1 BETWEEN 0 AND 1)"):
+        db.execute(f"ALTER TABLE model_tasks ADD COLUMN {column}")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
                                                              _migration_5, _migration_6, _migration_7,
-                                                             _migration_8]
+                                                             _migration_8, _migration_9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

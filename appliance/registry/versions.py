@@ -61,11 +61,21 @@ class Task:
     new_data_tolerance: float
     """Largest relative rise of test loss allowed on the new data's test split (0.01: improvement or parity)."""
     deploys_engines: bool
-    """The task serves through QAT/TensorRT engines, so engine parity is a gate (once the optimize stage feeds it)."""
+    """The task serves through QAT/TensorRT engines: a retrain runs the optimize stage and engine parity is a gate."""
     created_at: str
     created_by: str
     updated_at: str | None
     updated_by: str | None
+    ewc_lambda: float = 0.0
+    """EWC penalty strength for retrains (0 = off): how hard training pulls weights back to production's."""
+    engine_variant: str = "int8"
+    """The export the engine-parity gate checks: int8 (quantized), fp16 or fp32."""
+    engine_qat: bool = True
+    """int8: quantization-aware fine-tuning after calibration (QAT); False = calibration only (PTQ)."""
+    engine_max_rel_diff: float | None = None
+    """Largest max |onnx - torch| / max(1, max |torch|) over held-out logits; None = the optimize stage's tolerance."""
+    engine_min_top1: float | None = None
+    """Smallest share of held-out inputs with the same top-1 as PyTorch; None = the optimize stage's tolerance."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -128,7 +138,7 @@ def version_id(task: str, number: int) -> str:
 
 def _task(row: tuple) -> Task:
     values = dict(zip(_TASK_COLUMNS, row, strict=True))
-    for flag in ("auto_promote", "deploys_engines"):
+    for flag in ("auto_promote", "deploys_engines", "engine_qat"):
         values[flag] = bool(values[flag])
     return Task(**values)
 
@@ -183,7 +193,10 @@ def check_run_fits_task(db: sqlite_utils.Database, name: str, kind: str, dataset
                             hint="new data for a task is imported into its dataset; otherwise choose another --task")
 
 
-POLICY_FIELDS = ("auto_promote", "max_forgetting", "new_data_tolerance", "deploys_engines")
+POLICY_FIELDS = ("auto_promote", "max_forgetting", "new_data_tolerance", "deploys_engines", "ewc_lambda",
+                 "engine_variant", "engine_qat", "engine_max_rel_diff", "engine_min_top1")
+ENGINE_VARIANTS = ("fp32", "fp16", "int8")
+MAX_EWC_LAMBDA = 1e12
 
 
 def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, **changes: Any) -> Task:
@@ -197,6 +210,18 @@ def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, **changes: A
         if key in changes and not 0 <= changes[key] <= 1:
             raise RegistryError(f"{key.replace('_', '-')} {changes[key]} is outside 0..1",
                                 hint="a fraction: 0.05 allows a 5% rise of the test loss")
+    if "ewc_lambda" in changes and not 0 <= changes["ewc_lambda"] <= MAX_EWC_LAMBDA:
+        raise RegistryError(f"ewc-lambda {changes['ewc_lambda']} is outside 0..{MAX_EWC_LAMBDA:g}",
+                            hint="0 turns EWC off; try 1-1000 and read the forgetting gate's numbers")
+    if "engine_variant" in changes and changes["engine_variant"] not in ENGINE_VARIANTS:
+        raise RegistryError(f"engine variant {changes['engine_variant']!r} is not one of {', '.join(ENGINE_VARIANTS)}",
+                            hint="int8 for TensorRT INT8 engines, fp16 or fp32 otherwise")
+    if "engine_max_rel_diff" in changes and not changes["engine_max_rel_diff"] >= 0:
+        raise RegistryError(f"engine max relative difference {changes['engine_max_rel_diff']} is negative",
+                            hint="e.g. 0.05 for int8; see `airlock optimize show RUN` for measured values")
+    if "engine_min_top1" in changes and not 0 <= changes["engine_min_top1"] <= 1:
+        raise RegistryError(f"engine minimum top-1 agreement {changes['engine_min_top1']} is outside 0..1",
+                            hint="a share of held-out inputs, e.g. 0.95")
     if not changes:
         return task
     before = {k: getattr(task, k) for k in changes}
