@@ -42,12 +42,15 @@ class ClassifierRecipe:
     early_stopping_patience: int = 0
     """Stop after N evaluations without a better validation AUC; 0 = off."""
     seed: int = 0
+    ewc_lambda: float = 0.0
+    """EWC penalty strength when continuing from an earlier classifier (`airlock retrain`); 0 = off."""
 
     def __post_init__(self) -> None:
         checks = [("lr", self.lr, 1e-6, 1.0), ("max_steps", self.max_steps, 1, 1_000_000),
                   ("batch_size", self.batch_size, 1, 4096), ("max_rotation_deg", self.max_rotation_deg, 0, 45),
                   ("eval_every", self.eval_every, 1, 100_000),
-                  ("early_stopping_patience", self.early_stopping_patience, 0, 1000), ("seed", self.seed, 0, 2**31 - 1)]
+                  ("early_stopping_patience", self.early_stopping_patience, 0, 1000), ("seed", self.seed, 0, 2**31 - 1),
+                  ("ewc_lambda", self.ewc_lambda, 0, 1e12)]
         for name, value, low, high in checks:
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 low_text, high_text = (f"{v:,}" if isinstance(v, int) else f"{v:g}" for v in (low, high))
@@ -80,6 +83,8 @@ class ClassifierResult:
     best_val_auc: float | None = None
     stopped_early: bool = False
     test: ClassifierMetrics | None = None
+    ewc: dict[str, Any] | None = None
+    """EWC numbers (lambda, Fisher statistics, last penalty) when the recipe turned it on."""
     state_dict: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -183,17 +188,37 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
                      labels: list[str], test: tuple[Any, Any] | None = None,
                      checkpoints: CheckpointStore | None = None,
                      on_progress: Callable[[dict[str, Any]], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> ClassifierResult:
+                     should_stop: Callable[[], bool] | None = None, init_state: dict[str, Any] | None = None,
+                     ewc_data: tuple[Any, Any] | None = None) -> ClassifierResult:
+    """Train; checkpoint at every evaluation and when `should_stop()` turns true.
+
+    `init_state` (a state dict of the same model and classes) continues from an earlier classifier
+    (incremental retraining); `ewc_data` (earlier images, labels) measures the EWC Fisher at it.
+    """
     import torch
 
     images, targets = train
     if images.shape[0] == 0:
         raise AirlockError("the training split is empty", hint="import more images or check the dataset's splits")
     model = load_classifier(base, len(labels), recipe.seed)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     model.train()
     counts = torch.bincount(targets, minlength=len(labels)).float()
     weight = (counts.sum() / (len(labels) * counts.clamp(min=1))) if recipe.class_weighting else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    ewc = None
+    if recipe.ewc_lambda:
+        from appliance.train.ewc import estimate_ewc
+
+        if init_state is None or ewc_data is None:
+            raise AirlockError("EWC keeps training close to an earlier classifier, and there is none here",
+                               hint="set ewc_lambda only for `airlock retrain` (continued from production)")
+        old_images, old_targets = ewc_data
+        chunks = [(old_images[i:i + recipe.batch_size], old_targets[i:i + recipe.batch_size])
+                  for i in range(0, old_images.shape[0], recipe.batch_size)]
+        ewc = estimate_ewc(model, recipe.ewc_lambda, chunks, lambda c: torch.nn.functional.cross_entropy(
+            model(pixel_values=_fit_channels(c[0].float(), model.config.num_channels)).logits, c[1]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, recipe.max_steps) / recipe.max_steps)))
@@ -226,6 +251,8 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         logits = model(pixel_values=_fit_channels(batch, model.config.num_channels)).logits
         loss = loss_fn(logits, targets[index])
         loss.backward()
+        if ewc is not None:
+            ewc.add_gradient(model)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -253,5 +280,6 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
     result.best_val_auc = state["best"]
     if test is not None and test[0].shape[0] and (result.steps >= recipe.max_steps or result.stopped_early):
         result.test = classification_metrics(predict(model, test[0]), test[1], labels)
+    result.ewc = ewc.summary() if ewc is not None else None
     result.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return result

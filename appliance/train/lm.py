@@ -58,6 +58,8 @@ class TrainResult:
     stopped_early: bool = False
     truncated_examples: int = 0
     real_tokens: int = 0
+    ewc: dict[str, Any] | None = None
+    """EWC numbers (lambda, Fisher statistics, last penalty) when the recipe turned it on."""
     test: Any = None
     """EvalReport on the test split, when test records were given."""
     adapter_state: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -176,7 +178,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
                on_progress: Callable[[Progress], None] | None = None,
                should_stop: Callable[[], bool] | None = None,
                encode: Encoder = encode_records,
-               init_adapter: dict[str, Any] | None = None) -> TrainResult:
+               init_adapter: dict[str, Any] | None = None,
+               ewc_records: Sequence[dict[str, Any]] = ()) -> TrainResult:
     """Train; checkpoint at every evaluation and when `should_stop()` turns true (SIGTERM).
 
     `init_adapter` (a peft adapter state dict of the same LoRA structure) continues training from
@@ -201,6 +204,17 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             raise AirlockError("the adapter to continue from does not fit this recipe's LoRA structure",
                                hint="keep rank, alpha and target_modules of the parent run, or train fresh")
     model.to(device).train()
+    ewc = None
+    if recipe.ewc_lambda:  # before DDP wraps the model: the Fisher's backward passes are local to each rank
+        from appliance.train.ewc import estimate_ewc, lm_batch_loss
+
+        if init_adapter is None:
+            raise AirlockError("EWC keeps training close to an earlier adapter, and there is none here",
+                               hint="set ewc_lambda only for `airlock retrain` (continued from production)")
+        ewc_batches = make_batches(encode(tokenizer, ewc_records, recipe.max_length, "ewc"), recipe,
+                                   tokenizer.pad_token_id, order_seed=None)
+        ewc = estimate_ewc(model, recipe.ewc_lambda, ewc_batches,
+                           lambda b: lm_batch_loss(model, b, device, autocast_dtype))
     forward = model
     if world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
@@ -266,6 +280,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             total = torch.tensor([loss_sum])
             torch.distributed.all_reduce(total)
             loss_sum = total.item()
+        if ewc is not None:
+            ewc.add_gradient(model)
         if recipe.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
         optimizer.step()
@@ -307,5 +323,6 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     result.best_val_loss = state["best_val"]
     result.initial_val_loss = state.get("initial_val")
     result.real_tokens = tokens_seen
+    result.ewc = ewc.summary() if ewc is not None else None
     result.adapter_state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
     return result

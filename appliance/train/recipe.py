@@ -72,6 +72,8 @@ class LoraRecipe:
     """Seeds data order, dropout and LoRA initialisation."""
     lora_routed_experts: bool = False
     """MoE models only: also adapt the fused routed experts through peft `target_parameters`."""
+    ewc_lambda: float = 0.0
+    """EWC penalty strength when continuing from an earlier adapter (`airlock retrain`); 0 = off (train/ewc.py)."""
 
     def __post_init__(self) -> None:
         _bounded("rank", self.rank, 1, 256, int)
@@ -90,6 +92,7 @@ class LoraRecipe:
         _bounded("early_stopping_patience", self.early_stopping_patience, 0, 1000, int)
         _bounded("max_grad_norm", self.max_grad_norm, 0.0, 1000, (int, float))
         _bounded("seed", self.seed, 0, 2**31 - 1, int)
+        _bounded("ewc_lambda", self.ewc_lambda, 0.0, 1e12, (int, float))
         if self.schedule not in SCHEDULES:
             raise RecipeError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}",
                               hint="use cosine unless you have a reason not to")
