@@ -32,7 +32,9 @@ from tui.screens.audit import AuditScreen
 from tui.screens.data import DataScreen
 from tui.screens.home import HomeScreen
 from tui.screens.login import LoginScreen
-from tui.screens.placeholders import ModelsScreen, ScheduleScreen, ServeScreen
+from tui.screens.models import ModelsScreen
+from tui.screens.schedule import ScheduleScreen
+from tui.screens.serve import ServeScreen
 from tui.screens.train import TrainScreen
 from tui.stylesheet import STYLESHEET
 from tui.widgets import NAV

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from appliance.audit import AuditEntry, ChainReport
     from appliance.data.datasets import Dataset, DatasetVersion
     from appliance.jobs.records import Job, JobEvent
+    from appliance.registry.overview import ScheduleView, TaskOverview, VersionDetail
+    from appliance.serve.api_keys import ApiKey
+    from appliance.serve.status import MetricsSample, ServerStatus
     from appliance.train.runs import Run
     from appliance.vault.agent import AgentStatus
 
@@ -72,6 +75,9 @@ class HomeView:
     last_verify: AuditEntry | None
     disk: str
     disk_status: str
+    models: list[str] = field(default_factory=list)
+    """One line per task: its production version and the backend it serves on."""
+    server: str = ""
 
 
 class HomeLoaded(Message):
@@ -209,3 +215,79 @@ class RunsLoaded(Message):
     def __init__(self, runs: list[Run]) -> None:
         super().__init__()
         self.runs = runs
+
+
+# --- models, serve, schedule ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelsView:
+    tasks: list[TaskOverview]
+    runs: list[Run]
+    """Succeeded training runs that are not a model version yet."""
+    backends: dict[str, str]
+    """run id -> the backend it would serve on ('PyTorch', 'ORT CPU', ...), for every version's run."""
+
+
+class ModelsLoaded(Message):
+    def __init__(self, view: ModelsView) -> None:
+        super().__init__()
+        self.view = view
+
+
+class VersionLoaded(Message):
+    def __init__(self, detail: VersionDetail) -> None:
+        super().__init__()
+        self.detail = detail
+
+
+class ModelChanged(Message):
+    """A promote, rollback or register finished: what to say, and what to reload."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+@dataclass(frozen=True)
+class ServeView:
+    server: ServerStatus | None
+    """The running (or starting) server, else the last one that ran; None when none ever ran."""
+    sample: MetricsSample | None
+    metrics_note: str
+    """Why there are no live numbers ('' when there are)."""
+    keys: list[ApiKey]
+    choices: list[tuple[str, str]]
+    """(label, value) of what can be served: 'task:NAME' (production version) or 'run:ID'."""
+
+
+class ServeLoaded(Message):
+    def __init__(self, view: ServeView) -> None:
+        super().__init__()
+        self.view = view
+
+
+class KeyCreated(Message):
+    """The one moment a key exists in clear: shown in a dialog, then dropped."""
+
+    def __init__(self, key: ApiKey, secret: str) -> None:
+        super().__init__()
+        self.key = key
+        self.secret = secret
+
+
+class ServeChanged(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class SchedulesLoaded(Message):
+    def __init__(self, views: list[ScheduleView]) -> None:
+        super().__init__()
+        self.views = views
+
+
+class ScheduleChanged(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text

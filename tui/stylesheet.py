@@ -228,6 +228,77 @@ Input.-textual-compact {
     border-top: hkey $panel;
 }
 
+/* --- forms, models, serve, schedule ----------------------------------------------------------- */
+
+.form-row {
+    height: 1;
+    margin-top: 1;
+}
+
+.form-label {
+    width: 12;
+    text-style: bold;
+}
+
+.form-row Input, .form-row Select {
+    width: 1fr;
+}
+
+.form-note {
+    padding-left: 12;
+    color: $text-muted;
+}
+
+.dialog-note {
+    margin-top: 1;
+    color: $text-muted;
+}
+
+.secret {
+    margin: 1 0;
+    text-style: bold;
+    border: round $accent;
+    padding: 0 1;
+}
+
+#versions {
+    height: 1fr;
+}
+
+#unregistered {
+    height: auto;
+    max-height: 6;
+}
+
+#version-body {
+    height: 1fr;
+    padding: 0 1;
+}
+
+#version-summary {
+    height: auto;
+}
+
+.serve-line {
+    height: auto;
+    padding: 0 1;
+}
+
+#keys {
+    height: 1fr;
+}
+
+#schedules {
+    height: auto;
+    max-height: 8;
+}
+
+#schedule-detail-box {
+    height: 1fr;
+    padding: 0 1;
+    border-top: hkey $panel;
+}
+
 /* The login hides what is underneath: after an auto-lock that may be a report with file names. */
 LoginScreen {
     background: $background;

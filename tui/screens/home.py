@@ -17,6 +17,7 @@ from tui.screen_base import AirlockScreen
 from tui.widgets import JobRow, NavBar
 
 MARKS = {"ok": "", "warn": "! ", "fail": "FAIL "}
+GPU_EVERY_POLLS = 10
 
 
 class HomeScreen(AirlockScreen):
@@ -25,7 +26,9 @@ class HomeScreen(AirlockScreen):
     HELP = """
 The dashboard. **Vault**: who is logged in, with which role, and how long until the vault locks
 itself (any key use restarts the clock). **Machine**: GPUs (or CPU only) and free disk.
-**Running jobs**: imports and training runs; they are separate processes, so they keep running
+**Models**: the production version of each task and the backend it serves on (TensorRT, ONNX
+Runtime on GPU or CPU, PyTorch). **Server**: whether the inference server runs, and where.
+**Running jobs**: imports, training, quantizing, the server; they are separate processes, so they keep running
 when this UI is closed, and show up here again when it is reopened. Select one and press Enter
 for its progress, loss curve, cancel and resume.
 """
@@ -52,6 +55,12 @@ for its progress, loss curve, cancel and resume.
                 yield Label("Data", classes="home-key")
                 yield Static("…", id="data-summary", classes="home-value")
             with Horizontal(classes="home-line"):
+                yield Label("Models", classes="home-key")
+                yield Static("…", id="models-summary", classes="home-value")
+            with Horizontal(classes="home-line"):
+                yield Label("Server", classes="home-key")
+                yield Static("…", id="server-summary", classes="home-value")
+            with Horizontal(classes="home-line"):
                 yield Label("Audit", classes="home-key")
                 yield Static("…", id="audit-summary", classes="home-value volatile")
             yield Static("Running jobs (Tab selects one, Enter opens it)", classes="section-title")
@@ -75,23 +84,19 @@ for its progress, loss curve, cancel and resume.
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="machine")
     def check_machine(self) -> None:
-        from appliance.doctor import check_torch
+        from appliance.gpu_probe import gpu_summary
 
-        # Imports torch once (about a second, in this thread): doctor is the one place that knows GPUs.
-        checks = check_torch()
-        gpu = next((c for c in checks if c.name == "gpu"), None)
-        if gpu is None:  # torch itself is missing
-            torch = checks[0]
-            self.post_message(MachineChecked(f"CPU only: torch {torch.detail}", torch.status))
-        elif gpu.status == "ok":
-            self.post_message(MachineChecked(gpu.detail, "ok"))
-        else:
-            self.post_message(MachineChecked(f"CPU only: {gpu.detail}", gpu.status))
+        # nvidia-smi, not torch: importing torch in the UI process costs seconds and hundreds of MB.
+        summary = gpu_summary()
+        self.post_message(MachineChecked(summary, "ok"))
 
     def on_machine_checked(self, message: MachineChecked) -> None:
         self.query_one("#machine-gpu", Static).update(MARKS[message.status] + message.gpu)
 
     def poll(self):
+        self._polls = getattr(self, "_polls", 0) + 1
+        if self._polls % GPU_EVERY_POLLS == 0:
+            self.check_machine()  # memory and utilization change: refreshed now and then, not every second
         return self.load()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="home-poll")
@@ -115,7 +120,7 @@ for its progress, loss curve, cancel and resume.
             verified = next(iter(iter_audit(db, action="audit.verify", limit=1, newest_first=True)), None)
             disk = check_disk(self.airlock.home)
             view = HomeView(pending_emergencies(db), jobs, len(all_datasets(db)), len(list_runs(db, limit=10_000)),
-                            verified, disk.detail, disk.status)
+                            verified, disk.detail, disk.status, models_lines(db), server_line(db))
         self.post_message(HomeLoaded(view))
 
     def on_home_loaded(self, message: HomeLoaded) -> None:
@@ -130,6 +135,9 @@ for its progress, loss curve, cancel and resume.
         else:
             banner.display = False
         self.query_one("#machine-disk", Static).update(MARKS[view.disk_status] + view.disk)
+        self.query_one("#models-summary", Static).update("\n".join(view.models) or
+                                                         "no production model yet: 4, register a run, p promotes")
+        self.query_one("#server-summary", Static).update(view.server)
         self.query_one("#data-summary", Static).update(
             f"{view.datasets} dataset{'s' if view.datasets != 1 else ''} · {view.runs} training "
             f"run{'s' if view.runs != 1 else ''}")
@@ -166,3 +174,27 @@ for its progress, loss curve, cancel and resume.
 
     def action_refresh(self) -> None:
         self.poll_now()
+
+
+def models_lines(db) -> list[str]:
+    """'qa: qa-v2 on ORT CPU' per task (its production version and backend), '(no production)' otherwise."""
+    from appliance.registry.overview import task_overviews
+
+    lines = []
+    for overview in task_overviews(db):
+        if overview.production is None:
+            lines.append(f"{overview.task.name}: no production version ({len(overview.versions)} registered)")
+        else:
+            lines.append(f"{overview.task.name}: {overview.production.id} on {overview.backend}")
+    return lines
+
+
+def server_line(db) -> str:
+    from appliance.serve.status import servers
+
+    found = servers(db, limit=1)
+    if not found or not found[0].running:
+        return "stopped (5 starts it)"
+    server = found[0]
+    where = server.url or "starting (loading models)"
+    return f"running: {where} · {', '.join(server.models)}"

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from appliance.train.runs import Run
 
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+JOB_KINDS = {"train": "training", "data_import": "data import", "optimize": "quantize + ONNX export",
+             "engine_build": "TensorRT engine build", "serve": "inference server", "retrain": "retraining"}
 RESUMABLE = ("interrupted", "cancelled", "failed")
 
 
@@ -134,7 +136,7 @@ while the training loss falls means over-fitting).
     def show_job(self) -> None:
         job = self.job
         assert job is not None
-        what = {"train": "training", "data_import": "data import"}.get(job.kind, job.kind)
+        what = JOB_KINDS.get(job.kind, job.kind)
         self.query_one("#job-title", Static).update(
             f"Job {job.id}: {what}, {job.state.upper()} · started by {job.actor.split(' (')[0]} · device {job.device}")
         self.query_one("#job-run", Static).update(self.describe_outcome(job))
@@ -162,6 +164,11 @@ while the training loss falls means over-fitting).
             if job.kind == "data_import":
                 lines.append(f"dataset {result.get('dataset')} version {result.get('version')}: "
                              f"{result.get('records_added')} new records from {result.get('files_read')} files")
+            elif job.kind == "optimize":
+                lines.append(optimize_outcome(result))
+            elif job.kind == "engine_build":
+                lines.append(f"engine stored: {result.get('variant')} for SM {result.get('sm')}, TensorRT "
+                             f"{result.get('tensorrt')} (encrypted in the vault)")
             elif self.train_run is not None and self.train_run.metrics.get("val_loss") is not None:
                 m = self.train_run.metrics
                 lines.append(f"val loss {m.get('initial_val_loss') or 0:.4f} -> {m['val_loss']:.4f}; weights "
@@ -169,7 +176,12 @@ while the training loss falls means over-fitting).
         if job.error:
             lines.append(f"error: {job.error}")
             lines.append(f"hint: {job.hint}" if job.hint else "")
-        if job.state in ("cancelled", "interrupted"):
+        if job.kind == "serve" and job.state in ("queued", "running"):
+            url = next((e.data.get("url") for e in [self.last_progress] if e is not None and e.data.get("url")), None)
+            lines.append(f"serving on {url}; stop it on the Serve screen (5, then x)" if url else "loading models…")
+        elif job.kind == "serve" and job.state == "cancelled":
+            lines.append("the server was stopped")
+        elif job.state in ("cancelled", "interrupted"):
             lines.append("press r to continue it from its last checkpoint")
         return "\n".join(line for line in lines if line)
 
@@ -237,3 +249,24 @@ while the training loss falls means over-fitting).
     def palette_commands(self):
         yield SystemCommand("Cancel job", "ask the job to checkpoint and stop", self.action_cancel_job)
         yield SystemCommand("Resume job", "run it again from its last checkpoint", self.action_resume_job)
+
+
+def optimize_outcome(result: dict) -> str:
+    """'exports fp32, int8 stored · serves on ORT CPU · perplexity float 2.52 -> QAT 2.52'."""
+    from appliance.registry.overview import backend_label
+
+    if not result.get("stored"):
+        return "stopped before anything was stored (QAT has no checkpoint: start it again)"
+    variants = result.get("variants") or {}
+    stored = ", ".join(v for v, s in variants.items() if s.get("ok")) or "none"
+    failed = ", ".join(v for v, s in variants.items() if not s.get("ok"))
+    text = f"exports {stored} stored (parity with PyTorch checked)"
+    if failed:
+        text += f"; {failed} failed validation, not stored"
+    text += f" · serves on {backend_label(result.get('runtime'))}"
+    first, last = result.get("float") or {}, result.get("qat") or result.get("ptq") or {}
+    for metric in ("perplexity", "accuracy"):
+        if metric in first and metric in last:
+            text += f" · {metric} float {first[metric]:.3f} -> quantized {last[metric]:.3f}"
+            break
+    return text
