@@ -104,7 +104,7 @@ class ConfirmDialog(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(self.title_text, classes="dialog-title")
-            yield Static(self.question)
+            yield Static(self.question, markup=False)
             yield Static("Enter or y: yes · Escape or n: no", classes="dialog-note")
         yield Footer()
 
@@ -143,7 +143,7 @@ class FormDialog(ModalScreen[dict[str, str] | None]):
         with Vertical(classes="dialog form-dialog"):
             yield Static(self.title_text, classes="dialog-title")
             if self.text:
-                yield Static(self.text, classes="dialog-text")
+                yield Static(self.text, classes="dialog-text", markup=False)
             for spec in self.fields:
                 with Horizontal(classes="form-row"):
                     yield Label(spec.label, classes="form-label")
@@ -200,7 +200,7 @@ class SecretShownOnce(ModalScreen[None]):
         with Vertical(classes="dialog"):
             yield Static(self.title_text, classes="dialog-title")
             yield Static("The key, shown this once (only its hash is kept; it cannot be shown again):")
-            yield Static(self.secret, id="secret", classes="secret")
+            yield Static(self.secret, id="secret", classes="secret", markup=False)
             yield Static(self.note)
             yield Button("I have copied it", id="ok", compact=True)
         yield Footer()

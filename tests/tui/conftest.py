@@ -105,3 +105,66 @@ async def log_in(pilot, passphrase: str = PASSPHRASE, *, typed: bool = False) ->
     else:
         field.insert_text_at_cursor(passphrase)
     await pilot.press("enter")
+
+
+# Two optimizer steps: the runs only need to be real, succeeded runs with real adapters.
+TINY_LM_RECIPE = "max_steps = 2\neval_every = 2\nbatch_size = 2\nmax_length = 64\nrank = 4\nlr = 1e-2\nseed = 1\n"
+
+
+@pytest.fixture
+def stop_jobs(airlock_home: Path):
+    """At the end: cancel every job still queued or running (a server, a job a failed test left) and wait for it,
+    so that no process outlives the test."""
+    yield
+    from appliance.catalog import open_catalog
+    from appliance.jobs.records import list_jobs
+    from appliance.jobs.runner import cancel_job, reconcile_jobs, wait_for
+
+    db = open_catalog(airlock_home)
+    try:
+        reconcile_jobs(db)
+        left = [job for state in ("queued", "running") for job in list_jobs(db, state=state, limit=1000)]
+        for job in left:
+            cancel_job(db, job.id)
+        for job in left:
+            wait_for(db, job.id, timeout_s=60)
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def trained_run(qa_dataset: str, tmp_path: Path, stop_jobs) -> str:
+    """A succeeded two-step LoRA run of the tiny model on dataset `qa` (a real job, through the CLI)."""
+    import json
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_LM_RECIPE, encoding="utf-8")
+    result = run_cli("train", "lm", "--base", "tiny-deepseek-r1", "--data", qa_dataset, "--recipe", str(recipe),
+                     "--wait", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)["run"]["id"]
+
+
+@pytest.fixture
+def production_task(trained_run: str) -> str:
+    """Task `qa` with the trained run registered as qa-v1 and promoted (through the CLI)."""
+    for args in (("models", "register", trained_run, "--task", "qa"),
+                 ("models", "promote", "qa-v1", "--reason", "first model")):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+    return "qa"
+
+
+async def press_until_focused(pilot, widget_id: str, key: str = "tab", most: int = 40) -> None:
+    """Press Tab (or `key`) until the widget `widget_id` has the focus, as an operator moves through a form."""
+    for _ in range(most):
+        focused = pilot.app.focused
+        if focused is not None and focused.id == widget_id:
+            return
+        await pilot.press(key)
+    raise AssertionError(f"{widget_id} never got the focus with {key}")
+
+
+async def type_text(pilot, text: str) -> None:
+    """Type `text` key by key, as an operator would."""
+    await pilot.press(*text)

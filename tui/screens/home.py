@@ -56,10 +56,10 @@ for its progress, loss curve, cancel and resume.
                 yield Static("…", id="data-summary", classes="home-value")
             with Horizontal(classes="home-line"):
                 yield Label("Models", classes="home-key")
-                yield Static("…", id="models-summary", classes="home-value")
+                yield Static("…", id="models-summary", classes="home-value", markup=False)
             with Horizontal(classes="home-line"):
                 yield Label("Server", classes="home-key")
-                yield Static("…", id="server-summary", classes="home-value")
+                yield Static("…", id="server-summary", classes="home-value", markup=False)
             with Horizontal(classes="home-line"):
                 yield Label("Audit", classes="home-key")
                 yield Static("…", id="audit-summary", classes="home-value volatile")

@@ -63,7 +63,7 @@ while the training loss falls means over-fitting).
 
         yield NavBar(self.MODE)
         yield Static(f"Job {self.job_id}", id="job-title", classes="screen-note")
-        yield Static("", id="job-run")
+        yield Static("", id="job-run", markup=False)
         with Horizontal(id="job-progress-line"):
             yield ProgressBar(show_eta=False, id="job-bar")
             yield Label("", id="job-progress-text")

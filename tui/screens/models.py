@@ -354,7 +354,7 @@ lineage, history and its model card.
         self.post_message(ModelChanged(f"registered {version.id} (candidate); p promotes it"))
 
     def on_model_changed(self, message: ModelChanged) -> None:
-        self.notify(message.text)
+        self.notify(message.text, markup=False)
         self.load()
 
     def on_job_started(self, message: JobStarted) -> None:
@@ -397,7 +397,7 @@ int8) and the backend it serves on here. **Lineage** is the task's versions as a
         yield NavBar("models")
         yield Static(f"Model version {self.version_id}", id="version-title", classes="screen-note")
         with VerticalScroll(id="version-body"):
-            yield Static("loading…", id="version-summary")
+            yield Static("loading…", id="version-summary", markup=False)
             yield Markdown("", id="version-card")
         yield Footer()
 
@@ -465,7 +465,7 @@ int8) and the backend it serves on here. **Lineage** is the task's versions as a
         return (self.detail.version if self.detail is not None else None), None
 
     def on_model_changed(self, message: ModelChanged) -> None:
-        self.notify(message.text)
+        self.notify(message.text, markup=False)
         self.poll_now()
 
     def on_job_started(self, message: JobStarted) -> None:

@@ -77,7 +77,7 @@ unattended (`airlock schedule run-due --machine-key`).
         table.add_columns("task", "when", "next due", "min new", "last run")
         yield table
         with VerticalScroll(id="schedule-detail-box"):
-            yield Static("", id="schedule-detail")
+            yield Static("", id="schedule-detail", markup=False)
         yield Footer()
 
     def poll(self):
@@ -256,7 +256,7 @@ unattended (`airlock schedule run-due --machine-key`).
         self.post_message(ScheduleChanged(text))
 
     def on_schedule_changed(self, message: ScheduleChanged) -> None:
-        self.notify(message.text, timeout=8)
+        self.notify(message.text, timeout=8, markup=False)
         self.poll_now()
 
     def action_refresh(self) -> None:

@@ -62,9 +62,9 @@ the UI's own monitoring key; an admin creates it once with **m**.
     def compose(self) -> ComposeResult:
         yield NavBar(self.MODE)
         yield Static("Inference server. s start · x stop · n new API key", classes="screen-note")
-        yield Static("checking…", id="server-state", classes="serve-line")
-        yield Static("", id="server-models", classes="serve-line")
-        yield Static("", id="server-traffic", classes="serve-line volatile")
+        yield Static("checking…", id="server-state", classes="serve-line", markup=False)
+        yield Static("", id="server-models", classes="serve-line", markup=False)
+        yield Static("", id="server-traffic", classes="serve-line volatile", markup=False)
         yield Static("API keys (clients send 'Authorization: Bearer KEY')", classes="section-title")
         keys: DataTable = DataTable(id="keys", cursor_type="row", zebra_stripes=True)
         keys.add_columns("name", "id", "state", "created", "may use")
@@ -243,7 +243,7 @@ the UI's own monitoring key; an admin creates it once with **m**.
         self.post_message(ServeChanged("stopping the server: requests in progress finish first"))
 
     def on_serve_changed(self, message: ServeChanged) -> None:
-        self.notify(message.text)
+        self.notify(message.text, markup=False)
         self.poll_now()
 
     def action_open_job(self) -> None:
