@@ -156,11 +156,11 @@ def vault_status(as_json: bool) -> None:
     if agent:
         click.echo(f"vault: unlocked for {agent.account} ({agent.role}), locks in {_duration(agent.seconds_left)} "
                    f"without use (idle timeout {_duration(agent.idle_timeout_s)}, agent pid {agent.pid})")
+    else:
+        click.echo("vault: locked (run `airlock vault unlock`)")
     for pending in doc["emergencies_pending"]:
         click.echo(f"EMERGENCY ACCESS #{pending['id']} at {pending['started_at']} ({pending['origin']}) is not yet "
                    "acknowledged by an admin (`airlock users ack-emergency ID`)")
-    else:
-        click.echo("vault: locked (run `airlock vault unlock`)")
     click.echo(f"KEK version: {kek}; objects: {doc['objects']['active']} ({doc['objects']['deleted']} deleted)")
     if doc["unlock_failures"]:
         click.echo(f"failed unlock attempts since the last success: {doc['unlock_failures']}")

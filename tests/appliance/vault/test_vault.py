@@ -63,6 +63,8 @@ def test_init_unlock_store_rotate_delete_end_to_end(airlock_home, vault_init, un
     recovery = vault_init()
     assert run_cli("vault", "status").stdout.startswith("vault: locked")
     unlock()
+    shown = run_cli("vault", "status").stdout
+    assert shown.startswith("vault: unlocked") and "vault: locked" not in shown
     db, keys = _open(airlock_home)
     store.create_object(db, keys, "dataset-1", "dataset")
     payload = os.urandom(3 * 1024 * 1024 + 17)
