@@ -2,7 +2,8 @@
 
 * Every `airlock ...` and `airlock-bundle ...` command line in README.md and docs/**/*.md (shell
   code blocks, and inline code spans that start with the command) names a subcommand that exists
-  in the Click CLI, and every `--option` on it appears in that subcommand's `--help`.
+  in the Click CLI, and every `--option` on it appears in that subcommand's `--help`; every
+  `install.sh --option` is one its argument loop accepts.
 * README's first two code blocks are exactly `make demo` and `make test`.
 * Relative links (and #anchors into Markdown files) point at things that exist.
 * The DICOM de-identification summary in docs/security.md matches appliance/data/annex_e_actions.csv.
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # Code blocks whose lines are shell (or systemd unit) lines; JSON, TOML and Python blocks are not.
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console", "ini", "systemd"}
-PROGRAMS = ("airlock", "airlock-bundle")
+PROGRAMS = ("airlock", "airlock-bundle", "install.sh")
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 INLINE_CODE = re.compile(r"(`+)(.+?)\1")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -151,8 +152,23 @@ def _option_names(command: click.Command, ctx: click.Context) -> set[str]:
     return names
 
 
+def install_sh_options() -> set[str]:
+    """The options install.sh's argument loop accepts (`--trust) ...`, `-h|--help) ...`)."""
+    text = (REPO / "install.sh").read_text(encoding="utf-8")
+    return {opt for line in re.findall(r"^\s+(-[-a-z|]+)\)", text, re.M) for opt in line.split("|")}
+
+
+def check_install_sh(argv: list[str]) -> list[str]:
+    known = install_sh_options()
+    used = {piece.split("=", 1)[0] for raw in argv[1:] for piece in raw.strip("[](){}").split("|")
+            if piece.startswith("--")}
+    return [f"install.sh has no option {name}" for name in sorted(used - known)]
+
+
 def check_command(argv: list[str]) -> list[str]:
     """What is wrong with one documented command line (empty when it matches the CLI)."""
+    if argv[0] == "install.sh":
+        return check_install_sh(argv)
     roots = _roots()
     command: click.Command = roots[argv[0]]
     ctx = click.Context(command, info_name=argv[0])
@@ -215,6 +231,7 @@ def test_every_documented_command_exists_with_its_options() -> None:
     ("airlock optimize RUN --no-such", "`airlock optimize run` has no option --no-such"),
     ("airlock upgrade --record DIR", "`airlock upgrade` has no option --record"),  # hidden: not for people
     ("airlock-bundle verify DIR --trust\\|--nope FP", "has no option --nope"),
+    ("sudo ./install.sh --trust FP [--prefix /opt/x] [--force]", "install.sh has no option --force"),
 ])
 def test_the_checker_catches_stale_commands(text: str, problem: str) -> None:
     line = Line(REPO / "README.md", 1, f"`{text}`", in_code_block=False)
