@@ -6,7 +6,8 @@
   `install.sh --option` is one its argument loop accepts.
 * README's first two code blocks are exactly `make demo` and `make test`.
 * Relative links (and #anchors into Markdown files) point at things that exist.
-* The DICOM de-identification summary in docs/security.md matches appliance/data/annex_e_actions.csv.
+* The DICOM de-identification summary in docs/security.md matches appliance/data/annex_e_actions.csv,
+  and the operator guide's key table lists every key each TUI screen binds.
 
 The CLIs are walked in-process through their click command objects (no subprocesses), so this
 runs in about a second. Usage syntax in the docs is understood: `[--json]`, `auto|jsonl`,
@@ -356,3 +357,40 @@ def test_security_deid_summary_matches_the_action_table() -> None:
     expected = deid_summary_table()
     assert shown == expected, ("docs/security.md's de-identification summary is stale; replace the text between "
                                f"the markers with:\n{expected}")
+
+
+# --- the operator guide's key table ----------------------------------------------------------------------------
+
+GUIDE_ROWS = {"HomeScreen": "Home", "DataScreen": "Data", "DatasetScreen": "Dataset detail",
+              "ImportScreen": "Import wizard", "TrainScreen": "Train", "JobScreen": "Job", "ModelsScreen": "Models",
+              "VersionScreen": "Version detail", "ServeScreen": "Serve", "ScheduleScreen": "Schedule",
+              "AuditScreen": "Audit"}
+KEY_NAMES = {"slash": "/", "delete": "Delete", "enter": "Enter", "escape": "Escape"}
+
+
+def test_operator_guide_lists_every_screen_key() -> None:
+    """Each screen's bindings appear in its row of the operator guide's per-screen key table."""
+    import importlib
+
+    rows = {}
+    for line, _lang in markdown_lines(REPO / "docs" / "operator-guide.md"):
+        cells = [c.strip() for c in line.text.strip().strip("|").split("|")] if line.text.startswith("|") else []
+        if len(cells) == 2:
+            rows[re.sub(r"\s*\(.*\)$", "", cells[0])] = cells[1]
+    missing = []
+    for module_file in sorted((REPO / "tui" / "screens").glob("*.py")):
+        module = importlib.import_module(f"tui.screens.{module_file.stem}")
+        for name, title in GUIDE_ROWS.items():
+            screen = module.__dict__.get(name)
+            if screen is None or screen.__module__ != module.__name__:
+                continue
+            row = rows.get(title)
+            if row is None:
+                missing.append(f"no row '{title}' for {name}")
+                continue
+            for binding in screen.BINDINGS:
+                for key in binding.key.split(","):
+                    shown = KEY_NAMES.get(key, key)
+                    if f"`{shown}`" not in row:
+                        missing.append(f"{title}: key {shown} ({binding.description or binding.action})")
+    assert not missing, "docs/operator-guide.md's key table is stale:\n" + "\n".join(missing)
