@@ -92,7 +92,7 @@ def _tokens(text: str) -> list[str]:
 def command_in(segment: str) -> list[str] | None:
     """argv of the airlock/airlock-bundle command in one shell segment, or None.
 
-    Accepts what may stand before the program: `sudo`, `$ ` prompts, VAR=value assignments, and a
+    Accepts what may stand before the program: `sudo`, `sh`, `$ ` prompts, VAR=value assignments, and a
     path to the program (`/opt/airlock/bin/airlock`, `ExecStart=-/opt/airlock/bin/airlock`)."""
     tokens = _tokens(segment)
     for i, token in enumerate(tokens):
@@ -100,7 +100,7 @@ def command_in(segment: str) -> list[str] | None:
         value = value.lstrip("-@:+!")
         if value.rsplit("/", 1)[-1] in PROGRAMS:
             return [value.rsplit("/", 1)[-1], *tokens[i + 1:]]
-        if token in ("sudo", "$", "-E") or ENV_ASSIGNMENT.match(token):
+        if token in ("sudo", "$", "-E", "sh") or ENV_ASSIGNMENT.match(token):
             continue
         return None
     return None
