@@ -127,7 +127,8 @@ def stop_jobs(airlock_home: Path):
         for job in left:
             cancel_job(db, job.id)
         for job in left:
-            wait_for(db, job.id, timeout_s=60)
+            if job.pid is not None:  # a queued row without a process has nothing to wait for
+                wait_for(db, job.id, timeout_s=60)
     finally:
         db.close()
 

@@ -245,10 +245,11 @@ unattended (`airlock schedule run-due --machine-key`).
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="schedule-action")
     def run_due(self, task: str | None) -> None:
-        from appliance.registry.schedule import run_due
+        from appliance.registry.run_due_process import run_due_in_process
 
-        with catalog(self.airlock.home) as db:
-            results = run_due(db, self.airlock.home, task=task, force=task is not None)
+        # In a child process: the inbox import runs its job in-process there (signal handlers, core dumps off).
+        self.post_message(ScheduleChanged("running due schedules (inbox imports can take a while)…"))
+        results = run_due_in_process(self.airlock.home, task=task, force=task is not None)
         if not results:
             self.post_message(ScheduleChanged("nothing due"))
             return

@@ -1,0 +1,73 @@
+"""The Schedule screen against a real appliance home: a bad interval refused with the appliance's hint, a
+schedule with an inbox folder set by keyboard, "run due now" importing the inbox (new records, so a real
+retrain job starts), the outcome and the next due time, and deleting the schedule with a typed confirmation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.catalog import open_catalog
+from appliance.registry.schedule import get_schedule
+from tests.appliance.train.conftest import corpus_chats
+from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
+from tui.dialogs import ConfirmByTyping, ErrorDialog, FormDialog
+from tui.screens.schedule import ScheduleScreen
+
+
+async def open_dialog(pilot) -> FormDialog:
+    await pilot.press("e")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, FormDialog), "the schedule dialog")
+    return pilot.app.screen
+
+
+@pilot_test
+async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "new.jsonl").write_text("\n".join(corpus_chats(60)[40:]) + "\n", encoding="utf-8")
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.session is not None, "the session")
+        await pilot.press("6")
+        await wait_until(pilot, lambda: isinstance(app.screen, ScheduleScreen) and table_rows(app, "#schedules")
+                         and table_rows(app, "#schedules")[0][0] == "qa", "the task's row")
+        assert table_rows(app, "#schedules")[0][1] == "not scheduled (e sets)"
+        assert "production qa-v1" in text_of(app, "#schedule-detail")
+
+        dialog = await open_dialog(pilot)
+        dialog.set_value("every", "5 seconds")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ErrorDialog), "the refusal")
+        assert "is not an interval" in app.screen.message and "30m, 12h, 7d or 2w" in app.screen.hint
+        await pilot.press("escape")
+
+        dialog = await open_dialog(pilot)
+        assert dialog.values()["every"] == "7d"  # the suggested interval
+        await pilot.press("tab", "tab", "tab")  # every -> cron -> min new -> inbox
+        await type_text(pilot, str(inbox))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: table_rows(app, "#schedules")[0][1] == "every 1w", "the schedule")
+        assert table_rows(app, "#schedules")[0][4] == "never ran"
+        assert f"Inbox: {inbox}" in text_of(app, "#schedule-detail")
+
+        # Run due now: a new --every schedule is due at once; the inbox's records arrive, a retrain starts.
+        await pilot.press("u")
+        await wait_until(pilot, lambda: table_rows(app, "#schedules")[0][4].startswith("retrain started"),
+                         "the run's outcome", 120)
+        detail = text_of(app, "#schedule-detail")
+        assert "retrain started: " in detail and "new records since qa-v1" in detail
+        assert (inbox / "processed" / "new.jsonl").exists() and not (inbox / "new.jsonl").exists()
+        db = open_catalog()
+        schedule = get_schedule(db, "qa")
+        assert schedule is not None and schedule.last_run_at is not None and schedule.next_due_at > schedule.last_run_at
+        db.close()
+
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the delete confirmation")
+        await type_text(pilot, "qa")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: table_rows(app, "#schedules")[0][1] == "not scheduled (e sets)",
+                         "the schedule gone")
+    db = open_catalog()
+    assert get_schedule(db, "qa") is None
+    db.close()

@@ -1,0 +1,110 @@
+"""The Serve screen against a real appliance home: the monitoring key, an API key shown once (and only its
+hash stored), the server started as a real `serve` job on a free port, a real HTTP request whose count and
+latency come back through /metrics, revoking the key, and stopping the server."""
+
+from __future__ import annotations
+
+from textual.widgets import Input
+
+from appliance.catalog import open_catalog
+from appliance.jobs.records import get_job
+from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
+from tui.dialogs import ConfirmByTyping, ConfirmDialog, FormDialog, SecretShownOnce
+from tui.screens.serve import ServeScreen
+
+
+def chat(url: str, secret: str, model: str) -> tuple[int, dict]:
+    """One OpenAI-style chat completion over HTTP, as a client on the site's network sends it."""
+    import httpx
+
+    response = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"}, timeout=120,
+                          json={"model": model, "max_tokens": 4,
+                                "messages": [{"role": "user", "content": "How do I reset the pump?"}]})
+    return response.status_code, response.json()
+
+
+async def create_key(pilot, name: str) -> str:
+    """n, type the name, Enter; the dialog shows the key once: read it there and close it."""
+    app = pilot.app
+    await pilot.press("n")
+    await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the new key dialog")
+    await type_text(pilot, name)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(app.screen, SecretShownOnce), "the key, shown once")
+    secret = app.screen.secret
+    assert secret.startswith("airlock_") and text_of(app, "#secret") == secret
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(app.screen, ServeScreen), "the serve screen again")
+    return secret
+
+
+@pilot_test
+async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: str):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.session is not None, "the session")
+        await pilot.press("5")
+        await wait_until(pilot, lambda: isinstance(app.screen, ServeScreen) and app.screen.view is not None,
+                         "the serve screen")
+        serve = app.screen
+        assert "STOPPED (never started here)" in text_of(app, "#server-state")
+        assert app.screen.check_action("stop_server", ()) is None  # greyed out: nothing runs
+
+        await pilot.press("m")  # the UI's monitoring key (admin, once)
+        await wait_until(pilot, lambda: any(row[0] == "airlock-monitor" for row in table_rows(app, "#keys")),
+                         "the monitoring key")
+        secret = await create_key(pilot, "pacs-bridge")
+        await wait_until(pilot, lambda: any(row[0] == "pacs-bridge" for row in table_rows(app, "#keys")),
+                         "the new key in the list")
+        assert not any(secret in " ".join(row) for row in table_rows(app, "#keys"))
+        db = open_catalog()
+        stored = db.execute("SELECT key_hash FROM api_keys WHERE name = 'pacs-bridge'").fetchone()[0]
+        assert secret not in stored and len(stored) == 64  # the SHA-256, never the key
+        db.close()
+
+        # Start: the task's production model, on any free loopback port.
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the start dialog")
+        assert app.screen.values() == {"what": "task:qa", "host": "127.0.0.1", "port": "8080"}
+        port = app.screen.query_one("#form-port", Input)
+        await pilot.press("tab")
+        await wait_until(pilot, lambda: app.focused is port, "the port field")
+        await pilot.press("ctrl+u", "0", "enter")
+        await wait_until(pilot, lambda: serve.view.server is not None and serve.view.server.url is not None,
+                         "the listening server", 120)
+        url = serve.view.server.url
+        assert f"RUNNING · {url}" in text_of(app, "#server-state")
+        await wait_until(pilot, lambda: "qa v1 on PyTorch" in text_of(app, "#server-models"), "the served model")
+
+        status, answer = chat(url, secret, "qa")
+        assert status == 200 and answer["choices"][0]["message"]["role"] == "assistant"
+        await wait_until(pilot, lambda: "Since start: 1 requests, 0 errors" in text_of(app, "#server-traffic"),
+                         "the request in the live numbers")
+        assert "req/s" in text_of(app, "#server-traffic")
+
+        # Revoke (typed confirmation): the running server refuses the key from the next request on.
+        keys = serve.query_one("#keys")
+        keys.focus()
+        row = next(i for i, r in enumerate(table_rows(app, "#keys")) if r[0] == "pacs-bridge")
+        keys.move_cursor(row=row)
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the revoke confirmation")
+        await type_text(pilot, "pacs-bridge")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(r[0] == "pacs-bridge" and r[2] == "revoked"
+                                            for r in table_rows(app, "#keys")), "the revoked key")
+        status, answer = chat(url, secret, "qa")
+        assert status == 401 and answer["error"]["code"] == "revoked_api_key"
+
+        # Stop: confirmed, graceful; the job ends cancelled.
+        job_id = serve.view.server.job.id
+        await pilot.press("x")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the stop confirmation")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: serve.view.server is not None and not serve.view.server.running,
+                         "the stopped server", 90)
+        assert "STOPPED · last ran" in text_of(app, "#server-state")
+
+    db = open_catalog()
+    assert get_job(db, job_id).state == "cancelled"
+    db.close()
