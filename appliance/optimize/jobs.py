@@ -284,16 +284,23 @@ def _optimize(ctx: JobContext, run: Run) -> dict[str, Any]:
     keys = keys_for(ctx.db, ctx.home)
     optimizable_run(ctx.db, run.id)
     recipe = QuantRecipe(**ctx.job.params["recipe"])
-    variants = list(ctx.job.params["variants"])
-    original = {"original_steps": int(run.metrics.get("steps") or 1), "original_lr": float(run.recipe["lr"])}
-    if run.kind == "lm":
-        outcome = _optimize_lm(ctx, keys, run, recipe, variants, original)
-    else:
-        outcome = _optimize_classifier(ctx, keys, run, recipe, variants, original)
+    outcome = measure_exports(ctx, keys, run, recipe, list(ctx.job.params["variants"]))
     if outcome is None:
         return {"run": run.id, "stopped": True, "stored": False}
     report, exports = outcome
-    return _store(ctx, keys, run, report, exports)
+    return store_exports(ctx, keys, run, report, exports)
+
+
+def measure_exports(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, variants: list[str]
+                    ) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """Quantize, export and validate `run`'s trained model in memory: (report, exports), or None when stopped.
+
+    Nothing is stored: `store_exports` does that. Retraining's engine-parity gate calls this too.
+    """
+    original = {"original_steps": int(run.metrics.get("steps") or 1), "original_lr": float(run.recipe["lr"])}
+    if run.kind == "lm":
+        return _optimize_lm(ctx, keys, run, recipe, variants, original)
+    return _optimize_classifier(ctx, keys, run, recipe, variants, original)
 
 
 def _held_out_prompts(examples: list[Any]) -> list[list[int]]:
@@ -489,8 +496,8 @@ def _summarize(validation: dict[str, Any]) -> dict[str, Any]:
     return runs.finite(summary)
 
 
-def _store(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any],
-           exports: dict[str, bytes]) -> dict[str, Any]:
+def store_exports(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any],
+                  exports: dict[str, bytes]) -> dict[str, Any]:
     """Validated exports into the vault, the report last (it is what makes them servable), then the audit row."""
     from appliance.audit import append_audit
     from appliance.catalog import transaction
@@ -544,15 +551,6 @@ def _numbers(metrics: dict[str, Any] | None) -> dict[str, float] | None:
 
 def run_engine_build(ctx: JobContext) -> dict[str, Any]:
     """Handler of job kind `engine_build`: build a TensorRT engine from a stored export on the job's GPU."""
-    from appliance.audit import append_audit
-    from appliance.catalog import transaction
-    from appliance.optimize.tensorrt_engine import (
-        EngineBuildOptions,
-        build_engine,
-        causal_lm_profiles,
-        classifier_profiles,
-    )
-    from appliance.train.artifacts import save_artifact
     from appliance.vault.lifecycle import keys_for
 
     params = ctx.job.params
@@ -567,7 +565,25 @@ def run_engine_build(ctx: JobContext) -> dict[str, Any]:
     if variant not in usable_variants(report):
         raise EngineError(f"run {run.id} has no validated {variant} export", hint=f"run `airlock optimize {run.id}`")
     onnx = read_onnx(ctx.db, keys, ctx.home, run, report, variant)
-    limits = {k: v for k, v in params.get("profile", {}).items() if v is not None}
+    details = build_and_store_engine(ctx, keys, run, report, variant, onnx, params.get("profile", {}),
+                                     params["options"])
+    return {"run": run.id, **details}
+
+
+def build_and_store_engine(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any], variant: str,
+                           onnx: bytes, profile: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Build the TensorRT engine of a validated export on this process's GPU, store plan + sidecar, audit it."""
+    from appliance.audit import append_audit
+    from appliance.catalog import transaction
+    from appliance.optimize.tensorrt_engine import (
+        EngineBuildOptions,
+        build_engine,
+        causal_lm_profiles,
+        classifier_profiles,
+    )
+    from appliance.train.artifacts import save_artifact
+
+    limits = {k: v for k, v in profile.items() if v is not None}
     if report["task"] == "classifier":
         profiles = classifier_profiles(tuple(report["image_shape"]),
                                        **{k: v for k, v in limits.items() if k == "max_batch"})
@@ -579,7 +595,7 @@ def run_engine_build(ctx: JobContext) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(resolve_base_model(run.base_model).path, local_files_only=True)
         profiles = causal_lm_profiles(config, **limits)
     ctx.progress(f"building the {variant} TensorRT engine (minutes on a large model)", variant=variant)
-    build = build_engine(onnx, variant=variant, profiles=profiles, options=EngineBuildOptions(**params["options"]),
+    build = build_engine(onnx, variant=variant, profiles=profiles, options=EngineBuildOptions(**options),
                          quant_recipe=report.get("recipe") if variant == "int8" else None)
     # The plan first: a sidecar never describes a plan that is not there yet.
     artifact = save_artifact(ctx.db, keys, ctx.home, run.id, {engine_plan_file(variant): build.plan})
@@ -590,4 +606,4 @@ def run_engine_build(ctx: JobContext) -> dict[str, Any]:
                "tensorrt": build.sidecar["tensorrt"], "plan_bytes": len(build.plan)}
     with transaction(ctx.db):
         append_audit(ctx.db, "engine.build", run.id, details, actor=ctx.job.actor)
-    return {"run": run.id, **details}
+    return details

@@ -82,23 +82,60 @@ def _metric_rows(version: ModelVersion, previous: ModelVersion | None) -> list[l
     return rows
 
 
+def _split_row(label: str, entry: dict[str, Any], gate: dict[str, Any]) -> list[Any]:
+    if "production_roc_auc" in entry:  # an image classifier: AUC and accuracy, higher is better
+        def both(side: str) -> str:
+            return f"AUC {_cell(entry.get(f'{side}_roc_auc'))}, accuracy {_cell(entry.get(f'{side}_accuracy'))}"
+
+        change = f"AUC {_pct(entry.get('roc_auc_change'))}, accuracy {_pct(entry.get('accuracy_change'))}"
+        limit = f"limit -{(gate.get('max_relative_decrease') or 0) * 100:.1f}%"
+        return [f"{label}: {entry['split']}", entry["records"], both("production"), both("candidate"), change,
+                f"{entry['status']} ({limit})"]
+    return [f"{label}: {entry['split']}", entry["records"], entry.get("production_loss"), entry.get("candidate_loss"),
+            _pct(entry.get("relative_change")), f"{entry['status']} (limit {_pct(gate.get('max_relative_increase'))})"]
+
+
+def _engine_row(gate: dict[str, Any]) -> list[Any]:
+    measured, limits = gate.get("measured", {}), gate.get("thresholds", {})
+    numbers = ", ".join(f"{k} {_cell(v)}" for k, v in measured.items() if k in ("max_rel_diff", "top1_agreement",
+                                                                                    "accuracy_onnx", "greedy_equal"))
+    engine = gate.get("engine", {})
+    where = "TensorRT engine built" if engine.get("built") else "ONNX Runtime only (no engine built)"
+    result = gate["status"] + (f": {'; '.join(gate['failures'])}" if gate.get("failures") else "")
+    if limits:
+        result += (f" (limits: max rel diff {_cell(limits.get('max_rel_diff'))}, min top-1 "
+                   f"{_cell(limits.get('min_top1_agreement'))}, {limits.get('source')})")
+    quant = f", {gate['quantization'].upper()}" if gate.get("quantization") else ""
+    return [f"engine parity: {gate.get('variant', '?')}{quant} ONNX vs PyTorch", measured.get("samples",
+            measured.get("prompts", "-")), "PyTorch (reference)", numbers or "-", where, result]
+
+
 def _gate_rows(version: ModelVersion) -> list[list[Any]]:
     rows = []
     forgetting = version.gates.get("forgetting", {})
     for entry in forgetting.get("splits", []):
-        rows.append([f"forgetting: {entry['split']}", entry["records"], entry.get("production_loss"),
-                     entry.get("candidate_loss"), _pct(entry.get("relative_change")),
-                     f"{entry['status']} (limit {_pct(forgetting.get('max_relative_increase'))})"])
+        rows.append(_split_row("forgetting", entry, forgetting))
     new = version.gates.get("new_data", {})
     if "split" in new:
-        rows.append([f"new data: {new['split']}", new["records"], new.get("production_loss"),
-                     new.get("candidate_loss"), _pct(new.get("relative_change")),
-                     f"{new['status']} (limit {_pct(new.get('max_relative_increase'))})"])
+        rows.append(_split_row("new data", new, new))
+    engine = version.gates.get("engine_parity", {})
+    if engine.get("status") in ("pass", "fail"):
+        rows.append(_engine_row(engine))
     for name in ("forgetting", "new_data", "engine_parity"):
         gate = version.gates.get(name, {})
         if gate.get("status") in ("not_applicable", "not_evaluated") and not gate.get("splits"):
             rows.append([name.replace("_", " "), "-", "-", "-", "-", f"{gate['status']}: {gate.get('reason', '')}"])
     return rows
+
+
+def _ewc_text(recipe: dict[str, Any], metrics: dict[str, Any]) -> str:
+    ewc = metrics.get("ewc")
+    if ewc:
+        return (f"EWC: lambda {ewc['lambda']:g}, diagonal Fisher of {ewc['parameters']:,} trainable weights from "
+                f"{ewc['fisher_batches']} batches of earlier train records (last penalty {ewc['last_penalty']:.4g}).")
+    if recipe.get("ewc_lambda"):
+        return f"EWC: lambda {recipe['ewc_lambda']:g}."
+    return "EWC: off (lambda 0)."
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -218,7 +255,8 @@ def card_blocks(db: sqlite_utils.Database, version_id: str) -> list[Block]:
                                  + ("continued from its adapter" if retrain["init"] == "production"
                                     else "a fresh adapter")
                                  + f", replay share {retrain['replay']:g} (seed {retrain['replay_seed']}), new data "
-                                   f"after dataset version {retrain['since_version']}. EWC is not used."))
+                                   f"after dataset version {retrain['since_version']}. "
+                                 + _ewc_text(recipe, version.metrics)))
     blocks.append(_table(["field", "value"], [[k, canonical_json(v) if isinstance(v, list | dict)
                                                else f"{v:g}" if isinstance(v, float) else v]
                                               for k, v in sorted(recipe.items())]))
@@ -231,13 +269,25 @@ def card_blocks(db: sqlite_utils.Database, version_id: str) -> list[Block]:
         blocks.append(Block("p", "Each version's numbers come from its own run, on its own validation and test "
                                  "records; the gates below compare both versions on the same test splits."))
     blocks.append(_table(["metric", "this version", label, "delta"], _metric_rows(version, previous)))
-    blocks += [_h(2, "Gates"), _table(["gate", "test records", "production loss", "this version's loss",
-                                       "change", "result"], _gate_rows(version))]
+    blocks += [_h(2, "Gates"), _table(["gate", "test records", "production", "this version", "change", "result"],
+                                      _gate_rows(version))]
     if version.reasons:
         blocks.append(Block("ul", items=tuple(f"rejected: {r}" for r in version.reasons)))
 
     blocks += [_h(2, "Quantization and engines")]
-    derived = {k: v for k, v in version.artifacts.items() if k in ("onnx_fp32", "onnx_int8", "engine")}
+    derived = {k: v for k, v in version.artifacts.items() if k in ("onnx_fp32", "onnx_fp16", "onnx_int8", "engine")}
+    engine_gate = version.gates.get("engine_parity", {})
+    if engine_gate.get("status") in ("pass", "fail"):
+        engine = engine_gate.get("engine") or {}
+        stages = "; ".join(f"{stage}: " + ", ".join(f"{k} {_cell(v)}" for k, v in numbers.items())
+                           for stage, numbers in (engine_gate.get("metrics") or {}).items() if numbers)
+        blocks.append(Block("ul", items=tuple(x for x in (
+            f"engine parity gate: {engine_gate['status']}, {engine_gate.get('variant')} export measured on "
+            f"{engine_gate.get('runtime')}",
+            f"quantization metrics: {stages}" if stages else "",
+            ("TensorRT engine built: " + ", ".join(f"{k} {engine[k]}" for k in ("gpu", "sm", "tensorrt")
+                                                    if k in engine)) if engine.get("built")
+            else f"no TensorRT engine built: {engine.get('reason', 'the gate failed first')}") if x)))
     if derived:
         blocks.append(_table(["artifact", "details"], [[k, canonical_json(v)] for k, v in sorted(derived.items())]))
     else:

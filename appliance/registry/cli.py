@@ -4,8 +4,8 @@
     airlock models register RUN --task TASK          airlock models card ID [--html OUT]
     airlock models promote ID [--reason TEXT]        airlock models rollback TASK [--reason TEXT]
     airlock models diff A B [--json]                 airlock models delete ID [--yes]
-    airlock models policy TASK [--max-forgetting 0.05] [--auto-promote/--no-auto-promote] ...
-    airlock retrain TASK [--replay 0.2] [--from production|fresh] [--lr X] [--auto] [--wait] [--json]
+    airlock models policy TASK [--max-forgetting 0.05] [--auto-promote/--no-auto-promote] [--engines] ...
+    airlock retrain TASK [--replay 0.2] [--from production|fresh] [--lr X] [--ewc-lambda X] [--auto] [--wait]
 
 Reading (list, show, card, diff) needs no session; registering needs an operator, promoting and
 rolling back an admin (or the scheduler, for gated automatic promotion), policy and delete an admin.
@@ -240,16 +240,30 @@ def models_delete(version_id: str, yes: bool) -> None:
                    "(default 0.01: improvement, or parity within 1%).")
 @click.option("--auto-promote/--no-auto-promote", default=None, help="Promote retrains whose gates pass.")
 @click.option("--engines/--no-engines", "deploys_engines", default=None,
-              help="The task deploys QAT/TensorRT engines (engine parity becomes a gate).")
+              help="The task deploys QAT/TensorRT engines: retrains run the optimize stage, parity is gate 3.")
+@click.option("--ewc-lambda", type=click.FloatRange(0, 1e12),
+              help="EWC penalty strength for retrains (0 = off); e.g. 1e5 for the tiny models.")
+@click.option("--engine-variant", type=click.Choice(["int8", "fp16", "fp32"]),
+              help="The export gate 3 checks (default int8).")
+@click.option("--engine-qat/--engine-ptq", "engine_qat", default=None,
+              help="int8: quantization-aware fine-tuning after calibration (default), or calibration only.")
+@click.option("--engine-max-rel-diff", type=click.FloatRange(0),
+              help="Tighten gate 3: largest relative logit difference ONNX vs PyTorch (default: per variant).")
+@click.option("--engine-min-top1", type=click.FloatRange(0, 1),
+              help="Tighten gate 3: smallest share of held-out inputs with PyTorch's top-1 (default: per variant).")
 @_json
 def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: float | None,
-                  auto_promote: bool | None, deploys_engines: bool | None, as_json: bool) -> None:
-    """Show or change a task's gates and auto-promotion (changes need an admin; audited)."""
+                  auto_promote: bool | None, deploys_engines: bool | None, ewc_lambda: float | None,
+                  engine_variant: str | None, engine_qat: bool | None, engine_max_rel_diff: float | None,
+                  engine_min_top1: float | None, as_json: bool) -> None:
+    """Show or change a task's gates, EWC strength and auto-promotion (changes need an admin; audited)."""
     from appliance.registry.versions import get_task, set_policy
 
     db = _open()
     changes = {"max_forgetting": max_forgetting, "new_data_tolerance": new_data_tolerance,
-               "auto_promote": auto_promote, "deploys_engines": deploys_engines}
+               "auto_promote": auto_promote, "deploys_engines": deploys_engines, "ewc_lambda": ewc_lambda,
+               "engine_variant": engine_variant, "engine_qat": engine_qat,
+               "engine_max_rel_diff": engine_max_rel_diff, "engine_min_top1": engine_min_top1}
     if any(v is not None for v in changes.values()):
         session = _session(db, "models.policy")
         result = set_policy(db, task, actor=session.actor, **changes)
@@ -262,7 +276,17 @@ def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: f
                 ("base model", result.base_model), ("auto-promote", "on" if result.auto_promote else "off"),
                 ("max forgetting", f"{result.max_forgetting:.1%}"),
                 ("new data tolerance", f"{result.new_data_tolerance:.1%}"),
-                ("deploys engines", "yes" if result.deploys_engines else "no")], ["field", "value"])
+                ("deploys engines", "yes" if result.deploys_engines else "no"),
+                ("EWC lambda", f"{result.ewc_lambda:g}" + (" (off)" if not result.ewc_lambda else "")),
+                ("engine gate", f"{result.engine_variant}"
+                                + (f" ({'QAT' if result.engine_qat else 'PTQ'})" if result.engine_variant == "int8"
+                                   else "")
+                                + f", max rel diff {_limit(result.engine_max_rel_diff)}, min top-1 "
+                                  f"{_limit(result.engine_min_top1)}")], ["field", "value"])
+
+
+def _limit(value: float | None) -> str:
+    return "per variant" if value is None else f"{value:g}"
 
 
 @click.command()
@@ -274,18 +298,23 @@ def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: f
 @click.option("--lr", type=float, help="Learning rate (default: the production run's).")
 @click.option("--max-steps", type=click.IntRange(min=1),
               help="Optimizer steps (default: the production run's, scaled to the size of the new mix).")
+@click.option("--ewc-lambda", type=click.FloatRange(0, 1e12),
+              help="EWC penalty strength (default: the task's policy; 0 = off).")
 @click.option("--auto", is_flag=True, help="Promote at once if the gates pass (admin or scheduler).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, or cuda:N.")
 @click.option("--wait", is_flag=True, help="Follow the job; exit 1 if the gates reject the result, 2 if it fails.")
 @_json
-def retrain(task: str, init: str, replay: float, lr: float | None, max_steps: int | None, auto: bool, device: str,
-            wait: bool, as_json: bool) -> int:
-    """Retrain TASK's production model on the records imported since, plus replay; gate; register.
+def retrain(task: str, init: str, replay: float, lr: float | None, max_steps: int | None, ewc_lambda: float | None,
+            auto: bool, device: str, wait: bool, as_json: bool) -> int:
+    """Retrain TASK's production model (LoRA adapter or image classifier) on the records imported since,
+    plus replay; gate; register.
 
-    Gates: no earlier test split's loss may rise more than the task's max-forgetting, the new data's
-    test loss must not get worse (new-data tolerance), engine parity (not applicable yet). Passing
-    versions stay candidates unless auto-promote is on (`airlock models policy TASK --auto-promote`)
-    or --auto; failing ones are rejected with their reasons, and production is untouched.
+    Gates: no earlier test split may get worse than the task's max-forgetting allows (LMs: test loss;
+    classifiers: ROC AUC and accuracy), the new data's test split must not get worse (new-data
+    tolerance), and for tasks that deploy engines the quantized ONNX export must match the model
+    (engine parity). Passing versions stay candidates unless auto-promote is on (`airlock models
+    policy TASK --auto-promote`) or --auto; failing ones are rejected with their reasons, and
+    production is untouched.
     """
     from appliance.jobs.records import get_job
     from appliance.paths import airlock_home
@@ -303,7 +332,7 @@ def retrain(task: str, init: str, replay: float, lr: float | None, max_steps: in
     if auto:
         _session(db, "models.promote")
     run, job = start_retrain(db, task, session=session, init=init, replay=replay, lr=lr, max_steps=max_steps,
-                             auto=auto, device=device)
+                             auto=auto, device=device, ewc_lambda=ewc_lambda)
     if not as_json:
         click.echo(f"started retrain of {task} (run {run.id}, job {job.id}) on {run.dataset_name} "
                    f"v{run.dataset_version}, from {job.params['parent']}")

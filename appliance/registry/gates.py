@@ -12,8 +12,11 @@ Gates, in order, all recorded on the version:
 2. new data: on the new records' test split, the candidate's loss may rise at most
    `new_data_tolerance` relative to production's (default 0.01: improvement, or parity
    within 1%, so float noise and a tie do not reject);
-3. engine parity: QAT/TensorRT parity for tasks that deploy engines; not applicable until the
-   optimize stage feeds it.
+3. engine parity, for tasks that deploy engines: measured by the retrain job after 1 and 2 pass
+   (appliance.registry.engine_gate); `decide` leaves it `not_evaluated`.
+Image classifiers are judged on ROC AUC and accuracy instead of loss (`decide_classifier`): on every
+earlier test split neither may fall more than `max_forgetting` relative to production's, and on the
+new test split neither more than `new_data_tolerance`.
 A gate that has no records to measure on is `not_applicable` and says so; it does not block.
 """
 
@@ -40,6 +43,8 @@ class RetrainData:
     new_test_name: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     """new_train, replay_train, new_val, replay_val, earlier_train: numbers only."""
+    ewc: list[Any] = field(default_factory=list)
+    """Earlier train records (a seeded sample) on which the EWC Fisher is measured; empty without EWC."""
 
 
 def replay_count(new: int, available: int, replay: float) -> int:
@@ -60,9 +65,12 @@ def split_name(dataset: str, first: int, last: int | None = None) -> str:
     return f"{dataset}@{versions}/test"
 
 
-def select_records(rows: Sequence[tuple[str, int, str, dict[str, Any]]], *, dataset: str, since: int, last: int,
-                   replay: float, seed: int) -> RetrainData:
-    """rows: (content hash, dataset version, split, record) in storage order, versions 1..last."""
+def select_records(rows: Sequence[tuple[str, int, str, Any]], *, dataset: str, since: int, last: int,
+                   replay: float, seed: int, ewc_count: int = 0) -> RetrainData:
+    """rows: (content hash, dataset version, split, record) in storage order, versions 1..last.
+
+    `ewc_count`: also pick that many earlier train records (seeded, independent of replay) for the EWC Fisher.
+    """
     new = [r for r in rows if since < r[1] <= last]
     old = [r for r in rows if r[1] <= since]
     data = RetrainData(new_test_name=split_name(dataset, since + 1, last))
@@ -80,6 +88,11 @@ def select_records(rows: Sequence[tuple[str, int, str, dict[str, Any]]], *, data
         data.frozen_tests[split_name(dataset, version)] = tests
     data.new_test = [r[3] for r in new if r[2] == "test"]
     data.counts["new_test"] = len(data.new_test)
+    if ewc_count:
+        earlier = [r for r in old if r[2] == "train"]
+        chosen = replay_sample([r[0] for r in earlier], min(ewc_count, len(earlier)), seed + 1)
+        data.ewc = [r[3] for r in earlier if r[0] in chosen]
+        data.counts["ewc_fisher"] = len(data.ewc)
     return data
 
 
@@ -162,11 +175,104 @@ def decide(frozen: Sequence[SplitLoss], new: SplitLoss, *, max_forgetting: float
     else:
         new_entry["status"] = PASS
 
-    engine = {"status": NOT_APPLICABLE,
-              "reason": ("the task deploys engines, but QAT/engine parity is not yet measured by retraining; "
-                         "build and check the engine with the optimize stage before serving it")
-              if deploys_engines else "the task does not deploy QAT/TensorRT engines"}
-    gates = {"forgetting": forgetting, "new_data": new_entry, "engine_parity": engine}
+    gates = {"forgetting": forgetting, "new_data": new_entry, "engine_parity": _engine_placeholder(deploys_engines)}
+    return GateOutcome(not reasons, gates, reasons)
+
+
+def _engine_placeholder(deploys_engines: bool) -> dict[str, Any]:
+    if deploys_engines:
+        return {"status": "not_evaluated", "reason": "measured by the retrain job once the other gates pass"}
+    return {"status": NOT_APPLICABLE, "reason": "the task does not deploy QAT/TensorRT engines"}
+
+
+def with_engine_gate(outcome: GateOutcome, engine: dict[str, Any], reasons: Sequence[str]) -> GateOutcome:
+    """The outcome with gate 3 filled in (appliance.registry.engine_gate)."""
+    all_reasons = [*outcome.reasons, *reasons]
+    return GateOutcome(not all_reasons, {**outcome.gates, "engine_parity": engine}, all_reasons)
+
+
+# --- image classifiers ---------------------------------------------------------------------------------------------
+
+CLASSIFIER_METRICS = {"roc_auc": "AUC", "accuracy": "accuracy"}
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """A classifier's scores on one test split: {"roc_auc": ..., "accuracy": ...} per model (None if empty)."""
+
+    split: str
+    records: int
+    production: dict[str, float] | None
+    candidate: dict[str, float] | None
+
+    def changes(self) -> dict[str, float]:
+        """Relative change per metric that both models have (AUC is undefined on a one-class split)."""
+        out = {}
+        for metric in CLASSIFIER_METRICS:
+            before = (self.production or {}).get(metric)
+            after = (self.candidate or {}).get(metric)
+            if before is not None and after is not None and math.isfinite(before) and math.isfinite(after) \
+                    and before > 0:
+                out[metric] = (after - before) / before
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        changes = self.changes()
+        entry: dict[str, Any] = {"split": self.split, "records": self.records}
+        for metric in CLASSIFIER_METRICS:
+            entry[f"production_{metric}"] = _round(_finite((self.production or {}).get(metric)))
+            entry[f"candidate_{metric}"] = _round(_finite((self.candidate or {}).get(metric)))
+            entry[f"{metric}_change"] = _round(changes.get(metric))
+        entry["relative_change"] = _round(min(changes.values())) if changes else None  # the worst metric
+        return entry
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _score_failures(scores: SplitScores, limit: float, label: str) -> list[str]:
+    out = []
+    for metric, change in scores.changes().items():
+        if change < -limit:
+            out.append(f"{label}: {scores.split} {CLASSIFIER_METRICS[metric]} {scores.production[metric]:.4f} -> "
+                       f"{scores.candidate[metric]:.4f} ({_pct(change)}, limit {_pct(-limit)})")
+    return out
+
+
+def decide_classifier(frozen: Sequence[SplitScores], new: SplitScores, *, max_forgetting: float,
+                      new_data_tolerance: float, deploys_engines: bool) -> GateOutcome:
+    """Gates 1 and 2 for image classifiers, on ROC AUC and accuracy (higher is better). Pure, like `decide`."""
+    reasons: list[str] = []
+    entries = []
+    for split in frozen:
+        entry = split.to_dict()
+        failures = _score_failures(split, max_forgetting, "forgetting")
+        if not split.changes():
+            entry["status"] = NOT_APPLICABLE
+            entry["reason"] = "no test images in this version" if split.records == 0 else "metrics undefined"
+        else:
+            entry["status"] = FAIL if failures else PASS
+        reasons += failures
+        entries.append(entry)
+    measured = [e for e in entries if e["status"] != NOT_APPLICABLE]
+    forgetting: dict[str, Any] = {
+        "status": (FAIL if any(e["status"] == FAIL for e in entries) else PASS) if measured else NOT_APPLICABLE,
+        "metric": "ROC AUC and accuracy, relative change", "max_relative_decrease": max_forgetting,
+        "max_relative_increase": max_forgetting, "splits": entries}
+    if not measured:
+        forgetting["reason"] = "no earlier test split has images to measure"
+    new_entry: dict[str, Any] = {**new.to_dict(), "metric": "ROC AUC and accuracy, relative change",
+                                 "max_relative_decrease": new_data_tolerance,
+                                 "max_relative_increase": new_data_tolerance}
+    failures = _score_failures(new, new_data_tolerance, "new data")
+    if not new.changes():
+        new_entry["status"] = NOT_APPLICABLE
+        new_entry["reason"] = "the new images have no test split yet (small imports may land in train/val only)"
+    else:
+        new_entry["status"] = FAIL if failures else PASS
+    reasons += failures
+    gates = {"forgetting": forgetting, "new_data": new_entry, "engine_parity": _engine_placeholder(deploys_engines)}
     return GateOutcome(not reasons, gates, reasons)
 
 

@@ -1,6 +1,7 @@
 """Job kind `retrain`: incremental retraining of a task's production model, gated, then registered.
 
     airlock retrain maint-qa --replay 0.2 --wait          # continue from production on new data + 20% replay
+    airlock retrain chest-xray --ewc-lambda 1e5 --wait    # an image classifier, with an EWC penalty
 
 `start_retrain` (the command, or `airlock schedule run-due`) pins the dataset's latest version,
 derives the recipe from the production version's run (same LoRA structure; `--lr`, `--max-steps`
@@ -11,20 +12,26 @@ replay, not the whole dataset), writes the job and its run row, and launches the
 1. keys from the key agent, base model hash (must equal production's when continuing from it),
    the pinned dataset version unchanged;
 2. decrypts the records into memory and selects new + seeded replay (appliance.registry.gates);
-3. loads the production adapter (its SHA-256 checked against the registry) and continues
-   training from it (`--from fresh`: a new adapter), with vault checkpoints as `train` has;
-4. stores the adapter encrypted (`run-<run id>`), measures production and candidate on every
-   earlier frozen test split and on the new test split, decides the gates;
+3. loads the production adapter or classifier (its SHA-256 checked against the registry) and
+   continues training from it (`--from fresh`: new weights), with vault checkpoints as `train`
+   has, and with an EWC penalty when the task's or the command's `ewc_lambda` is above 0
+   (Fisher measured on a seeded sample of earlier train records; appliance.train.ewc);
+4. stores the weights encrypted (`run-<run id>`), measures production and candidate on every
+   earlier frozen test split and on the new test split (LMs: test loss; classifiers: ROC AUC and
+   accuracy), decides gates 1 and 2; for a task that deploys engines whose candidate passed them,
+   runs the optimize stage on it for gate 3 (appliance.registry.engine_gate);
 5. registers the version: `candidate` when the gates pass (then promoted at once when auto-promote
-   is on and the job's account may promote), `rejected` with its reasons otherwise. Production is
-   untouched unless promoted here.
+   is on and the job's account may promote), `rejected` with its reasons otherwise; the exports
+   (and engine) that gate 3 stored are recorded on it. Production is untouched unless promoted here.
 
-EWC (elastic weight consolidation) is not implemented: replay and the forgetting gate carry the load.
+Image classifiers keep production's classes: new data that brings a new class is refused before
+the job starts (a new class is a new model: `airlock train classifier ... --task`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -34,10 +41,12 @@ import appliance
 from appliance.catalog import transaction
 from appliance.errors import AirlockError
 from appliance.jobs.runner import JobContext
-from appliance.registry import gates
+from appliance.registry import engine_gate, gates
 from appliance.registry.versions import (
+    MAX_EWC_LAMBDA,
     ModelVersion,
     RegistryError,
+    add_artifact,
     artifact_entry,
     dataset_versions_of,
     get_task,
@@ -59,6 +68,8 @@ if TYPE_CHECKING:
 JOB_KIND = "retrain"
 INITS = ("production", "fresh")
 MAX_REPLAY = 0.9
+EWC_RECORDS = 64
+"""Earlier train records (a seeded sample) on which the EWC Fisher is measured."""
 
 
 def learned_version(version: ModelVersion, dataset_id: str) -> int:
@@ -79,35 +90,48 @@ def new_record_counts(db: sqlite_utils.Database, dataset_id: str, since: int) ->
     return counts
 
 
+def new_classes(db: sqlite_utils.Database, dataset_id: str, since: int, known: list[str]) -> list[str]:
+    """Labels of train records imported after version `since` that the production classifier does not know."""
+    rows = db.execute("SELECT DISTINCT label FROM dataset_records WHERE dataset_id = ? AND version > ? AND split = "
+                      "'train' AND label IS NOT NULL AND label != ''", [dataset_id, since])
+    return sorted({r[0] for r in rows} - set(known))
+
+
 def start_retrain(db: sqlite_utils.Database, task_name: str, *, session: Session, init: str = "production",
                   replay: float = 0.2, lr: float | None = None, max_steps: int | None = None, auto: bool = False,
-                  device: str = "auto", seed: int | None = None) -> tuple[runs.Run, Job]:
-    """Validate and launch a retrain of `task_name`'s production version. The caller checked `train.start`."""
+                  device: str = "auto", seed: int | None = None, ewc_lambda: float | None = None
+                  ) -> tuple[runs.Run, Job]:
+    """Validate and launch a retrain of `task_name`'s production version. The caller checked `train.start`.
+
+    `ewc_lambda`: EWC strength for this retrain (None: the task's policy, `airlock models policy --ewc-lambda`).
+    """
     from appliance.jobs import records
     from appliance.jobs.runner import launch
     from appliance.train.fingerprints import recipe_hash
     from appliance.train.inputs import pin_dataset
-    from appliance.train.jobs import auto_device, check_base_model
+    from appliance.train.jobs import auto_device, check_base_model, recipe_class
     from appliance.train.recipe import recipe_from_dict
 
     task = get_task(db, task_name)
-    if task.kind != "lm":
-        raise RegistryError(f"task {task.name!r} holds image classifiers; incremental retraining covers language "
-                            "models for now", hint=f"train a new classifier (`airlock train classifier ... --task "
-                                                   f"{task.name}`), read its card, and promote it")
     if init not in INITS:
         raise RegistryError(f"--from {init!r} is not production or fresh", hint="use --from production (continue) "
                                                                                 "or --from fresh")
     if not 0 <= replay <= MAX_REPLAY:
         raise RegistryError(f"--replay {replay} is outside 0..{MAX_REPLAY}",
                             hint="the share of earlier records in the training mix, e.g. 0.2")
+    ewc = task.ewc_lambda if ewc_lambda is None else ewc_lambda
+    if not 0 <= ewc <= MAX_EWC_LAMBDA:
+        raise RegistryError(f"--ewc-lambda {ewc} is outside 0..{MAX_EWC_LAMBDA:g}", hint="0 turns EWC off")
+    if ewc and init == "fresh":
+        raise RegistryError("EWC keeps a retrain close to the production weights; --from fresh does not start there",
+                            hint="use --from production with EWC, or --ewc-lambda 0 with --from fresh")
     parent = production(db, task.name)
     if parent is None:
         raise RegistryError(f"task {task.name!r} has no production version to retrain",
                             hint=f"promote one first: `airlock models promote ID` (`airlock models list --task "
                                  f"{task.name}`)")
     parent_run = runs.get_run(db, parent.run_id)
-    pinned = pin_dataset(db, parent_run.dataset_name, "lm")
+    pinned = pin_dataset(db, parent_run.dataset_name, task.kind)
     if pinned.dataset.id != task.dataset_id:
         raise RegistryError(f"dataset {parent_run.dataset_name!r} of task {task.name} was deleted and created again",
                             hint="its earlier data is gone; train a new model on it and register it under a new task")
@@ -120,8 +144,16 @@ def start_retrain(db: sqlite_utils.Database, task_name: str, *, session: Session
     if counts["train"] == 0:
         raise RegistryError(f"the {counts['val'] + counts['test']} records imported since version {since} all "
                             "landed in val/test", hint="import more records; retraining needs new train records")
-    check_base_model(parent_run.base_model, "lm")
+    if task.kind == "classifier":
+        unknown = new_classes(db, task.dataset_id, since, parent_run.metrics.get("labels") or [])
+        if unknown:
+            raise RegistryError(f"the new images of {pinned.dataset.name} bring class(es) {', '.join(unknown)} that "
+                                f"{parent.id} does not know; a retrain keeps production's classes",
+                                hint=f"train a new classifier on all classes (`airlock train classifier --data "
+                                     f"{pinned.dataset.name} --task {task.name} ...`) and promote it after review")
+    check_base_model(parent_run.base_model, task.kind)
     values = dict(parent_run.recipe)
+    values["ewc_lambda"] = ewc
     if lr is not None:
         values["lr"] = lr
     if max_steps is not None:
@@ -131,21 +163,21 @@ def start_retrain(db: sqlite_utils.Database, task_name: str, *, session: Session
         mix = counts["train"] + gates.replay_count(counts["train"], counts["earlier_train"], replay)
         learned = (parent_run.metrics.get("records") or {}).get("train") or mix
         values["max_steps"] = max(1, math.ceil(values["max_steps"] * mix / learned))
-    recipe_from_dict(values, f"retrain of {task.name}")  # validates (--lr bounds) before anything is written
+    recipe_from_dict(values, f"retrain of {task.name}", recipe_class(task.kind))  # --lr bounds, before any write
     auto_promote, note = (auto or task.auto_promote), None
     if auto_promote and not session.allows("models.promote"):
         auto_promote = False
         note = f"{session.account} ({session.role}) may not promote: the result stays a candidate"
     device = auto_device() if device == "auto" else device
-    run_id = runs.new_run_id("lm")
+    run_id = runs.new_run_id(task.kind)
     params = {"run": run_id, "task": task.name, "parent": parent.id, "init": init, "replay": replay,
               "replay_seed": parent_run.recipe.get("seed", 0) if seed is None else seed, "since_version": since,
               "auto_promote": auto_promote, "auto_promote_note": note}
     with transaction(db):
         job = records.create_job(db, JOB_KIND, params, device=device, actor=session.actor)
-        runs.insert_run(db, runs.Run(run_id, "lm", task.name, job.id, parent_run.base_model, None, pinned.dataset.id,
-                                     pinned.dataset.name, pinned.version, pinned.content_hash, values,
-                                     recipe_hash(values), "queued", {}, {}, None, None, runs.now(), None, None,
+        runs.insert_run(db, runs.Run(run_id, task.kind, task.name, job.id, parent_run.base_model, None,
+                                     pinned.dataset.id, pinned.dataset.name, pinned.version, pinned.content_hash,
+                                     values, recipe_hash(values), "queued", {}, {}, None, None, runs.now(), None, None,
                                      job.actor))
     launch(job)
     return runs.get_run(db, run_id), job
@@ -160,6 +192,10 @@ def run_retrain(ctx: JobContext) -> dict[str, Any]:
     run = runs.run_for_job(ctx.db, ctx.job.id)
     _select_device(ctx.job.device)
     try:
+        if run.kind == "classifier":
+            from appliance.registry.retrain_classifier import retrain_classifier
+
+            return retrain_classifier(ctx, run, ctx.job.params)
         return _retrain(ctx, run, ctx.job.params)
     except Exception as exc:
         message = exc.message if isinstance(exc, AirlockError) else f"internal error ({type(exc).__name__})"
@@ -169,19 +205,19 @@ def run_retrain(ctx: JobContext) -> dict[str, Any]:
         raise
 
 
-def _load_adapter(ctx: JobContext, keys: Any, version: ModelVersion) -> dict[str, Any]:
-    """The version's adapter, decrypted into memory, after its SHA-256 matched the registry's."""
+def load_weights(ctx: JobContext, keys: Any, version: ModelVersion, name: str = "adapter") -> dict[str, Any]:
+    """The version's adapter (or classifier) weights, decrypted into memory, once their SHA-256 matches the registry."""
     from safetensors.torch import load
 
     from appliance.vault.store import read_bytes
 
-    entry = version.artifacts.get("adapter")
+    entry = version.artifacts.get(name)
     if not entry:
-        raise RegistryError(f"{version.id} has no adapter artifact", hint="retrain --from fresh, or promote a version "
-                                                                          "that has one")
+        raise RegistryError(f"{version.id} has no {name} artifact", hint="retrain --from fresh, or promote a version "
+                                                                         "that has one")
     data = read_bytes(ctx.db, keys, ctx.home, entry["object"], entry["file"])
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise RegistryError(f"the adapter of {version.id} does not match the hash the registry recorded",
+        raise RegistryError(f"the {name} of {version.id} does not match the hash the registry recorded",
                             hint="run `airlock vault verify` and `airlock audit verify`; do not serve it")
     return load(data)
 
@@ -198,9 +234,9 @@ def _decrypt_rows(ctx: JobContext, keys: Any, pinned: Any) -> list[tuple[str, in
 
 
 def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str, Any]:
-    from appliance.train.artifacts import ADAPTER, save_artifact, tensors_to_bytes
+    from appliance.train.artifacts import ADAPTER, tensors_to_bytes
     from appliance.train.checkpoints import VaultCheckpoints
-    from appliance.train.jobs import _curve, _prepare, _ProgressReporter, _shred_checkpoint, checkpoint_object_id
+    from appliance.train.jobs import _curve, _prepare, _ProgressReporter, checkpoint_object_id
     from appliance.train.lm import Progress, train_lora
     from appliance.train.recipe import recipe_from_dict
 
@@ -217,8 +253,8 @@ def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str
     ctx.progress("decrypting the dataset")
     data = gates.select_records(_decrypt_rows(ctx, keys, pinned), dataset=pinned.dataset.name,
                                 since=params["since_version"], last=pinned.version, replay=params["replay"],
-                                seed=params["replay_seed"])
-    parent_adapter = _load_adapter(ctx, keys, parent)
+                                seed=params["replay_seed"], ewc_count=EWC_RECORDS if recipe.ewc_lambda else 0)
+    parent_adapter = load_weights(ctx, keys, parent)
     run = runs.mark_running(ctx.db, run, base_hash=base_hash, lineage={
         "dataset_versions": [[i + 1, h] for i, h in enumerate(pinned.version_hashes)], "records": data.counts,
         "device": ctx.job.device, "retrain": {"parent": parent.id, "init": params["init"], "replay": params["replay"],
@@ -236,7 +272,8 @@ def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str
     result = train_lora(base, data.train, data.val, recipe,
                         checkpoints=VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id)),
                         on_progress=on_progress, should_stop=ctx.should_stop,
-                        init_adapter=parent_adapter if params["init"] == "production" else None)
+                        init_adapter=parent_adapter if params["init"] == "production" else None,
+                        ewc_records=data.ewc)
     train_s = time.monotonic() - train_started
     metrics: dict[str, Any] = {
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
@@ -245,7 +282,7 @@ def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str
         "val_losses": _curve(result.val_losses),
         "train_loss": result.train_losses[-1] if result.train_losses else None,
         "train_losses": _curve([(i + 1, v) for i, v in enumerate(result.train_losses)]),
-        "truncated_examples": result.truncated_examples,
+        "truncated_examples": result.truncated_examples, "ewc": result.ewc,
         "records": {"train": len(data.train), "val": len(data.val), **data.counts}}
     if result.steps < result.total_steps and not result.stopped_early:
         runs.finish_run(ctx.db, run.id, "cancelled", metrics=metrics)
@@ -264,21 +301,46 @@ def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str
                            deploys_engines=task.deploys_engines)
     gates_s = time.monotonic() - gates_started
     metrics["test_splits"] = {name: {"loss": after[name], "records": m.records} for name, m in measured.items()}
-    metrics["timings_s"] = {"train": round(train_s, 2), "gates": round(gates_s, 2),
-                            "total": round(time.monotonic() - started, 2)}
-
+    metrics["timings_s"] = {"train": round(train_s, 2), "gates": round(gates_s, 2)}
     adapter_bytes = tensors_to_bytes(result.adapter_state, {"run": run.id, "base_model": run.base_model,
                                                             "base_hash": base_hash, "recipe_hash": run.recipe_hash})
-    artifact = save_artifact(ctx.db, keys, ctx.home, run.id, {ADAPTER: adapter_bytes})
+    return conclude(ctx, keys, run, task, parent, params, outcome, metrics, {ADAPTER: adapter_bytes},
+                    ("adapter", ADAPTER), started)
+
+
+def conclude(ctx: JobContext, keys: Any, run: runs.Run, task: Any, parent: ModelVersion, params: dict[str, Any],
+             outcome: gates.GateOutcome, metrics: dict[str, Any], files: dict[str, bytes], primary: tuple[str, str],
+             started: float) -> dict[str, Any]:
+    """Store the weights, measure engine parity (gate 3) if due, register the version, maybe promote it."""
+    from appliance.train.artifacts import save_artifact
+    from appliance.train.jobs import _shred_checkpoint
+
+    artifact = save_artifact(ctx.db, keys, ctx.home, run.id, files)
+    derived: dict[str, dict[str, Any]] = {}
+    if task.deploys_engines and outcome.passed:
+        engine_started = time.monotonic()
+        # The optimize stage reads the weights just stored; the run row stays `running` until the version exists.
+        finished = dataclasses.replace(run, state="succeeded", artifact=artifact, metrics=metrics)
+        gate, derived = engine_gate.measure(ctx, keys, finished, task)
+        outcome = gates.with_engine_gate(outcome, gate, engine_gate.reasons_of(gate))
+        metrics["timings_s"]["engine_parity"] = round(time.monotonic() - engine_started, 2)
+        ctx.log(f"engine parity: {gate['status']}" + (f" ({'; '.join(gate['failures'])})" if gate.get("failures")
+                                                      else ""))
+    elif task.deploys_engines:
+        outcome = gates.with_engine_gate(outcome, engine_gate.not_measured(
+            task, "not measured: gates 1-2 already rejected this version"), [])
+    metrics["timings_s"]["total"] = round(time.monotonic() - started, 2)
     state = "candidate" if outcome.passed else "rejected"
     with transaction(ctx.db):  # the run's end and its version, or neither
         run = runs.finish_run(ctx.db, run.id, "succeeded", metrics=metrics, artifact=artifact)
         number = next_number(ctx.db, task.name)
         version = insert_version(ctx.db, ModelVersion(
-            version_id(task.name, number), task.name, "lm", number, state, run.id, parent.id, run.base_model,
-            base_hash, dataset_versions_of(ctx.db, run), run.recipe_hash, appliance.__version__,
-            run_metrics(run), {"adapter": artifact_entry(artifact, ADAPTER, adapter_bytes)}, runs.now(), run.actor,
-            outcome.gates, outcome.reasons, runs.now()))
+            version_id(task.name, number), task.name, run.kind, number, state, run.id, parent.id, run.base_model,
+            run.base_hash, dataset_versions_of(ctx.db, run), run.recipe_hash, appliance.__version__,
+            run_metrics(run), {primary[0]: artifact_entry(artifact, primary[1], files[primary[1]])}, runs.now(),
+            run.actor, outcome.gates, outcome.reasons, runs.now()))
+    for name, entry in derived.items():  # what gate 3 stored: the validated export, and an engine where built
+        version = add_artifact(ctx.db, version.id, name, entry, actor=ctx.job.actor)
     _shred_checkpoint(ctx, run.id)
     ctx.log(f"{version.id}: gates {'passed' if outcome.passed else 'failed'}"
             + (f" ({'; '.join(outcome.reasons)})" if outcome.reasons else ""))

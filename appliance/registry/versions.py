@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 STATES = ("candidate", "production", "retired", "rejected", "deleted")
 KINDS = ("lm", "classifier")
-ARTIFACT_NAMES = ("adapter", "classifier", "onnx_fp32", "onnx_int8", "engine")
+ARTIFACT_NAMES = ("adapter", "classifier", "onnx_fp32", "onnx_fp16", "onnx_int8", "engine")
 _TASK_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 

@@ -72,7 +72,8 @@ def test_gates_pass_fail_and_not_applicable_with_reasons():
         "forgetting: maint@v2/test test loss 0.5000 -> 0.6000 (+20.0%, limit +5.0%)",
         "new data: maint@v4/test test loss 0.4000 -> 0.4100 (+2.5%, must not rise more than +0.0%)"]
     assert failed.gates["forgetting"]["status"] == "fail" and failed.gates["new_data"]["status"] == "fail"
-    assert "not yet measured" in failed.gates["engine_parity"]["reason"]
+    assert failed.gates["engine_parity"] == {"status": "not_evaluated",
+                                             "reason": "measured by the retrain job once the other gates pass"}
     # A looser threshold is a per-task policy: the same numbers pass at 25% / 5%.
     assert gates.decide([held, forgot], gates.SplitLoss("x", 12, 0.40, 0.41), max_forgetting=0.25,
                         new_data_tolerance=0.05, deploys_engines=False).passed
@@ -112,3 +113,44 @@ def test_bad_cron_expressions_say_why(text, message):
     with pytest.raises(ScheduleSpecError, match=message) as caught:
         parse_cron(text)
     assert caught.value.hint
+
+
+def test_classifier_gates_on_auc_and_accuracy():
+    held = gates.SplitScores("x@v1/test", 20, {"roc_auc": 0.98, "accuracy": 0.95}, {"roc_auc": 0.97, "accuracy": 0.95})
+    dropped = gates.SplitScores("x@v2/test", 20, {"roc_auc": 0.90, "accuracy": 0.90},
+                                {"roc_auc": 0.91, "accuracy": 0.80})  # accuracy -11.1%
+    one_class = gates.SplitScores("x@v3/test", 3, {"roc_auc": float("nan"), "accuracy": 1.0},
+                                  {"roc_auc": float("nan"), "accuracy": 1.0})
+    new = gates.SplitScores("x@v4/test", 12, {"roc_auc": 0.60, "accuracy": 0.5}, {"roc_auc": 0.95, "accuracy": 0.9})
+    passed = gates.decide_classifier([held, one_class], new, max_forgetting=0.05, new_data_tolerance=0.01,
+                                     deploys_engines=False)
+    assert passed.passed and [s["status"] for s in passed.gates["forgetting"]["splits"]] == ["pass", "pass"]
+    assert passed.gates["forgetting"]["splits"][1]["roc_auc_change"] is None  # AUC undefined on one class
+    failed = gates.decide_classifier([held, dropped], gates.SplitScores("x@v4/test", 0, None, None),
+                                     max_forgetting=0.05, new_data_tolerance=0.01, deploys_engines=True)
+    assert failed.reasons == ["forgetting: x@v2/test accuracy 0.9000 -> 0.8000 (-11.1%, limit -5.0%)"]
+    assert failed.gates["new_data"]["status"] == "not_applicable"
+    assert failed.gates["engine_parity"]["status"] == "not_evaluated"
+
+
+def test_engine_parity_judged_on_measured_numbers_and_task_thresholds():
+    from types import SimpleNamespace
+
+    from appliance.registry import engine_gate
+
+    validation = {"variant": "int8", "ok": True, "failures": [], "sha256": "ab", "bytes": 10,
+                  "parity": {"samples": 16, "max_abs_diff": 0.01, "max_rel_diff": 0.004, "top1_agreement": 1.0}}
+    defaults = SimpleNamespace(engine_max_rel_diff=None, engine_min_top1=None, deploys_engines=True)
+    gate = engine_gate.judge(validation, defaults)
+    assert gate["status"] == "pass" and gate["thresholds"] == {"max_rel_diff": 0.05, "min_top1_agreement": 0.95,
+                                                               "source": "optimize stage defaults"}
+    tight = SimpleNamespace(engine_max_rel_diff=0.001, engine_min_top1=None, deploys_engines=True)
+    failed = engine_gate.judge(validation, tight)
+    assert failed["status"] == "fail" and failed["thresholds"]["max_rel_diff"] == 0.001
+    assert engine_gate.reasons_of(failed) == [
+        "engine parity: int8 export on ONNX Runtime (CPU): max relative difference 0.004 > 0.001 (task policy)"]
+    loose = SimpleNamespace(engine_max_rel_diff=0.5, engine_min_top1=0.5, deploys_engines=True)
+    broken = {**validation, "ok": False, "failures": ["top-1 agreement 0.900 < 0.95"],
+              "parity": {**validation["parity"], "top1_agreement": 0.9}}
+    assert engine_gate.judge(broken, loose)["failures"] == ["optimize validation: top-1 agreement 0.900 < 0.95"]
+    assert engine_gate.judge(broken, loose)["thresholds"]["min_top1_agreement"] == 0.95  # policy only tightens

@@ -197,7 +197,7 @@ def test_gated_retraining_promotion_rollback_schedule_and_card(vault_init, unloc
                      "maint-qa-v1 [production]", "└── maint-qa-v2 [retired]", "<- this card",
                      "    └── maint-qa-v3 [rejected]", "| forgetting: maint@v1/test |", "| new data: maint@v2/test |",
                      f"sha256 {v2['recipe_hash']}".replace("sha256", "SHA-256"), v2["base_hash"],
-                     "EWC is not used", "previous production (maint-qa-v1)"):
+                     "EWC: off (lambda 0).", "previous production (maint-qa-v1)"):
         assert expected in text, expected
     assert f"{on_a['relative_change'] * 100:+.1f}%" in text
     answer = json.loads(radiology[0])["messages"][1]["content"].split("</think>")[-1].strip()

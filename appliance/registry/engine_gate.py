@@ -1,0 +1,134 @@
+"""Gate 3 of a retrain, for tasks that deploy engines: does the quantized, exported candidate still answer like itself?
+
+The retrain job runs the optimize stage on the candidate (appliance.optimize.jobs: PTQ or QAT per
+the task's `engine_qat`, the `engine_variant` export, its ONNX checker / Q/DQ rules and parity with
+the PyTorch model on ONNX Runtime over held-out inputs) and judges the measured numbers:
+
+- the optimize stage's own validation must pass (its per-variant tolerances, accuracy, finite logits,
+  greedy decoding for fp32 LMs);
+- the task's `engine_max_rel_diff` / `engine_min_top1`, when set, must hold too (they can only tighten).
+
+When the gate passes, the exports are stored in the candidate run's vault object (as `airlock optimize`
+stores them) and, where this job runs on a GPU that has TensorRT, the engine is built from the
+validated export. Elsewhere the gate says so: the ONNX serves through ONNX Runtime, and parity was
+measured there. A failing gate stores nothing and rejects the candidate; production is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.errors import AirlockError
+from appliance.registry.gates import FAIL, NOT_APPLICABLE, PASS
+
+NOT_EVALUATED = "not_evaluated"
+RUNTIME = "ONNX Runtime (CPU)"
+
+
+def thresholds(task: Any, tolerance: dict[str, float]) -> dict[str, Any]:
+    """The limits the gate applies: the task's where set, else the optimize stage's tolerance for the variant."""
+    return {"max_rel_diff": tolerance["max_rel_diff"] if task.engine_max_rel_diff is None
+            else min(task.engine_max_rel_diff, tolerance["max_rel_diff"]),
+            "min_top1_agreement": tolerance["top1_agreement"] if task.engine_min_top1 is None
+            else max(task.engine_min_top1, tolerance["top1_agreement"]),
+            "source": "task policy" if task.engine_max_rel_diff is not None or task.engine_min_top1 is not None
+            else "optimize stage defaults"}
+
+
+def judge(validation: dict[str, Any], task: Any) -> dict[str, Any]:
+    """Gate 3 from one variant's validation report (appliance.optimize.validate). Pure: same numbers, same verdict."""
+    from appliance.optimize.validate import TOLERANCES
+
+    variant = validation["variant"]
+    limits = thresholds(task, TOLERANCES[variant])
+    parity = validation.get("parity", {})
+    measured = {k: parity[k] for k in ("max_abs_diff", "max_rel_diff", "top1_agreement", "samples", "prompts",
+                                       "positions", "accuracy_pytorch", "accuracy_onnx", "greedy_equal")
+                if k in parity}
+    failures = [f"optimize validation: {f}" for f in validation.get("failures", [])]
+    rel, top1 = parity.get("max_rel_diff"), parity.get("top1_agreement")
+    if task.engine_max_rel_diff is not None and rel is not None and not rel <= task.engine_max_rel_diff:
+        failures.append(f"max relative difference {rel:.3g} > {task.engine_max_rel_diff:g} (task policy)")
+    if task.engine_min_top1 is not None and top1 is not None and top1 < task.engine_min_top1:
+        failures.append(f"top-1 agreement {top1:.3f} < {task.engine_min_top1:g} (task policy)")
+    return {"status": FAIL if failures else PASS, "variant": variant, "runtime": RUNTIME, "measured": measured,
+            "thresholds": limits, "failures": failures, "onnx_sha256": validation.get("sha256"),
+            "onnx_bytes": validation.get("bytes")}
+
+
+def not_measured(task: Any, why: str) -> dict[str, Any]:
+    if not task.deploys_engines:
+        return {"status": NOT_APPLICABLE, "reason": "the task does not deploy QAT/TensorRT engines"}
+    return {"status": NOT_EVALUATED, "reason": why}
+
+
+def reasons_of(gate: dict[str, Any]) -> list[str]:
+    if gate.get("status") != FAIL:
+        return []
+    head = f"engine parity: {gate.get('variant', '?')} export on {gate.get('runtime', RUNTIME)}"
+    return [f"{head}: {f}" for f in gate.get("failures", [])] or [f"{head}: failed"]
+
+
+def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(gate, artifacts to record on the version) for a finished candidate run (state may still be running).
+
+    `run` must carry its artifact object (the trained weights are already stored there).
+    """
+    import hashlib
+
+    from appliance.optimize.jobs import (
+        build_and_store_engine,
+        engine_build_refusal,
+        measure_exports,
+        onnx_file,
+        store_exports,
+    )
+    from appliance.optimize.recipe import QuantRecipe
+
+    variant = task.engine_variant
+    quant = QuantRecipe(qat=task.engine_qat)
+    ctx.progress("engine parity: quantizing and exporting the candidate", variant=variant)
+    try:
+        outcome = measure_exports(ctx, keys, run, quant, [variant])
+    except AirlockError as exc:
+        return {"status": FAIL, "variant": variant, "runtime": RUNTIME,
+                "failures": [f"the optimize stage failed: {exc.message}"]}, {}
+    if outcome is None:
+        raise AirlockError("the retrain was cancelled while measuring engine parity",
+                           hint="start the retrain again (`airlock retrain TASK`)")
+    report, exports = outcome
+    gate = judge(report["variants"][variant], task)
+    gate["quantization"] = None if variant != "int8" else ("qat" if task.engine_qat else "ptq")
+    gate["metrics"] = {stage: _numbers(report.get(stage)) for stage in ("float", "ptq", "qat") if report.get(stage)}
+    if gate["status"] != PASS:
+        return gate, {}
+    stored = store_exports(ctx, keys, run, report, exports)
+    data = exports[variant]
+    artifacts = {f"onnx_{variant}": {"object": stored["artifact"], "file": onnx_file(variant),
+                                     "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                                     "runtime": stored.get("runtime"),
+                                     "quantization": gate["quantization"]}}
+    refusal = engine_build_refusal(ctx.job.device) if ctx.job.device.startswith("cuda:") else AirlockError(
+        "the retrain job runs on the CPU", hint="retrain with --device cuda:N to build the engine in the same job")
+    if refusal is not None:
+        gate["engine"] = {"built": False, "reason": f"{refusal.message} ({refusal.hint})",
+                          "parity_measured_on": RUNTIME}
+        return gate, artifacts
+    try:
+        details = build_and_store_engine(ctx, keys, run, report, variant, data, {}, {})
+    except AirlockError as exc:
+        gate.update(status=FAIL, failures=[*gate["failures"], f"TensorRT engine build failed: {exc.message}"])
+        gate["engine"] = {"built": False, "reason": exc.message}
+        return gate, artifacts
+    gate["engine"] = {"built": True, "parity_measured_on": RUNTIME, **{k: details[k] for k in (
+        "plan_sha256", "onnx_sha256", "sm", "gpu", "tensorrt", "plan_bytes")}}
+    artifacts["engine"] = {"object": details["artifact"], "file": f"engine-{variant}.plan",
+                           "sha256": details["plan_sha256"], "bytes": details["plan_bytes"], "variant": variant,
+                           "sm": details["sm"], "tensorrt": details["tensorrt"]}
+    return gate, artifacts
+
+
+def _numbers(metrics: Any) -> dict[str, float] | None:
+    if not isinstance(metrics, dict):
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
