@@ -4,10 +4,12 @@ countdown, free disk, GPUs, timestamps, random split counts) are masked before t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from textual.widgets import DataTable, Input
 
+from tests.conftest import run_cli
 from tests.tui.conftest import SIZE, make_app, wait_until
 from tui.screens.login import LoginScreen
 
@@ -74,3 +76,36 @@ def test_audit_snapshot(unlocked, snap_compare):
 
     ready = screenshot_of("7", filtered, {"#audit": ["time"]})
     assert snap_compare(make_app(poll_interval=3600), terminal_size=SIZE, run_before=ready)
+
+
+def test_models_snapshot(trained_run, snap_compare):
+    register = run_cli("models", "register", trained_run, "--task", "qa")
+    assert register.returncode == 0, register.stderr
+    ready = screenshot_of("4", lambda app: app.current_mode == "models" and
+                          str(app.screen.query_one("#versions").get_row_at(0)[0]) == "qa-v1",
+                          {"#versions": ["metric", "created"]})
+    assert snap_compare(make_app(poll_interval=3600), terminal_size=SIZE, run_before=ready)
+
+
+def test_serve_snapshot(unlocked, stop_jobs, snap_compare):
+    created = run_cli("keys", "create", "pacs-bridge", "--task", "qa")
+    assert created.returncode == 0, created.stderr
+    ready = screenshot_of("5", lambda app: app.current_mode == "serve" and app.screen.view is not None
+                          and app.screen.query_one("#keys").row_count == 1, {"#keys": ["id", "created"]})
+    assert snap_compare(make_app(poll_interval=3600), terminal_size=SIZE, run_before=ready)
+
+
+def test_schedule_snapshot(production_task, snap_compare):
+    scheduled = run_cli("schedule", "set", production_task, "--every", "7d", "--min-new-records", "20")
+    assert scheduled.returncode == 0, scheduled.stderr
+
+    def ready(app) -> bool:
+        if app.current_mode != "schedule" or not app.screen.views:
+            return False
+        # Due times and run times depend on the clock: masked where they appear in the detail too.
+        detail = app.screen.query_one("#schedule-detail")
+        detail.update(re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)?", MASK, str(detail.render())))
+        return True
+
+    run_before = screenshot_of("6", ready, {"#schedules": ["next due"]})
+    assert snap_compare(make_app(poll_interval=3600), terminal_size=SIZE, run_before=run_before)

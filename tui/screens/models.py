@@ -224,12 +224,12 @@ lineage, history and its model card.
 """
     BINDINGS: ClassVar[list] = [
         Binding("enter", "open", "Details", show=False),
-        Binding("g", "register", "Register run"),
+        Binding("g", "register", "Register"),
         Binding("o", "quantize", "Quantize"),
-        Binding("e", "build_engine", "Engine"),
+        Binding("e", "build_engine", "Engine", show=False),  # 80 columns: in F1, the palette and the detail's footer
         Binding("p", "promote", "Promote"),
         Binding("b", "rollback", "Rollback"),
-        Binding("r", "refresh", "Refresh"),
+        Binding("r", "refresh", "Refresh", show=False),
     ]
 
     def __init__(self) -> None:
@@ -241,11 +241,13 @@ lineage, history and its model card.
         yield NavBar(self.MODE)
         yield Static("Model versions by task. Enter: details · o quantize · p promote", classes="screen-note")
         versions: DataTable = DataTable(id="versions", cursor_type="row", zebra_stripes=True)
-        versions.add_columns("version", "state", "metric", "backend", "created")
+        for label in ("version", "state", "metric", "backend", "created"):
+            versions.add_column(label, key=label)
         yield versions
-        yield Static("Training runs not registered (g registers one to a task)", classes="section-title")
+        yield Static("Training runs not registered (g registers one; 3 trains more)", classes="section-title")
         runs: DataTable = DataTable(id="unregistered", cursor_type="row", zebra_stripes=True)
-        runs.add_columns("run", "base model", "data", "metric", "created")
+        for label in ("run", "base model", "data", "metric", "created"):
+            runs.add_column(label, key=label)
         yield runs
         yield Footer()
 
@@ -291,7 +293,7 @@ lineage, history and its model card.
             runs.add_row(run.id, run.base_model, f"{run.dataset_name} v{run.dataset_version}",
                          metric_text(run.kind, run.metrics), timestamp(run.created_at), key=run.id)
         if not view.runs:
-            runs.add_row("none: every succeeded run is registered (3 trains a new one)", "", "", "", "")
+            runs.add_row("none", "", "", "", "")
         runs.move_cursor(row=min(run_cursor, runs.row_count - 1))
 
     def target(self) -> tuple[ModelVersion | None, Run | None]:

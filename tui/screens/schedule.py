@@ -59,11 +59,11 @@ schedule now, **f** runs the selected one now even if not due. A systemd timer d
 unattended (`airlock schedule run-due --machine-key`).
 """
     BINDINGS: ClassVar[list] = [
-        Binding("e", "edit", "Set schedule"),
+        Binding("e", "edit", "Set"),
         Binding("d", "delete", "Delete"),
         Binding("u", "run_due", "Run due now"),
         Binding("f", "run_selected", "Run this now"),
-        Binding("r", "refresh", "Refresh"),
+        Binding("r", "refresh", "Refresh", show=False),
     ]
 
     def __init__(self) -> None:
@@ -74,7 +74,8 @@ unattended (`airlock schedule run-due --machine-key`).
         yield NavBar(self.MODE)
         yield Static("Retraining schedules by task. e set · u run due now", classes="screen-note")
         table: DataTable = DataTable(id="schedules", cursor_type="row", zebra_stripes=True)
-        table.add_columns("task", "when", "next due", "min new", "last run")
+        for label in ("task", "when", "next due", "min new", "last run"):
+            table.add_column(label, key=label)
         yield table
         with VerticalScroll(id="schedule-detail-box"):
             yield Static("", id="schedule-detail", markup=False)

@@ -46,10 +46,10 @@ the UI's own monitoring key; an admin creates it once with **m**.
         Binding("s", "start_server", "Start"),
         Binding("x", "stop_server", "Stop"),
         Binding("n", "new_key", "New key"),
-        Binding("d", "revoke_key", "Revoke key"),
-        Binding("j", "open_job", "Server job"),
-        Binding("m", "monitor_key", "Monitor key", show=False),
-        Binding("r", "refresh", "Refresh"),
+        Binding("d", "revoke_key", "Revoke"),
+        Binding("j", "open_job", "Job"),
+        Binding("m", "monitor_key", "Monitoring key", show=False),
+        Binding("r", "refresh", "Refresh", show=False),
     ]
 
     def __init__(self) -> None:
@@ -67,7 +67,8 @@ the UI's own monitoring key; an admin creates it once with **m**.
         yield Static("", id="server-traffic", classes="serve-line volatile", markup=False)
         yield Static("API keys (clients send 'Authorization: Bearer KEY')", classes="section-title")
         keys: DataTable = DataTable(id="keys", cursor_type="row", zebra_stripes=True)
-        keys.add_columns("name", "id", "state", "created", "may use")
+        for label in ("name", "id", "state", "created", "may use"):
+            keys.add_column(label, key=label)
         yield keys
         yield Footer()
 
