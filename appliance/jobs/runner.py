@@ -5,8 +5,9 @@
 GPU's lock when the job needs one (one GPU-heavy job per GPU; CPU jobs run beside), marks the
 job running with its pid, and calls the handler for the job's kind. SIGTERM (and `jobs cancel`)
 asks the handler to checkpoint and stop; the job ends `cancelled`. An `AirlockError` ends it
-`failed` with message and hint. A job whose process vanished is marked `interrupted` by
-`reconcile_jobs`, which every job listing runs first.
+`failed` with message and hint; a `JobInterrupted` ends it `interrupted` (resumable: a process it
+supervised was killed). A job whose process vanished is marked `interrupted` by `reconcile_jobs`,
+which every job listing runs first.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ HANDLERS: dict[str, str] = {
     "engine_build": "appliance.optimize.jobs:run_engine_build",
 }
 CANCEL_POLL_S = 2.0
+
+
+class JobInterrupted(AirlockError):
+    """The work stopped without an error of its own (a worker process was killed): resumable from its checkpoint."""
 
 
 @dataclass
@@ -144,20 +149,31 @@ def reconcile_jobs(db: sqlite_utils.Database) -> list[str]:
     return lost
 
 
+def gpu_indices(device: str) -> list[int]:
+    """The GPUs a job's device names: `cuda:1` -> [1], `cuda:0,1` -> [0, 1], `cpu` -> []."""
+    if not device.startswith("cuda:"):
+        return []
+    return [int(i) for i in device[5:].split(",")]
+
+
 @contextlib.contextmanager
 def _device_lock(ctx: JobContext):
-    """One GPU-heavy job per GPU: an flock the kernel releases if the process dies."""
-    if not ctx.job.device.startswith("cuda"):
+    """One GPU-heavy job per GPU: an flock per GPU the job uses (taken in index order, so two jobs
+    that share GPUs cannot deadlock), released by the kernel if the process dies."""
+    indices = sorted(set(gpu_indices(ctx.job.device)))
+    if not indices:
         yield
         return
     lock_dir = ctx.home / "locks"
     lock_dir.mkdir(mode=0o700, exist_ok=True)
-    with open(lock_dir / f"{ctx.job.device.replace(':', '-')}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            ctx.log(f"waiting for {ctx.job.device}: another job is using it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as held:
+        for index in indices:
+            handle = held.enter_context(open(lock_dir / f"cuda-{index}.lock", "w"))  # closed by the stack
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                ctx.log(f"waiting for cuda:{index}: another job is using it")
+                fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
@@ -184,6 +200,9 @@ def run_job(db: sqlite_utils.Database, job_id: str) -> int:
             pid = os.getpid()
             records.set_state(db, job_id, "running", pid=pid, pid_start=process_start_time(pid))
             result = _handler(job.kind)(ctx)
+    except JobInterrupted as exc:
+        records.set_state(db, job_id, "interrupted", error=exc.message, hint=exc.hint)
+        return 1
     except AirlockError as exc:
         records.set_state(db, job_id, "failed", error=exc.message, hint=exc.hint)
         return 1

@@ -2,6 +2,8 @@
 
     airlock train lm --base tiny-deepseek-r1 --data qa --recipe recipe.toml          # starts the job, returns
     airlock train lm --base tiny-deepseek-r1 --data qa --recipe recipe.toml --wait   # ... and follows it
+    airlock train lm --base tiny-deepseek-r1 --data qa --device cpu --nproc 2        # 2 processes (torchrun, gloo)
+    airlock train lm --base NAME --data qa --device cuda:0,1                          # one process per GPU (NCCL)
     airlock train lm --resume RUN [--wait]                                            # after kill -9 / cancel / failure
     airlock train runs [--json] / airlock train show RUN [--json]
 
@@ -51,7 +53,11 @@ def _start_options(func):
         click.option("--resume", "resume_run", metavar="RUN",
                      help="Continue an interrupted, cancelled or failed run from its last checkpoint."),
         click.option("--device", default="auto", show_default=True,
-                     help="auto (cuda:0 when a GPU is visible, else cpu), cpu, or cuda:N."),
+                     help="auto (the first GPU, or the first --nproc GPUs, when visible; else cpu), cpu, cuda:N, "
+                          "or cuda:N,M,... (one training process per GPU)."),
+        click.option("--nproc", type=int, default=None,
+                     help="Training processes, launched through torchrun (DDP): on GPUs one per GPU (NCCL), "
+                          "on CPU gloo. Default: 1, or one per GPU named in --device."),
         click.option("--wait", is_flag=True,
                      help="Follow the job's progress until it ends; exit 2 unless it succeeded."),
         click.option("--task", help="Register the finished run as a candidate model version of this task "
@@ -66,30 +72,39 @@ def _start_options(func):
 @train.command("lm")
 @_start_options
 def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
-             wait: bool, task: str | None, as_json: bool) -> int:
+             nproc: int | None, wait: bool, task: str | None, as_json: bool) -> int:
     """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
-    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task)
+    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc)
 
 
 @train.command("classifier")
 @_start_options
 def train_classifier(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
-                     device: str, wait: bool, task: str | None, as_json: bool) -> int:
+                     device: str, nproc: int | None, wait: bool, task: str | None, as_json: bool) -> int:
     """Fine-tune an image classifier on an images or DICOM dataset with labels."""
-    return _start("classifier", base, dataset, recipe_path, resume_run, device, wait, as_json, task)
+    return _start("classifier", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc)
+
+
+def _valid_device(device: str) -> bool:
+    indices = device[5:].split(",") if device.startswith("cuda:") else []
+    return device in ("auto", "cpu") or (bool(indices) and all(i.isdigit() for i in indices))
 
 
 def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
-           device: str, wait: bool, as_json: bool, task: str | None = None) -> int:
+           device: str, wait: bool, as_json: bool, task: str | None = None, nproc: int | None = None) -> int:
     from appliance.access import require
     from appliance.jobs.records import get_job
     from appliance.paths import airlock_home
     from appliance.train import runs
+    from appliance.train.jobs import plan_processes
     from appliance.vault.lifecycle import keys_for
 
     command = f"airlock train {kind}"
-    if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise runs.RunError(f"--device {device!r} is not auto, cpu or cuda:N", hint="e.g. --device cuda:1")
+    if not _valid_device(device):
+        raise runs.RunError(f"--device {device!r} is not auto, cpu or cuda:N (cuda:N,M,... for several GPUs)",
+                            hint="e.g. --device cuda:1, or --device cuda:0,1 to train on two GPUs")
+    if not resume_run:
+        plan_processes(kind, device, nproc)  # refuse a bad --nproc/--device before anything is touched
     db = _open()
     keys_for(db, airlock_home())  # fail now with "vault is locked", not inside the job
     require(db, airlock_home(), "train.start")  # operators and admins train; auditors never decrypt data
@@ -98,7 +113,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
             raise runs.RunError("--resume continues a run with its own base model, data, recipe and task",
                                 hint="leave out --base, --data, --recipe and --task, or start a new run without "
                                      "--resume")
-        run = _resume(db, kind, resume_run)
+        run = _resume(db, kind, resume_run, device=device, nproc=nproc)
         verb = "resumed"
     else:
         if not base or not dataset:
@@ -109,7 +124,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         from appliance.train.recipe import load_recipe
 
         recipe = load_recipe(recipe_path, recipe_class(kind))
-        run, _ = start_training(db, kind, base, dataset, recipe, device=device, task=task)
+        run, _ = start_training(db, kind, base, dataset, recipe, device=device, task=task, nproc=nproc)
         verb = "started"
     if not as_json:
         click.echo(f"{verb} run {run.id} (job {run.job_id}): {run.base_model} on {run.dataset_name} "
@@ -141,11 +156,23 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
     return 0
 
 
-def _resume(db, kind: str, run_id: str):
+def _resume(db, kind: str, run_id: str, *, device: str = "auto", nproc: int | None = None):
+    """Relaunch the run's job as it started: same device(s), same number of processes."""
+    from appliance.jobs.records import get_job
     from appliance.jobs.runner import resume_job
     from appliance.train import runs
 
     run = runs.get_run(db, run_id)
+    job = get_job(db, run.job_id)
+    started = int(job.params.get("nproc", 1))
+    if nproc is not None and nproc != started:
+        raise runs.RunError(f"run {run_id} trains in {started} process(es); it resumes with the same number, not "
+                            f"--nproc {nproc}",
+                            hint="leave out --nproc (how many ranks share each step decides the data order, so the "
+                                 "checkpoint continues only that way), or start a new run")
+    if device != "auto" and device != job.device:
+        raise runs.RunError(f"run {run_id} trains on {job.device}; it resumes there, not on --device {device}",
+                            hint="leave out --device, or start a new run")
     if run.kind != kind:
         raise runs.RunError(f"run {run_id} was started with `airlock train {run.kind}`, not `airlock train {kind}`",
                             hint=f"use `airlock train {run.kind} --resume {run_id}`")

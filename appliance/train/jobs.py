@@ -14,6 +14,12 @@ detached process, see appliance.jobs.runner). The job, `run_training`, top to bo
 5. encrypts the adapter (or classifier) from memory into the vault object `run-<run id>`, records
    metrics and lineage in the run row, and shreds the checkpoint.
 
+Several processes (`--nproc N`, or `--device cuda:0,1`): the job process stays the supervisor and
+launches N ranks through torchrun (DDP: NCCL, one process per GPU; gloo on CPU), see
+appliance.train.ddp. Every rank runs `_train_lm` on the same pinned data; only rank 0 writes
+progress, checkpoints, the adapter and the run row. The process count is part of the job and
+a resume keeps it (the data order per step depends on it).
+
 kill -9 or power loss: the job is marked `interrupted`; `airlock jobs resume JOB` (or `airlock train
 lm --resume RUN`) continues from the last checkpoint with the same data order, optimizer,
 schedule and RNG state, so it ends where an uninterrupted run would (float noise only).
@@ -87,11 +93,67 @@ def auto_device() -> str:
     return "cuda:0" if Path("/dev/nvidia0").exists() else "cpu"
 
 
+def visible_gpu_count() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set, else /dev/nvidiaN."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return 0 if visible.strip() in ("", "-1") else len(visible.split(","))
+    return sum(1 for p in Path("/dev").glob("nvidia[0-9]*") if p.name[6:].isdigit())
+
+
+def plan_processes(kind: str, device: str, nproc: int | None) -> tuple[str, int]:
+    """(the job's device, its number of training processes) from `--device` and `--nproc`.
+
+    `auto` means the first N GPUs when there are GPUs, else N CPU processes; `cuda:0,1` means one
+    process per GPU named. Refused with one line: fewer than one process, more GPUs than visible,
+    a count that disagrees with the GPUs named, several processes for a classifier.
+    """
+    if nproc is not None and nproc < 1:
+        raise runs.RunError(f"--nproc {nproc}: a run needs at least one training process",
+                            hint="--nproc 1 trains in one process; --nproc 2 on two GPUs, or two CPU processes "
+                                 "(gloo) with --device cpu")
+    if kind != "lm" and (nproc or 1) > 1:
+        raise runs.RunError(f"--nproc {nproc}: `airlock train {kind}` trains in one process",
+                            hint="leave out --nproc; several processes (torchrun) are for `airlock train lm`")
+    count = nproc or 1
+    gpus = visible_gpu_count()
+    if device == "auto":
+        device = "cpu" if gpus == 0 else "cuda:" + ",".join(str(i) for i in range(count))
+    if device == "cpu":
+        cores = os.cpu_count() or 1
+        if count > cores:
+            raise runs.RunError(f"--nproc {count} on CPU: this machine has {cores} core(s)",
+                                hint=f"use --nproc {cores} or fewer")
+        return device, count
+    indices = device[5:].split(",")
+    if len(set(indices)) != len(indices):
+        raise runs.RunError(f"--device {device} names a GPU twice", hint="name each GPU once, e.g. --device cuda:0,1")
+    if nproc is not None and nproc != len(indices):
+        named = f"names {len(indices)} GPUs" if len(indices) > 1 else "names one GPU"
+        raise runs.RunError(f"--nproc {nproc} with --device {device}: training runs one process per GPU and "
+                            f"--device {named}",
+                            hint="name every GPU, e.g. --device cuda:" + ",".join(str(i) for i in range(nproc))
+                                 + " (and --nproc may be left out)")
+    if gpus == 0:
+        on_cpu = "--device cpu" + (f" --nproc {len(indices)}" if len(indices) > 1 else "")
+        raise runs.RunError(f"--device {device}: no NVIDIA GPU is visible on this machine",
+                            hint=f"train on CPU with {on_cpu}, or check the driver with `nvidia-smi`")
+    missing = [i for i in indices if int(i) >= gpus]
+    if missing:
+        raise runs.RunError(f"--device {device}: {len(indices)} GPU(s) asked for, {gpus} visible (cuda:0 to "
+                            f"cuda:{gpus - 1}); cuda:{missing[0]} is not there",
+                            hint=f"name GPUs below {gpus}, e.g. --device cuda:"
+                                 + ",".join(str(i) for i in range(min(len(indices), gpus))))
+    return device, len(indices)
+
+
 def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset_name: str, recipe: Any, *,
-                   device: str = "auto", actor: str | None = None, task: str | None = None) -> tuple[Run, Job]:
+                   device: str = "auto", actor: str | None = None, task: str | None = None,
+                   nproc: int | None = None) -> tuple[Run, Job]:
     """Validate, pin the dataset's latest version, write the job and run rows, launch the job process.
 
     `task`: when the run succeeds it is registered as a candidate version of that task (appliance.registry).
+    `nproc`: training processes (torchrun); None means one, or one per GPU that `device` names.
     """
     from appliance.catalog import transaction
     from appliance.jobs import records
@@ -101,6 +163,7 @@ def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset
 
     if kind not in runs.KINDS:
         raise runs.RunError(f"unknown training kind {kind!r}", hint="use lm or classifier")
+    device, nproc = plan_processes(kind, device, nproc)
     check_base_model(base_name, kind)
     pinned = pin_dataset(db, dataset_name, kind)
     if task is not None:  # refuse a task the run could not join now, not after training
@@ -108,11 +171,11 @@ def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset
 
         check_run_fits_task(db, task, kind, pinned.dataset.id)
     values = recipe_dict(recipe)
-    device = auto_device() if device == "auto" else device
     run_id = runs.new_run_id(kind)
     with transaction(db):  # both rows or neither: a job without its run could never start
         job = records.create_job(db, JOB_KIND, {"run": run_id, "kind": kind, "base": base_name,
-                                                "dataset": dataset_name, "dataset_version": pinned.version},
+                                                "dataset": dataset_name, "dataset_version": pinned.version,
+                                                "nproc": nproc},
                                  device=device, actor=actor)
         runs.insert_run(db, Run(run_id, kind, task, job.id, base_name, None, pinned.dataset.id, pinned.dataset.name,
                                 pinned.version, pinned.content_hash, values, recipe_hash(values), "queued", {}, {},
@@ -125,10 +188,21 @@ def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset
 
 def run_training(ctx: JobContext) -> dict[str, Any]:
     """Handler of job kind `train` (registered in appliance.jobs.runner.HANDLERS)."""
+    from appliance.jobs.runner import JobInterrupted
+
     run = runs.run_for_job(ctx.db, ctx.job.id)
     _select_device(ctx.job.device)
+    nproc = int(ctx.job.params.get("nproc", 1))
     try:
+        if nproc > 1:
+            from appliance.train.ddp import supervise_ranks
+
+            return supervise_ranks(ctx, run, nproc)
         return _train_lm(ctx, run) if run.kind == "lm" else _train_classifier(ctx, run)
+    except JobInterrupted as exc:
+        with contextlib.suppress(Exception):
+            runs.finish_run(ctx.db, run.id, "interrupted", error=exc.message)
+        raise
     except Exception as exc:
         message = exc.message if isinstance(exc, AirlockError) else f"internal error ({type(exc).__name__})"
         with contextlib.suppress(Exception):
@@ -137,15 +211,19 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
 
 
 def _select_device(device: str) -> None:
-    # Before torch is imported in this process: a CPU job must not grab a GPU, a GPU job sees only its own.
+    # Before torch is imported in this process (and its ranks): a CPU job must not grab a GPU, a GPU
+    # job sees only its own (`cuda:0,1` -> "0,1": rank r then uses cuda:r).
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
 
 
-def _prepare(ctx: JobContext, run: Run):
-    """Keys, base model, pinned data; the base model's hash (checked against an earlier attempt's)."""
+def _prepare(ctx: JobContext, run: Run, *, lead: bool = True):
+    """Keys, base model, pinned data; the base model's hash (checked against an earlier attempt's).
+
+    Ranks other than 0 (`lead=False`) read the same keys and data but leave the catalog's upkeep
+    and the base model's hash (None for them) to rank 0."""
     from appliance.train.fingerprints import base_model_hash
     from appliance.train.inputs import check_pinned
     from appliance.train.token_cache import shred_caches_of_deleted_datasets
@@ -154,6 +232,8 @@ def _prepare(ctx: JobContext, run: Run):
     keys = keys_for(ctx.db, ctx.home)
     base = check_base_model(run.base_model, run.kind)
     pinned = check_pinned(ctx.db, run.dataset_id, run.dataset_name, run.dataset_version, run.dataset_hash)
+    if not lead:
+        return keys, base, pinned, None
     for object_id in shred_caches_of_deleted_datasets(ctx.db, ctx.home):
         ctx.log(f"shredded {object_id}: a token cache of a deleted dataset")
     ctx.progress("hashing the base model")
@@ -202,7 +282,10 @@ def _curve(points: list[tuple[int, float]]) -> list[list[float]]:
     return [[int(s), float(v)] for s, v in kept]
 
 
-def _train_lm(ctx: JobContext, run: Run) -> dict[str, Any]:
+def _train_lm(ctx: JobContext, run: Run, *, rank: int | None = None) -> dict[str, Any]:
+    """One process, or one rank of a torchrun job (`rank` given): every rank trains on the same data;
+    rank 0 alone writes the run row, the artifact and the registration. A rank's result carries
+    its adapter's checksum, for the supervisor to check that the ranks agree."""
     from appliance.train.artifacts import ADAPTER, EVAL_SAMPLES, save_artifact, tensors_to_bytes
     from appliance.train.checkpoints import VaultCheckpoints
     from appliance.train.fingerprints import tokenizer_hash
@@ -211,28 +294,34 @@ def _train_lm(ctx: JobContext, run: Run) -> dict[str, Any]:
     from appliance.train.recipe import recipe_from_dict
     from appliance.train.token_cache import VaultTokenCache, cache_object_id
 
-    keys, base, pinned, base_hash = _prepare(ctx, run)
+    lead = not rank
+    keys, base, pinned, base_hash = _prepare(ctx, run, lead=lead)
     recipe = recipe_from_dict(run.recipe, f"run {run.id} recipe")
     ctx.progress("decrypting the dataset")
     data = text_splits(ctx.db, keys, ctx.home, pinned)
     tok_hash = tokenizer_hash(base.path)
     counts = {split: len(records) for split, records in data.items()}
+    cache = VaultTokenCache(ctx.db, keys, ctx.home, cache_object_id(pinned.dataset.id, pinned.version_hashes,
+                                                                   tok_hash, recipe.max_length), store_misses=lead)
+    checkpoints = VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id))
+    if not lead:  # reads the same data and checkpoint; train_lora keeps its hands off the catalog
+        result = train_lora(base, data["train"], data["val"], recipe, checkpoints=checkpoints,
+                            should_stop=ctx.should_stop, encode=cache)
+        return {"rank": rank, "steps": result.steps, "adapter_checksum": adapter_checksum(result.adapter_state)}
     run = runs.mark_running(ctx.db, run, base_hash=base_hash, lineage={
         "dataset_versions": [[i + 1, h] for i, h in enumerate(pinned.version_hashes)], "records": counts,
         "tokenizer_hash": tok_hash, "device": ctx.job.device})
     ctx.log(f"run {run.id}: {counts['train']} train, {counts['val']} val, {counts['test']} test records of "
             f"{run.dataset_name} v{run.dataset_version}")
-    cache = VaultTokenCache(ctx.db, keys, ctx.home, cache_object_id(pinned.dataset.id, pinned.version_hashes,
-                                                                   tok_hash, recipe.max_length))
     report = _ProgressReporter(ctx)
 
     def on_progress(p: Progress) -> None:
         report(p.step, p.total_steps, {"val_loss": p.val_loss} if p.val_loss is not None else {},
                loss=round(p.loss, 6), lr=p.lr, tokens_per_s=round(p.tokens_per_s, 1), eta_s=round(p.eta_s, 1))
 
-    result = train_lora(base, data["train"], data["val"], recipe, test_records=data["test"],
-                        checkpoints=VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id)),
+    result = train_lora(base, data["train"], data["val"], recipe, test_records=data["test"], checkpoints=checkpoints,
                         on_progress=on_progress, should_stop=ctx.should_stop, encode=cache)
+    ranked = {} if rank is None else {"rank": rank, "adapter_checksum": adapter_checksum(result.adapter_state)}
     ctx.log(f"tokenized data: {len(cache.hits)} split(s) from the encrypted cache, {len(cache.misses)} encoded")
     peak, where = peak_memory_mb()
     metrics: dict[str, Any] = {
@@ -246,8 +335,12 @@ def _train_lm(ctx: JobContext, run: Run) -> dict[str, Any]:
         "peak_memory_mb": round(peak, 1), "memory": where,
         "test": result.test.metrics() if result.test is not None else None}
     if result.steps < result.total_steps and not result.stopped_early:
-        runs.finish_run(ctx.db, run.id, "cancelled", metrics=metrics)
-        return {"run": run.id, "steps": result.steps, "total_steps": result.total_steps, "checkpointed": True}
+        # A rank 0 whose supervising job process died (kill -9) leaves the run `running`: the catalog's
+        # next look marks job and run `interrupted` together.
+        if not getattr(ctx, "supervisor_gone", False):
+            runs.finish_run(ctx.db, run.id, "cancelled", metrics=metrics)
+        return {"run": run.id, "steps": result.steps, "total_steps": result.total_steps, "checkpointed": True,
+                **ranked}
     files = {ADAPTER: tensors_to_bytes(result.adapter_state, {"run": run.id, "base_model": run.base_model,
                                                               "base_hash": base_hash, "recipe_hash": run.recipe_hash})}
     if result.test is not None and result.test.samples:
@@ -256,7 +349,12 @@ def _train_lm(ctx: JobContext, run: Run) -> dict[str, Any]:
     run = runs.finish_run(ctx.db, run.id, "succeeded", metrics=metrics, artifact=artifact)
     _shred_checkpoint(ctx, run.id)
     return {"run": run.id, "artifact": artifact, "steps": result.steps, **_register(ctx, keys, run),
-            **{k: run.metrics.get(k) for k in ("initial_val_loss", "val_loss", "best_val_loss")}}
+            **{k: run.metrics.get(k) for k in ("initial_val_loss", "val_loss", "best_val_loss")}, **ranked}
+
+
+def adapter_checksum(adapter_state: dict[str, Any]) -> float:
+    """Sum of every adapter weight (float64): equal on ranks that hold the same adapter."""
+    return sum(float(v.double().sum()) for v in adapter_state.values())
 
 
 def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:

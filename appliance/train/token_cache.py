@@ -63,11 +63,14 @@ def examples_from_bytes(data: bytes) -> list[Example]:
 class VaultTokenCache:
     """An `lm.Encoder` that reads each split's examples from the vault, or encodes and stores them.
 
-    `hits` and `misses` name the splits, for the job's log.
+    `hits` and `misses` name the splits, for the job's log. `store_misses=False` (the ranks other
+    than 0 of a torchrun job) reads the cache but leaves writing it to rank 0.
     """
 
-    def __init__(self, db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str) -> None:
+    def __init__(self, db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str, *,
+                 store_misses: bool = True) -> None:
         self.db, self.keys, self.home, self.object_id = db, keys, home, object_id
+        self.store_misses = store_misses
         self.hits: list[str] = []
         self.misses: list[str] = []
 
@@ -81,10 +84,12 @@ class VaultTokenCache:
                 self.hits.append(split)
                 return examples
         examples = encode_records(tokenizer, records, max_length, split)
+        self.misses.append(split)
+        if not self.store_misses:
+            return examples
         self._ensure_object()
         store.write_bytes(self.db, self.keys, self.home, self.object_id, split, examples_to_bytes(examples),
                           overwrite=True)
-        self.misses.append(split)
         return examples
 
     def _ensure_object(self) -> None:
