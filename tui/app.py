@@ -64,6 +64,8 @@ class AirlockApp(App[None]):
         Binding("f1", "help", "Help"),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+l", "lock", "Lock vault", show=False),
+        # Digits typed into a field are text: Escape leaves the field, then 1-7 switch screens again.
+        Binding("escape", "leave_field", "Leave field", show=False),
         *(Binding(key, f"go('{mode}')", title, show=False) for mode, key, title in NAV),
     ]
 
@@ -254,9 +256,16 @@ class AirlockApp(App[None]):
             if active.node is screen and binding.description and active.enabled:
                 keys.append((self.get_key_display(binding), binding.description))
         keys += [(key, f"go to {title}") for _, key, title in NAV]
-        keys += [("ctrl+p", "command palette"), ("ctrl+l", "lock the vault"),
+        keys += [("escape", "leave a text field (then 1-7 switch screens)"), ("ctrl+p", "command palette"),
+                 ("ctrl+l", "lock the vault"),
                  ("q / ctrl+q", "quit (jobs keep running)")]
         self.push_screen(HelpDialog(title, text, keys))
+
+    def action_leave_field(self) -> None:
+        from textual.widgets import Input
+
+        if isinstance(self.focused, Input) and not self.screen.is_modal:
+            self.screen.set_focus(None)
 
     def action_lock(self) -> None:
         self.lock_vault()
