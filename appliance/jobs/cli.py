@@ -47,6 +47,33 @@ def jobs_list(state: str | None, limit: int, as_json: bool) -> None:
     echo_table(rows, ["job", "state", "by", "progress / error"])
 
 
+def follow_job(db, job_id: str, *, quiet: bool = False, describe=None):
+    """Print a job's events to stderr until it ends: the `--wait` of every command that starts a job.
+
+    `describe(event)` words a progress event that has a step (default: step/total, loss, eta).
+    Returns the job in its final state, or None when the operator pressed Ctrl-C (the job keeps
+    running)."""
+    from appliance.jobs.records import JobEvent
+    from appliance.jobs.runner import wait_for
+
+    def show(event: JobEvent) -> None:
+        if quiet:
+            return
+        if event.kind == "progress" and "step" in event.data:
+            click.echo(describe(event) if describe else _progress_text(event.data), err=True)
+        elif event.kind in ("progress", "log"):
+            click.echo(event.message, err=True)
+        elif event.kind == "state":
+            click.echo(f"job {event.message}", err=True)
+
+    try:
+        return wait_for(db, job_id, timeout_s=30 * 24 * 3600, on_event=show)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the job keeps running (`airlock jobs show {job_id}`, "
+                   f"`airlock jobs cancel {job_id}`)", err=True)
+        return None
+
+
 def _progress_text(data: dict) -> str:
     if "step" in data and "total_steps" in data:
         text = f"step {data['step']}/{data['total_steps']}"

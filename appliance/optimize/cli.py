@@ -116,28 +116,14 @@ def optimize_run(run_id: str, recipe_path: Path | None, variants: str, no_qat: b
 
 
 def _follow(db, job_id: str, *, quiet: bool):
-    """Progress events to stderr until the job ends. None when the operator pressed Ctrl-C."""
-    from appliance.jobs.records import JobEvent
-    from appliance.jobs.runner import wait_for
+    """Progress to stderr until the job ends (appliance.jobs.cli.follow_job); None after Ctrl-C."""
+    from appliance.jobs.cli import follow_job
 
-    def show(event: JobEvent) -> None:
-        if quiet:
-            return
-        data = event.data
-        if event.kind == "progress" and "step" in data:
-            loss = f", loss {data['loss']:.4f}" if data.get("loss") is not None else ""
-            click.echo(f"{event.message or 'step'} {data['step']}/{data.get('total_steps', '?')}{loss}", err=True)
-        elif event.kind in ("progress", "log"):
-            click.echo(event.message, err=True)
-        elif event.kind == "state":
-            click.echo(f"job {event.message}", err=True)
+    def describe(event) -> str:
+        loss = f", loss {event.data['loss']:.4f}" if event.data.get("loss") is not None else ""
+        return f"{event.message or 'step'} {event.data['step']}/{event.data.get('total_steps', '?')}{loss}"
 
-    try:
-        return wait_for(db, job_id, timeout_s=30 * 24 * 3600, on_event=show)
-    except KeyboardInterrupt:
-        click.echo(f"\nstopped following; the job keeps running (`airlock jobs show {job_id}`, "
-                   f"`airlock jobs cancel {job_id}`)", err=True)
-        return None
+    return follow_job(db, job_id, quiet=quiet, describe=describe)
 
 
 def _num(value: Any, digits: int = 4) -> str:

@@ -185,26 +185,10 @@ def _resume(db, kind: str, run_id: str, *, device: str = "auto", nproc: int | No
 
 
 def _follow(db, job_id: str, *, quiet: bool):
-    """Print progress events to stderr until the job ends. None when the operator pressed Ctrl-C."""
-    from appliance.jobs.records import JobEvent
-    from appliance.jobs.runner import wait_for
+    """Progress to stderr until the job ends (appliance.jobs.cli.follow_job); None after Ctrl-C."""
+    from appliance.jobs.cli import follow_job
 
-    def show(event: JobEvent) -> None:
-        if quiet:
-            return
-        if event.kind == "progress" and "step" in event.data:
-            click.echo(_progress_text(event.data), err=True)
-        elif event.kind == "progress" or event.kind == "log":
-            click.echo(event.message, err=True)
-        elif event.kind == "state":
-            click.echo(f"job {event.message}", err=True)
-
-    try:
-        return wait_for(db, job_id, timeout_s=30 * 24 * 3600, on_event=show)
-    except KeyboardInterrupt:
-        click.echo(f"\nstopped following; the job keeps running (`airlock jobs show {job_id}`, "
-                   f"`airlock jobs cancel {job_id}`)", err=True)
-        return None
+    return follow_job(db, job_id, quiet=quiet, describe=lambda event: _progress_text(event.data))
 
 
 def _progress_text(d: dict[str, Any]) -> str:
