@@ -200,6 +200,22 @@ def _rank_pid(job_id: str, rank: int) -> int:
     raise AssertionError(f"no rank {rank} of {job_id} is running")
 
 
+@needs_loopback
+def test_a_ranks_own_error_fails_the_job_with_its_message_and_hint(qa_dataset, tmp_path, unlock):
+    from appliance.jobs.runner import wait_for
+
+    started = cli_json("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--device", "cpu", "--nproc", "2",
+                       "--recipe", str(_recipe(tmp_path, "ddp.toml", EQUIVALENCE_RECIPE.format(accumulation=1))),
+                       "--json")
+    assert run_cli("vault", "lock").returncode == 0  # before the ranks ask the key agent for the data keys
+    job = wait_for(open_catalog(), started["job"]["id"], timeout_s=300)
+    assert job.state == "failed", (job.state, job.error)
+    assert job.error.startswith("training rank ") and "vault is locked" in job.error
+    assert "airlock vault unlock" in job.hint
+    shown = cli_json("train", "show", started["run"]["id"], "--json")["run"]
+    assert shown["state"] == "failed" and "vault is locked" in shown["error"]
+
+
 def _one_line_error(*args: str, env: dict[str, str] | None = None) -> str:
     result = run_cli(*args, env=env)
     assert result.returncode == 2, (result.stdout, result.stderr)
