@@ -251,3 +251,28 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_a_job_on_several_gpus_holds_the_lock_of_each_of_them(airlock_home):
+    import fcntl
+
+    from appliance.jobs import records
+    from appliance.jobs.runner import JobContext, _device_lock, gpu_indices
+
+    assert gpu_indices("cuda:1,0") == [1, 0] and gpu_indices("cuda:3") == [3] and gpu_indices("cpu") == []
+    db = open_catalog()
+    job = records.create_job(db, "train", {"nproc": 2}, device="cuda:1,0", actor="test")
+
+    def free(index: int) -> bool:
+        with open(airlock_home / "locks" / f"cuda-{index}.lock", "w") as other:  # another job's attempt
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return True
+
+    with _device_lock(JobContext(db, job, airlock_home)):
+        assert not free(0) and not free(1)
+        assert free(2)  # a GPU the job does not use stays free for others
+    assert free(0) and free(1)
