@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[appliance,dev]'
 	touch $@
 
-demo: venv
+# The whole story (README): builds a signed bundle from the wheelhouse, installs it offline, then
+# runs every stage with the installed appliance. `$(BIN)/airlock demo --keep` keeps its folder.
+demo: $(STAMP) $(WHEELHOUSE_STAMP)
 	$(BIN)/airlock demo
 
 lint: venv

@@ -177,15 +177,9 @@ def base_models_list(as_json: bool) -> None:
                ["name", "architecture", "weights", "path"])
 
 
-@cli.command()
-@click.option("--prompt", default="Maintenance log. Machine: press line 2.", show_default=True,
-              help="Text the tiny model continues.")
-def demo(prompt: str) -> None:
-    """Show what the appliance can do today: doctor, audit chain, the tiny model generating text."""
-    from appliance.demo import run_demo
+from appliance.demo.cli import demo  # noqa: E402 - the whole story in one command (issue 11)
 
-    run_demo(prompt)
-
+cli.add_command(demo)
 
 from appliance.vault.cli import vault  # noqa: E402 - command groups register here, one line each
 
