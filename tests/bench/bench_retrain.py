@@ -1,6 +1,7 @@
 """Incremental retraining vs a full retrain, after 10% new data arrived: the LM, then an image classifier.
 
-    .venv/bin/python tests/bench/bench_retrain.py [--records 600] [--epochs 1] [--images 400] [--no-classifier]
+    .venv/bin/python tests/bench/bench_retrain.py [--records 600] [--epochs 1] [--images 400] [--classifier-steps 600]
+                                                  [--no-classifier]
 
 Real path, one run, one machine: a throwaway AIRLOCK_HOME, a vault (test KDF parameters), the demo
 corpus imported as dataset version 1 (90%) and version 2 (the new 10%), v1 trained and promoted.
@@ -42,7 +43,7 @@ def seconds(job: dict) -> float:
     return (end - start).total_seconds()
 
 
-def classifier_ratio(root: Path, env: dict[str, str], images: int) -> None:
+def classifier_ratio(root: Path, env: dict[str, str], images: int, steps: int) -> None:
     """The same comparison for an image classifier: 90% of `images` as version 1, the new 10% as version 2."""
     sys.path.insert(0, str(REPO))
     from tests.appliance.registry.test_classifier_retrain import write_shapes
@@ -51,7 +52,7 @@ def classifier_ratio(root: Path, env: dict[str, str], images: int) -> None:
     write_shapes(root / "img1", first, seed=1)
     write_shapes(root / "img2", new, seed=2, inverted=True)
     recipe = root / "cls.toml"
-    recipe.write_text("max_steps = 120\neval_every = 1000\nbatch_size = 16\nlr = 3e-3\naugment = false\n")
+    recipe.write_text(f"max_steps = {steps}\neval_every = 100000\nbatch_size = 16\nlr = 3e-3\naugment = false\n")
     size = ["--image-size", "32", "--split", "80/10/10"]
     airlock("data", "import", str(root / "img1"), "--name", "imgs", *size, env=env)
     first_run = airlock("train", "classifier", "--base", "tiny-resnet-cls", "--data", "imgs", "--recipe", str(recipe),
@@ -63,7 +64,7 @@ def classifier_ratio(root: Path, env: dict[str, str], images: int) -> None:
     inc = airlock("retrain", "imgs", "--replay", "0.2", "--wait", "--json", env=env)
     full_s, inc_s = seconds(full["job"]), seconds(inc["job"])
     mix, timings = inc["run"]["lineage"]["records"], inc["run"]["metrics"]["timings_s"]
-    print(f"classifier: {first} + {new} new images (32 x 32), 120 steps of 16 for a full run")
+    print(f"classifier: {first} + {new} new images (32 x 32), {steps} steps of 16 for a full run")
     print(f"full retrain     {full_s:7.1f} s  ({full['run']['metrics']['steps']} steps on "
           f"{full['run']['metrics']['records']['train']} train images)")
     print(f"incremental      {inc_s:7.1f} s  ({inc['run']['metrics']['steps']} steps on {mix['new_train']} new + "
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=600, help="corpus records in the dataset")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--images", type=int, default=400, help="images in the classifier's dataset")
+    parser.add_argument("--classifier-steps", type=int, default=600, help="steps of a full classifier run")
     parser.add_argument("--no-classifier", action="store_true", help="only the language model")
     args = parser.parse_args()
 
@@ -111,7 +113,7 @@ def main() -> None:
             inc = airlock("retrain", "bench", "--replay", "0.2", "--wait", "--json", env=env)
             report_lm(args, cut, len(lines) - cut, full, inc)
             if not args.no_classifier:
-                classifier_ratio(root, env, args.images)
+                classifier_ratio(root, env, args.images, args.classifier_steps)
         finally:
             airlock("vault", "lock", env=env)
 
