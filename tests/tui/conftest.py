@@ -95,8 +95,14 @@ async def log_in(pilot, passphrase: str = PASSPHRASE, *, typed: bool = False) ->
     from tui.screens.login import LoginScreen
 
     app = pilot.app
-    await wait_until(pilot, lambda: isinstance(app.screen, LoginScreen)
-                     and not app.screen.query_one("#passphrase", Input).disabled, "the login dialog")
+
+    def ready() -> bool:  # pushed is not composed: the field exists only once the dialog has composed
+        if not isinstance(app.screen, LoginScreen):
+            return False
+        found = app.screen.query("#passphrase")
+        return bool(found) and not found.first(Input).disabled
+
+    await wait_until(pilot, ready, "the login dialog")
     field = app.screen.query_one("#passphrase", Input)
     field.focus()
     await wait_until(pilot, lambda: app.screen.focused is field, "the passphrase field's focus")
