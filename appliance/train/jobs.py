@@ -87,26 +87,26 @@ def check_base_model(name: str, kind: str) -> Any:
 
 def auto_device() -> str:
     """cuda:0 when an NVIDIA GPU is visible, else cpu. Decided without importing torch (the CLI stays fast)."""
+    return "cuda:0" if visible_gpu_count() else "cpu"
+
+
+def visible_gpu_count(dev: Path = Path("/dev")) -> int:
+    """NVIDIA GPUs this process may use, without importing torch: the /dev/nvidiaN devices, narrowed by
+    CUDA_VISIBLE_DEVICES when it is set (a machine without the devices has none, whatever it says)."""
+    devices = sum(1 for p in dev.glob("nvidia[0-9]*") if p.name[6:].isdigit())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return "cpu"
-    return "cuda:0" if Path("/dev/nvidia0").exists() else "cpu"
+    if devices == 0 or visible is None:
+        return devices
+    return 0 if visible.strip() in ("", "-1") else len(visible.split(","))
 
 
-def visible_gpu_count() -> int:
-    """NVIDIA GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set, else /dev/nvidiaN."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return 0 if visible.strip() in ("", "-1") else len(visible.split(","))
-    return sum(1 for p in Path("/dev").glob("nvidia[0-9]*") if p.name[6:].isdigit())
-
-
-def plan_processes(kind: str, device: str, nproc: int | None) -> tuple[str, int]:
+def plan_processes(kind: str, device: str, nproc: int | None, *, gpus: int | None = None) -> tuple[str, int]:
     """(the job's device, its number of training processes) from `--device` and `--nproc`.
 
     `auto` means the first N GPUs when there are GPUs, else N CPU processes; `cuda:0,1` means one
     process per GPU named. Refused with one line: fewer than one process, more GPUs than visible,
-    a count that disagrees with the GPUs named, several processes for a classifier.
+    a count that disagrees with the GPUs named, several processes for a classifier. `gpus`: how many
+    are visible (default: `visible_gpu_count()`).
     """
     if nproc is not None and nproc < 1:
         raise runs.RunError(f"--nproc {nproc}: a run needs at least one training process",
@@ -116,7 +116,7 @@ def plan_processes(kind: str, device: str, nproc: int | None) -> tuple[str, int]
         raise runs.RunError(f"--nproc {nproc}: `airlock train {kind}` trains in one process",
                             hint="leave out --nproc; several processes (torchrun) are for `airlock train lm`")
     count = nproc or 1
-    gpus = visible_gpu_count()
+    gpus = visible_gpu_count() if gpus is None else gpus
     if device == "auto":
         device = "cpu" if gpus == 0 else "cuda:" + ",".join(str(i) for i in range(count))
     if device == "cpu":

@@ -235,15 +235,40 @@ def test_bad_process_counts_are_refused_with_one_line_before_anything_starts():
     assert "one process per GPU and --device names one GPU" in one_named and "cuda:0,1,2" in one_named
     assert "names a GPU twice" in _one_line_error(*lm, "--device", "cuda:1,1", env=no_gpu)
     assert "is not auto, cpu or cuda:N" in _one_line_error(*lm, "--device", "cuda:0,x")
-    assert "3 GPU(s) asked for, 2 visible" in _one_line_error(*lm, "--device", "cuda:0,1,2", "--nproc", "3",
-                                                               env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    assert "cuda:2 is not there" in _one_line_error(*lm, "--device", "cuda:0,2", env={"CUDA_VISIBLE_DEVICES": "0,1"})
     cores = _one_line_error(*lm, "--device", "cpu", "--nproc", "10000")
     assert "--nproc 10000 on CPU: this machine has" in cores
     classifier = _one_line_error("train", "classifier", "--base", "tiny-resnet-cls", "--data", "x", "--device", "cpu",
                                  "--nproc", "2")
     assert "trains in one process" in classifier and "airlock train lm" in classifier
     assert cli_json("jobs", "list", "--json")["jobs"] == []
+
+
+def test_process_plans_on_a_machine_with_two_gpus(tmp_path, monkeypatch):
+    from appliance.train.jobs import plan_processes, visible_gpu_count
+    from appliance.train.runs import RunError
+
+    dev = tmp_path / "dev"  # what the driver creates: one node per GPU, plus control nodes that are not GPUs
+    dev.mkdir()
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (dev / name).touch()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpu_count(dev) == 2 and visible_gpu_count(tmp_path) == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert visible_gpu_count(dev) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpu_count(dev) == 0
+
+    assert plan_processes("lm", "auto", None, gpus=2) == ("cuda:0", 1)
+    assert plan_processes("lm", "auto", 2, gpus=2) == ("cuda:0,1", 2)
+    assert plan_processes("lm", "cuda:1,0", None, gpus=2) == ("cuda:1,0", 2)
+    assert plan_processes("lm", "cuda:0,1", 2, gpus=2) == ("cuda:0,1", 2)
+    assert plan_processes("lm", "auto", 2, gpus=0) == ("cpu", 2)
+    assert plan_processes("classifier", "auto", None, gpus=2) == ("cuda:0", 1)
+    with pytest.raises(RunError, match=r"3 GPU\(s\) asked for, 2 visible .*cuda:2 is not there") as too_many:
+        plan_processes("lm", "auto", 3, gpus=2)
+    assert "cuda:0,1" in too_many.value.hint
+    with pytest.raises(RunError, match="cuda:2 is not there"):
+        plan_processes("lm", "cuda:0,2", None, gpus=2)
 
 
 def _running(pid: int) -> bool:
