@@ -1,6 +1,7 @@
 """The Schedule screen against a real appliance home: a bad interval refused with the appliance's hint, a
 schedule with an inbox folder set by keyboard, "run due now" importing the inbox (new records, so a real
-retrain job starts), the outcome and the next due time, and deleting the schedule with a typed confirmation."""
+retrain job starts), the outcome and the next due time, the rejected candidate with its gate results, and
+deleting the schedule with a typed confirmation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from appliance.catalog import open_catalog
 from appliance.registry.schedule import get_schedule
+from appliance.registry.versions import production
 from tests.appliance.train.conftest import corpus_chats
+from tests.conftest import run_cli
 from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
 from tui.dialogs import ConfirmByTyping, ErrorDialog, FormDialog
 from tui.screens.schedule import ScheduleScreen
@@ -22,6 +25,9 @@ async def open_dialog(pilot) -> FormDialog:
 
 @pilot_test
 async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path: Path):
+    # Gate 3 (engine parity) with a limit no export can meet: the retrain the schedule starts is rejected.
+    policy = run_cli("models", "policy", production_task, "--engines", "--engine-max-rel-diff", "1e-12")
+    assert policy.returncode == 0, policy.stderr
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "new.jsonl").write_text("\n".join(corpus_chats(60)[40:]) + "\n", encoding="utf-8")
@@ -60,6 +66,22 @@ async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path:
         db = open_catalog()
         schedule = get_schedule(db, "qa")
         assert schedule is not None and schedule.last_run_at is not None and schedule.next_due_at > schedule.last_run_at
+        db.close()
+
+        # The retrain job ends; its candidate is rejected by its gates and shows with each gate's result.
+        await wait_until(pilot, lambda: "Rejected candidates" in text_of(app, "#schedule-detail"),
+                         "the rejected candidate", 300)
+        detail = text_of(app, "#schedule-detail")
+        rejected = detail[detail.index("Rejected candidates"):].splitlines()
+        print("\n".join(rejected))
+        # Which gate fails first depends on the tiny run's losses; one of them does, and each says why.
+        assert rejected[1].startswith("  qa-v2 ") and any(w in rejected[1] for w in ("forgetting:", "new data:",
+                                                                                       "engine parity:"))
+        gates = "\n".join(rejected[2:])
+        assert "forgetting: " in gates and "new data: " in gates and "engine parity: " in gates
+        assert ": fail (" in gates
+        db = open_catalog()
+        assert production(db, "qa").id == "qa-v1"  # production untouched
         db.close()
 
         await pilot.press("d")

@@ -29,16 +29,34 @@ if TYPE_CHECKING:
 OUTCOME_WORDS = {"started": "retrain started", "nothing_new": "nothing new", "failed": "FAILED", "skipped": "SKIPPED"}
 
 
+def pct(value: float | None, sign: bool = False) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value * 100:+.1f}%" if sign else f"{value * 100:.1f}%"
+
+
 def gate_line(name: str, gate: dict) -> str:
+    """One gate's verdict with its numbers: forgetting (worst earlier split), new data, engine parity.
+
+    Any number may be missing (a gate not applicable, not measured): it shows as '-', never an error."""
     status = gate.get("status", "?")
+    if "measured" in gate:
+        measured, limits = gate.get("measured") or {}, gate.get("thresholds") or {}
+        rel = measured.get("max_rel_diff")
+        text = f"{name}: {status} ({gate.get('variant', '?')} export"
+        if isinstance(rel, int | float):
+            text += f", max rel diff {rel:.3g}"
+            if isinstance(limits.get("max_rel_diff"), int | float):
+                text += f" (limit {limits['max_rel_diff']:.3g}, {limits.get('source', '')})"
+        return text + ")"
     if "relative_change" in gate:
-        return f"{name}: {status} ({gate['relative_change'] * 100:+.1f}%, limit " \
-               f"{gate.get('max_relative_increase', 0) * 100:.1f}%)"
-    splits = gate.get("splits") or []
+        limit = pct(gate.get("max_relative_increase"))
+        return f"{name}: {status} ({pct(gate['relative_change'], True)}, limit {limit})"
+    splits = [s for s in gate.get("splits") or [] if isinstance(s, dict)]
     if splits:
         worst = max(splits, key=lambda s: s.get("relative_change") or 0)
-        return (f"{name}: {status} (worst {worst['split']} {(worst.get('relative_change') or 0) * 100:+.1f}%, limit "
-                f"{gate.get('max_relative_increase', 0) * 100:.1f}%)")
+        return (f"{name}: {status} (worst {worst.get('split', '?')} {pct(worst.get('relative_change'), True)}, "
+                f"limit {pct(gate.get('max_relative_increase'))})")
     return f"{name}: {status}" + (f" ({gate['reason']})" if gate.get("reason") else "")
 
 
