@@ -10,7 +10,7 @@ from appliance.audit import iter_audit
 from appliance.catalog import open_catalog
 from appliance.optimize.jobs import NO_ENGINES, engine_build_refusal
 from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
-from tui.dialogs import ErrorDialog, FormDialog
+from tui.dialogs import ErrorDialog, FormDialog, HelpDialog
 from tui.screens.job import JobScreen
 from tui.screens.models import ModelsScreen, VersionScreen
 
@@ -26,6 +26,12 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         models = app.screen
         assert table_rows(app, "#versions")[0][0].startswith("no versions yet")
         assert table_rows(app, "#unregistered")[0][3].startswith("val loss ")
+
+        await pilot.press("f1")  # the screen's help lists its keys, the footer's hidden ones too
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpDialog), "the help")
+        assert {("g", "Register"), ("o", "Quantize"), ("e", "Engine"), ("p", "Promote"), ("b", "Rollback")} <= set(
+            app.screen.keys) and "candidate" in app.screen.text
+        await pilot.press("escape")
 
         # Register: the run table has the focus (Tab), g asks for the task (suggested: the dataset's name).
         await pilot.press("tab")

@@ -208,6 +208,7 @@ def open_started_job(screen: AirlockScreen, message: JobStarted) -> None:
 
 class ModelsScreen(ModelActions, AirlockScreen):
     MODE = "models"
+    POLL_GROUP = "models-poll"  # a quantize or retrain finishing elsewhere shows up without a keypress
     HELP = """
 The model registry. Each **task** (one use of a model, e.g. `maint-qa`) has numbered **versions**:
 *candidate* (registered, not serving), *production* (what the server answers with), *retired*,
@@ -251,10 +252,10 @@ lineage, history and its model card.
         yield runs
         yield Footer()
 
-    def on_screen_resume(self) -> None:
-        self.load()
+    def poll(self):
+        return self.load()
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="models-load")
+    @work(thread=True, exclusive=True, exit_on_error=False, group="models-poll")
     def load(self) -> None:
         from appliance.jobs.runner import reconcile_jobs
         from appliance.registry.overview import optimize_status, task_overviews, unregistered_runs
@@ -271,6 +272,11 @@ lineage, history and its model card.
 
     def on_models_loaded(self, message: ModelsLoaded) -> None:
         view = message.view
+        shown = ([(v.id, v.state, v.metrics, view.backends.get(v.run_id)) for t in view.tasks for v in t.versions],
+                 [r.id for r in view.runs])
+        if shown == getattr(self, "_shown", None):
+            return  # unchanged: the tables (and their cursors) stay as they are
+        self._shown = shown
         table = self.query_one("#versions", DataTable)
         cursor = table.cursor_row
         table.clear()
@@ -357,13 +363,13 @@ lineage, history and its model card.
 
     def on_model_changed(self, message: ModelChanged) -> None:
         self.notify(message.text, markup=False)
-        self.load()
+        self.poll_now()
 
     def on_job_started(self, message: JobStarted) -> None:
         open_started_job(self, message)
 
     def action_refresh(self) -> None:
-        self.load()
+        self.poll_now()
 
     def palette_commands(self):
         yield SystemCommand("Register training run", "the selected run becomes a version of a task",
