@@ -59,9 +59,12 @@ def wheelhouse(root: Path) -> Path:
 
 def classifier_base(dest: Path) -> Path:
     """tiny-resnet-cls with seeded initial weights as safetensors: bundles ship weights, never a bare config."""
+    from transformers.utils import logging as hf_logging
+
     from appliance.base_models import resolve_base_model
     from appliance.train.classifier import load_classifier
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars garble the demo's output
     base = resolve_base_model("tiny-resnet-cls")
     model = load_classifier(base, num_labels=2, seed=CLASSIFIER_SEED)
     model.save_pretrained(dest)

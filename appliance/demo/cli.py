@@ -52,7 +52,8 @@ def demo(keep: bool, skip_bundle: bool, work_dir: Path | None, lm_steps: int, cl
     """
     started = time.perf_counter()
     work, temporary = _work_dir(work_dir)
-    click.echo(f"airlock demo: working in {work}")
+    if report_path is None:
+        click.echo(f"airlock demo: working in {work}")
     report = Report()
     succeeded = False
     try:

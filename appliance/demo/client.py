@@ -43,7 +43,7 @@ class ServerClient:
     def models(self) -> list[dict[str, Any]]:
         return self._request("/v1/models")["data"]
 
-    def chat(self, model: str, question: str, max_tokens: int = 48) -> tuple[dict[str, Any], float]:
+    def chat(self, model: str, question: str, max_tokens: int = 72) -> tuple[dict[str, Any], float]:
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                            "max_tokens": max_tokens, "temperature": 0}).encode()
         started = time.perf_counter()

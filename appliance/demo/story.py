@@ -36,7 +36,9 @@ TEXT_DATASET = "site-qa"
 DICOM_DATASET = "phantom-ct"
 LM_TASK = "site-qa"
 CLS_TASK = "phantom-ct"
-QUESTION = "Which lockout procedure applies to the CNC mill 4?"
+QUESTION = "The CNC mill 4 shows abnormal vibration. What should I check first?"
+EXPECTED = "spindle bearing"
+"""What the site's data says (appliance/demo/text_samples.py): the demo shows whether the model learned it."""
 WORDS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper", "kelp",
          "lumen", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet",
          "willow", "xenon", "yarrow", "zephyr")
@@ -279,6 +281,10 @@ def _serve(cli: Cli, work: Path, options: StoryOptions, phantoms: list[Any], sta
         answer = reply["choices"][0]["message"]["content"].strip()
         say(f"chat  > {QUESTION}")
         say(f"chat  < {_one_line(answer)}  ({reply['usage']['completion_tokens']} tokens, {seconds * 1000:.0f} ms)")
+        learned = EXPECTED in answer
+        say(f"the site's answer is the {EXPECTED}: "
+            + ("in the reply" if learned else "not in the reply (the tiny demo model has 2.6 M parameters: "
+               "the validation loss above is the measure of what it learned)"))
         # Unseen patients: scans written now, never imported.
         fresh = write_phantom_set(work / "incoming" / "unseen", patients=2, images=2, first_patient=900)
         answers = []
@@ -302,7 +308,8 @@ def _serve(cli: Cli, work: Path, options: StoryOptions, phantoms: list[Any], sta
         stage.metric = (f"chat answered, {sum(answers)}/{len(answers)} unseen scans right; ORT speedup chat "
                         f"x{chat_speedup:.2f}, classify x{cls_speedup:.2f}")
         stage.artifacts = f"server jobs {job}, {eager_job} (stopped)"
-        report.facts["serve"] = {"chat_answer": answer, "classified": len(answers), "correct": sum(answers),
+        report.facts["serve"] = {"chat_answer": answer, "site_answer_in_reply": learned, "classified": len(answers),
+                                 "correct": sum(answers),
                                  "ort_ms": {k: v * 1000 for k, v in ort.items()},
                                  "pytorch_ms": {k: v * 1000 for k, v in eager.items()}}
 
@@ -321,16 +328,22 @@ def _retrain(cli: Cli, started: _Started, report: Report, versions: dict[str, st
     with Stage(report, "new records + retrain", f"5. new records arrive ({NEW_BATCH.name}); gated retrain") as stage:
         out = cli.json("data", "import", str(NEW_BATCH), "--name", TEXT_DATASET)
         say(f"dataset {TEXT_DATASET} v{out['version']}: {out['records_added']} new records")
-        # Exit 1 means the gates rejected the candidate: a normal outcome, printed like a pass.
-        result = cli.json("retrain", LM_TASK, "--auto", "--wait", ok_codes=(0, 1))
+        # Half of the mix replayed from earlier records at half the learning rate: what keeps a tiny
+        # model from forgetting. Exit 1 means the gates rejected the candidate: an outcome, not an error.
+        say("retrain from the production adapter on the new records + 50% replay of earlier ones, "
+            "promoted only if its gates pass")
+        result = cli.json("retrain", LM_TASK, "--replay", "0.5", "--lr", "1.5e-3", "--auto", "--wait",
+                          ok_codes=(0, 1))
         version, metrics = result["version"], result["run"]["metrics"]
         gates = version["gates"]
         for name in ("forgetting", "new_data"):
             gate = gates[name]
             for split in gate.get("splits", [gate]):
-                if "split" in split:
+                if "production_loss" in split:
                     say(f"gate {name}: {split['split']} test loss {split['production_loss']:.4f} -> "
                         f"{split['candidate_loss']:.4f} ({split['relative_change']:+.1%}): {split['status']}")
+                else:
+                    say(f"gate {name}: {split.get('split', '')} {split.get('status')}".replace("  ", " "))
         if version["state"] == "rejected":
             decision = f"{version['id']} rejected, production stays {versions[LM_TASK]}"
             for reason in version["reasons"]:

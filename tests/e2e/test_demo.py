@@ -72,6 +72,7 @@ def test_demo_stages_three_to_six(tmp_path: Path):
     # The server answered: a chat completion with text, and a label for each unseen scan.
     answer = re.search(r"chat  < (.+)  \(\d+ tokens", out)
     assert answer and answer.group(1).strip()
+    assert re.search(r"the site's answer is the spindle bearing: (in the reply|not in the reply)", out)
     assert len(re.findall(r"classify patient9\d\d_\d\.dcm \(truly (normal|abnormal)\): (normal|abnormal) p=", out)) == 4
     assert re.search(r"ORT speedup chat x\d+\.\d\d", summary)
 
