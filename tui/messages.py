@@ -258,6 +258,8 @@ class ServeView:
     keys: list[ApiKey]
     choices: list[tuple[str, str]]
     """(label, value) of what can be served: 'task:NAME' (production version) or 'run:ID'."""
+    others_running: int = 0
+    """Further servers running (started from the command line): `airlock jobs list` shows them."""
 
 
 class ServeLoaded(Message):

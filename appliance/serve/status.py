@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,7 @@ def servers(db: sqlite_utils.Database, limit: int = 20) -> list[ServerStatus]:
     return out
 
 
-def start_server_job(db: sqlite_utils.Database, *, tasks: list[str] = (), runs: list[str] = (),  # type: ignore[assignment]
+def start_server_job(db: sqlite_utils.Database, *, tasks: Sequence[str] = (), runs: Sequence[str] = (),
                      host: str = "127.0.0.1", port: int = 8080, device: str = "auto", backend: str = "auto",
                      actor: str | None = None) -> Job:
     """`airlock serve --detach`: the same options, checked the same way, started as a `serve` job."""

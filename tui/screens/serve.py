@@ -89,8 +89,9 @@ the UI's own monitoring key; an admin creates it once with **m**.
         sample, note = None, ""
         with catalog(home) as db:
             reconcile_jobs(db)
-            found = servers(db, limit=1)
+            found = servers(db, limit=10)  # running ones first
             server = found[0] if found else None
+            others = max(0, sum(1 for s in found if s.running) - 1)
             keys = [k for k in list_keys(db) if k.name != MONITOR_KEY_NAME or k.state == "active"]
             choices = [(f"task {t.name} (production {production(db, t.name).id})", f"task:{t.name}")  # type: ignore[union-attr]
                        for t in list_tasks(db) if production(db, t.name) is not None]
@@ -109,11 +110,11 @@ the UI's own monitoring key; an admin creates it once with **m**.
                 sample = read_metrics(server.url, secret)
             except AirlockError as exc:
                 note = f"live numbers: {exc.message} ({exc.hint})"
-        self.post_message(ServeLoaded(ServeView(server, sample, note, keys, choices)))
+        self.post_message(ServeLoaded(ServeView(server, sample, note, keys, choices, others)))
 
     def on_serve_loaded(self, message: ServeLoaded) -> None:
         from appliance.registry.overview import backend_label
-        from appliance.serve.status import traffic
+        from appliance.serve.status import MONITOR_KEY_NAME, MONITOR_SCOPE, traffic
 
         view = self.view = message.view
         server = view.server
@@ -125,7 +126,8 @@ the UI's own monitoring key; an admin creates it once with **m**.
             models.update("")
         elif server.running:
             where = server.url or f"starting on {server.host}:{server.port} (loading models)"
-            state.update(f"Server: {server.job.state.upper()} · {where} · job {server.job.id}")
+            more = f" · {view.others_running} more running (`airlock jobs list`)" if view.others_running else ""
+            state.update(f"Server: {server.job.state.upper()} · {where} · job {server.job.id}{more}")
             served = view.sample.models if view.sample else []
             if served:
                 models.update("Serving: " + ", ".join(f"{m['model']} {m['version']} on {backend_label(m['backend'])}"
@@ -160,7 +162,9 @@ the UI's own monitoring key; an admin creates it once with **m**.
         cursor = table.cursor_row
         table.clear()
         for key in view.keys:
-            table.add_row(key.name, key.key_id, key.state, timestamp(key.created_at), ", ".join(key.tasks) or "all",
+            scope = ("/metrics (this UI)" if key.name == MONITOR_KEY_NAME and key.tasks == (MONITOR_SCOPE,)
+                     else ", ".join(key.tasks) or "all")
+            table.add_row(key.name, key.key_id, key.state, timestamp(key.created_at), scope,
                           key=f"{key.name}\t{key.key_id}")
         if not view.keys:
             table.add_row("no API keys: n creates one", "", "", "", "")
