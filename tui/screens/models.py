@@ -411,7 +411,7 @@ int8) and the backend it serves on here. **Lineage** is the task's versions as a
 
     def keep_polling(self) -> bool:
         # Follow a running quantize or engine job of this version: its exports and backend change when it ends.
-        return self.detail is not None and self.detail.optimize.busy is not None
+        return self.detail is None or self.detail.optimize.busy is not None
 
     def on_screen_resume(self) -> None:
         self.poll_now()
