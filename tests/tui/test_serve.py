@@ -108,3 +108,46 @@ async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: s
     db = open_catalog()
     assert get_job(db, job_id).state == "cancelled"
     db.close()
+
+
+@pilot_test
+async def test_an_operator_may_not_create_api_keys_the_appliance_says_so(vault_init, unlock, passphrase_file,
+                                                                          tmp_path):
+    """Roles are the appliance's: the UI offers the key, `require` refuses it, the refusal is a dialog (audited)."""
+    from appliance.audit import iter_audit
+    from tests.conftest import run_cli
+    from tui.dialogs import ErrorDialog
+
+    vault_init()
+    unlock()
+    secret_file = tmp_path / "olga"
+    secret_file.write_text("olga's own long passphrase\n")
+    added = run_cli("users", "add", "olga", "--role", "operator", "--passphrase-file", str(secret_file),
+                    "--admin-passphrase-file", str(passphrase_file))
+    assert added.returncode == 0, added.stderr
+    unlock("--user", "olga", "--passphrase-file", str(secret_file))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.session is not None and app.session.account == "olga", "olga's session")
+        await pilot.press("5")
+        await wait_until(pilot, lambda: isinstance(app.screen, ServeScreen) and app.screen.view is not None,
+                         "the serve screen")
+        await create_key_refused(pilot)
+        assert isinstance(app.screen, ErrorDialog)
+        assert app.screen.message == "managing API keys needs the admin role; olga is operator"
+        assert "ask an admin" in app.screen.hint
+        await pilot.press("escape")
+        assert table_rows(app, "#keys")[0][0].startswith("no API keys")
+    denied = list(iter_audit(open_catalog(), action="access.denied"))
+    assert [(e.object, e.details["account"]) for e in denied] == [("keys.manage", "olga")]
+
+
+async def create_key_refused(pilot) -> None:
+    from tui.dialogs import ErrorDialog
+
+    app = pilot.app
+    await pilot.press("n")
+    await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the new key dialog")
+    await type_text(pilot, "pacs-bridge")
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(app.screen, ErrorDialog), "the refusal")
