@@ -93,8 +93,9 @@ class Stage:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.result.seconds = round(time.perf_counter() - self._started, 1)
         self.result.ok = exc_type is None
-        if exc_type is not None and not self.result.metric:
-            self.result.metric = "FAILED"
+        if exc_type is not None:
+            why = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+            self.result.metric = f"{why}: {self.result.metric}" if self.result.metric else why
         self.report.stages.append(self.result)
         if exc_type is None:
             click.echo(f"   ({self.result.seconds:.1f} s)")
@@ -161,7 +162,7 @@ def echo_summary(report: Report) -> None:
     from appliance.cli_output import echo_table
 
     click.secho("\n== summary", bold=True)
-    rows = [(s.stage, f"{s.seconds:.1f} s", s.metric + ("" if s.ok else " (failed)")) for s in report.stages]
+    rows = [(s.stage, f"{s.seconds:.1f} s", s.metric) for s in report.stages]
     echo_table(rows, ["stage", "time", "key metric"], max_width=100)
     total = sum(s.seconds for s in report.stages)
     click.echo(f"total: {total:.1f} s ({total / 60:.1f} min)")

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from appliance.demo.client import ServerClient, median_latency
 from appliance.demo.dicom_phantoms import PHI_KEYWORDS, phi_found, write_phantom_set
 from appliance.demo.steps import Cli, DemoError, Report, Stage, say
@@ -423,11 +421,6 @@ def stop_everything(cli: Cli, server_jobs: list[str]) -> list[str]:
         if agent:
             stopped.append(f"key agent {agent}")
     return stopped
-
-
-def echo_passphrase_hint(report: Report) -> None:
-    if "passphrase_file" in report.facts:
-        click.echo(f"the vault's passphrase is in {report.facts['passphrase_file']}")
 
 
 def load_report(path: Path) -> Report:
