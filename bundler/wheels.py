@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,13 +63,23 @@ def _pip_env() -> dict[str, str]:
             "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PYTHONHASHSEED": "0"}
 
 
+BUILD_STATE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".cache", ".pytest_cache",
+               ".ruff_cache", ".import_linter_cache", ".airlock", "wheels")
+"""Left out of the copy the project wheel is built from: build and tool state, never sources."""
+
+
 def build_project_wheel(project: Path, out_dir: Path) -> Path:
     """Build the appliance's wheel (no build isolation: the station's venv has setuptools, no network needed)."""
     if not (project / "pyproject.toml").is_file():
         raise BundleError(f"{project}: no pyproject.toml", hint="project.path must point at the airlock source tree")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                             "--wheel-dir", str(out_dir), str(project)],
-                            capture_output=True, text=True, env=_pip_env(), check=False)
+    # From a copy without build state: setuptools reuses build/lib/, so a module deleted from the
+    # tree would otherwise still ship in the wheel.
+    with tempfile.TemporaryDirectory(prefix="airlock-src-") as scratch:
+        source = Path(scratch) / project.name
+        shutil.copytree(project, source, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_STATE))
+        result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                                 "--wheel-dir", str(out_dir), str(source)],
+                                capture_output=True, text=True, env=_pip_env(), check=False)
     wheels = sorted(out_dir.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]

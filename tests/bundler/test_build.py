@@ -161,3 +161,28 @@ def test_file_names_outside_the_manifest_alphabet_are_refused_at_build(tmp_path,
     assert result.returncode == 2
     assert "models/tiny-deepseek-r1/my weights.safetensors: this file name cannot ship" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_project_wheel_leaves_out_modules_only_stale_build_state_still_holds(tmp_path):
+    """setuptools reuses build/lib/: a module deleted from the tree must not ship from there."""
+    import zipfile
+
+    from bundler.wheels import build_project_wheel
+
+    project = tmp_path / "proj"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\n'
+                                            'build-backend = "setuptools.build_meta"\n'
+                                            '[project]\nname = "proj"\nversion = "1.0"\n'
+                                            '[tool.setuptools]\npackages = ["pkg"]\n')
+    (project / "pkg" / "__init__.py").write_text("")
+    stale = project / "build" / "lib" / "pkg"
+    stale.mkdir(parents=True)
+    (stale / "__init__.py").write_text("")
+    (stale / "deleted.py").write_text("GONE = True\n")  # what an earlier in-tree build left behind
+
+    wheel = build_project_wheel(project, tmp_path / "out")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pkg/__init__.py" in names
+    assert "pkg/deleted.py" not in names
+    assert (stale / "deleted.py").exists()  # the project's own tree is left as it was
