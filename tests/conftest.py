@@ -38,16 +38,9 @@ def unshare_available() -> bool:
 
 def loopback_up() -> bool:
     """False inside `unshare -n`, where even 127.0.0.1 is down."""
-    import socket
+    from appliance.demo.netns import loopback_works
 
-    try:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            probe.listen()
-            socket.create_connection(probe.getsockname(), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    return loopback_works()
 
 
 needs_loopback = pytest.mark.skipif(not loopback_up(), reason="the loopback interface is down here "
