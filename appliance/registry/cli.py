@@ -24,7 +24,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print machine-read
 
 
 def _open():
-    from appliance.train.cli import _open as open_and_reconcile  # runs whose job vanished take its state
+    from appliance.train.cli import open_and_reconcile  # runs whose job vanished take its state
 
     return open_and_reconcile()
 
@@ -321,7 +321,7 @@ def retrain(task: str, init: str, replay: float, lr: float | None, max_steps: in
     from appliance.registry.retrain import start_retrain
     from appliance.registry.versions import version_for_run
     from appliance.train import runs
-    from appliance.train.cli import _follow
+    from appliance.train.cli import follow_training
     from appliance.vault.lifecycle import keys_for
 
     if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
@@ -342,7 +342,7 @@ def retrain(task: str, init: str, replay: float, lr: float | None, max_steps: in
         else:
             click.echo(f"follow it with `airlock jobs show {job.id}`")
         return 0
-    finished = _follow(db, job.id, quiet=as_json)
+    finished = follow_training(db, job.id, quiet=as_json)
     if finished is None:
         return 130
     version = version_for_run(db, run.id)

@@ -21,7 +21,7 @@ MACHINE_IDLE_TIMEOUT_S = 3600
 
 
 def _open():
-    from appliance.train.cli import _open as open_and_reconcile
+    from appliance.train.cli import open_and_reconcile
 
     return open_and_reconcile()
 

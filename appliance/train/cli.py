@@ -23,7 +23,7 @@ from appliance.cli_output import echo_json, echo_table
 _json = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def _open():
+def open_and_reconcile():
     """The catalog, after runs whose job process vanished took its state, and stale token caches were shredded."""
     from appliance.catalog import open_catalog
     from appliance.jobs.runner import reconcile_jobs
@@ -105,7 +105,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
                             hint="e.g. --device cuda:1, or --device cuda:0,1 to train on two GPUs")
     if not resume_run:
         plan_processes(kind, device, nproc)  # refuse a bad --nproc/--device before anything is touched
-    db = _open()
+    db = open_and_reconcile()
     keys_for(db, airlock_home())  # fail now with "vault is locked", not inside the job
     require(db, airlock_home(), "train.start")  # operators and admins train; auditors never decrypt data
     if resume_run:
@@ -135,7 +135,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         else:
             click.echo(f"follow it with `airlock train show {run.id}` or `airlock jobs show {run.job_id}`")
         return 0
-    job = _follow(db, run.job_id, quiet=as_json)
+    job = follow_training(db, run.job_id, quiet=as_json)
     if job is None:
         return 130
     run = runs.get_run(db, run.id)
@@ -184,7 +184,7 @@ def _resume(db, kind: str, run_id: str, *, device: str = "auto", nproc: int | No
     return runs.get_run(db, run_id)
 
 
-def _follow(db, job_id: str, *, quiet: bool):
+def follow_training(db, job_id: str, *, quiet: bool):
     """Progress to stderr until the job ends (appliance.jobs.cli.follow_job); None after Ctrl-C."""
     from appliance.jobs.cli import follow_job
 
@@ -237,7 +237,7 @@ def train_runs(state: str | None, kind: str | None, limit: int, as_json: bool) -
     """Training runs, newest first."""
     from appliance.train.runs import list_runs
 
-    found = list_runs(_open(), state=state, kind=kind, limit=limit)
+    found = list_runs(open_and_reconcile(), state=state, kind=kind, limit=limit)
     if as_json:
         echo_json({"runs": [r.to_dict() for r in found]})
         return
@@ -258,7 +258,7 @@ def train_show(run_id: str, as_json: bool) -> None:
     from appliance.jobs.records import events, get_job
     from appliance.train.runs import get_run
 
-    db = _open()
+    db = open_and_reconcile()
     run = get_run(db, run_id)
     job = get_job(db, run.job_id)
     last = events(db, job.id, kind="progress", limit=1)
