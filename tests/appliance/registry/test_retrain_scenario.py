@@ -132,7 +132,8 @@ def test_gated_retraining_promotion_rollback_schedule_and_card(vault_init, unloc
     assert v2["reasons"] == []
     retrain_run = cli_json("train", "show", v2["run_id"], "--json")["run"]
     mix = retrain_run["lineage"]["records"]
-    assert mix["replay_train"] == mix["new_train"]  # replay is half of the mix
+    # Replay is half of the mix, capped by the earlier train records (the keyed hash split varies per vault).
+    assert mix["replay_train"] == min(mix["new_train"], mix["earlier_train"]) > 0
     assert retrain_run["lineage"]["retrain"] == {"parent": "maint-qa-v1", "init": "production", "replay": 0.5,
                                                  "replay_seed": 3, "since_version": 1}
     assert _version("maint-qa-v1")["state"] == "retired"
