@@ -344,7 +344,6 @@ def split_oversized(model: Any, variants: list[str]) -> tuple[list[str], dict[st
 
 def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, variants: list[str],
                  original: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]] | None:
-    import copy
 
     from appliance.base_models import resolve_base_model
     from appliance.optimize.onnx_export import export_causal_lm_onnx
@@ -398,13 +397,8 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
         exports[variant] = data_bytes
 
     # Float variants first: quantization below changes the model in place.
-    for variant in ("fp32", "fp16"):
-        if variant in variants:
-            reference = copy.deepcopy(model).half() if variant == "fp16" else model
-            export_and_validate(variant, model, reference)
-            del reference
-        if ctx.should_stop():
-            return None
+    if not _export_float_variants(ctx, model, variants, export_and_validate):
+        return None
     if "int8" in variants:
         result = quantize_causal_lm(model, calibration_batches=batches("train", recipe.seed),
                                     train_batches=batches("train", recipe.seed + 1), eval_batches=eval_batches,
@@ -422,9 +416,22 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
     return report, exports
 
 
+def _export_float_variants(ctx: JobContext, model: Any, variants: list[str], export_and_validate: Any) -> bool:
+    """Export and validate fp32 / fp16 (each against a float model of its own precision); False on a stop."""
+    import copy
+
+    for variant in ("fp32", "fp16"):
+        if variant in variants:
+            reference = copy.deepcopy(model).half() if variant == "fp16" else model
+            export_and_validate(variant, model, reference)
+            del reference
+        if ctx.should_stop():
+            return False
+    return True
+
+
 def _optimize_classifier(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, variants: list[str],
                          original: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]] | None:
-    import copy
 
     from appliance.optimize.onnx_export import export_classifier_onnx
     from appliance.optimize.quantize import classifier_probabilities, quantize_classifier
@@ -458,13 +465,8 @@ def _optimize_classifier(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantR
                                                         strict=False)
         exports[variant] = data_bytes
 
-    for variant in ("fp32", "fp16"):
-        if variant in variants:
-            reference = copy.deepcopy(model).half() if variant == "fp16" else model
-            export_and_validate(variant, model, reference)
-            del reference
-        if ctx.should_stop():
-            return None
+    if not _export_float_variants(ctx, model, variants, export_and_validate):
+        return None
     if "int8" in variants:
         batch_size = int(run.recipe.get("batch_size", 16))
         result = quantize_classifier(model, train=splits["train"], val=splits["val"] if splits["val"][0].shape[0]
