@@ -48,3 +48,33 @@ needs_loopback = pytest.mark.skipif(not loopback_up(), reason="the loopback inte
 
 needs_unshare = pytest.mark.skipif(not unshare_available(),
                                    reason="`unshare -n` is not permitted here (needs root or user namespaces)")
+
+
+FIXED_SITE_SECRET = bytes(range(32))
+"""The site secret of test vaults whose outcome depends on a split (see `fix_site_secret`)."""
+
+
+def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET, keys=None) -> None:
+    """Store a known site secret in an unlocked vault before its first import.
+
+    The site secret keys the patient pseudonyms and each dataset's split seed, so with it fixed a
+    dataset's train/val/test assignment, and every metric or gate that depends on it, is the same on
+    every run. It goes through the real vault (object, DEK, encrypted file), as the first import
+    would store a random one. Call it after `vault unlock` and before `data import`; `keys` (e.g. a
+    LocalKeys) instead of the key agent's.
+    """
+    from appliance.catalog import open_catalog
+    from appliance.data.site_secret import FILE_NAME, OBJECT_ID, site_secret
+    from appliance.vault.lifecycle import keys_for
+    from appliance.vault.store import create_object, file_path, write_bytes
+
+    home = Path(home or os.environ["AIRLOCK_HOME"])
+    db = open_catalog(home)
+    try:
+        keys = keys or keys_for(db, home)
+        if not file_path(home, OBJECT_ID, FILE_NAME).exists():
+            create_object(db, keys, OBJECT_ID, "secret")
+            write_bytes(db, keys, home, OBJECT_ID, FILE_NAME, secret)
+        assert site_secret(db, keys, home) == secret, "the vault already had another site secret (import ran first?)"
+    finally:
+        db.close()

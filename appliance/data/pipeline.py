@@ -23,7 +23,7 @@ from appliance.data.errors import DataError, FileRejected
 from appliance.data.formats import TEXT_FORMATS, ParseOptions, RecordProblem, detect_format, iter_text_records
 from appliance.data.pii import scrub_text
 from appliance.data.report import FileOutcome, FileTally, ImportReport
-from appliance.data.splits import SplitSpec, assign_split
+from appliance.data.splits import SplitSpec, assign_split, settle_splits
 from appliance.data.walk import InputFile, walk_inputs
 
 FORMATS = ("auto", "jsonl", "json", "csv", "txt", "dicom", "images")
@@ -105,10 +105,12 @@ class Progress:
 
 @dataclass
 class KnownRecords:
-    """What the dataset already holds (earlier versions): content hashes and MinHash signatures."""
+    """What the dataset already holds (earlier versions): content hashes, MinHash signatures, and
+    the split of each group (patient pseudonym, or content hash for records without a group)."""
 
     hashes: set[str] = field(default_factory=set)
     near: NearDupIndex | None = None
+    groups: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,7 +128,8 @@ class ImportContext:
     known: KnownRecords
     sink: Callable[[AcceptedRecord], None] | None
     changes: Counter[str] = field(default_factory=Counter)
-    splits: Counter[str] = field(default_factory=Counter)
+    group_records: Counter[str] = field(default_factory=Counter)
+    """Committed records per group, in first-seen order: the splits are settled at the end."""
     seen: set[str] = field(default_factory=set)
     near: NearDupIndex | None = None
     """This run's committed signatures; `known.near` (earlier versions) is only read."""
@@ -163,7 +166,7 @@ class ImportContext:
     def commit_file(self) -> None:
         for record in self._pending:
             self.seen.add(record.content_hash)
-            self.splits[record.split] += 1
+            self.group_records[record.group_key or record.content_hash] += 1
             if self.sink is not None:
                 self.sink(record)
         if self.near is not None and self._file_near is not None:
@@ -227,7 +230,13 @@ def run_import(root: Path, options: ImportOptions, *, secret: bytes, split_seed:
         done_bytes += item.size
         if progress is not None:
             progress(Progress(number, len(inputs), done_bytes, total_bytes, imported, time.monotonic() - started))
-    report = ImportReport(tuple(outcomes), dict(ctx.changes), dict(ctx.splits), kind)
+    # The sink already has the records with their hashed split; `group_splits` is what they end in
+    # (the importer applies it to the rows before it commits them).
+    group_splits = settle_splits(ctx.group_records, split_seed, options.splits, known.groups)
+    splits: Counter[str] = Counter()
+    for group, count in ctx.group_records.items():
+        splits[group_splits[group]] += count
+    report = ImportReport(tuple(outcomes), dict(ctx.changes), dict(splits), kind, group_splits)
     report.check()
     return report
 

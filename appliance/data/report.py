@@ -96,6 +96,9 @@ class ImportReport:
     changes: dict[str, int]
     splits: dict[str, int]
     kind: str
+    group_splits: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """The split of each imported group (pseudonym or content hash): used to store the records,
+    never written to a report, the catalog's version summary or the audit log."""
 
     @property
     def buckets(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ a dead one, and keeps two imports into one dataset from interleaving.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,7 @@ from appliance.data.dedup import NearDupIndex, signature_from_bytes
 from appliance.data.errors import DataError
 from appliance.data.pipeline import AcceptedRecord, ImportOptions, KnownRecords, Progress, plan_inputs, run_import
 from appliance.data.report import ImportReport
-from appliance.data.splits import SplitSpec
+from appliance.data.splits import SplitSpec, dataset_split_seed
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -198,8 +199,9 @@ def import_dataset(db: sqlite_utils.Database, home: Path, keys: KeyOps, root: Pa
         secret = site_secret(db, keys, home)
         created = existing is None
         if existing is None:
-            existing = Dataset(f"ds-{name}-{secrets.token_hex(4)}", name, kind, options.profile, secrets.token_hex(16),
-                               options.splits.to_text(), "importing", datasets.now(), actor)
+            existing = Dataset(f"ds-{name}-{secrets.token_hex(4)}", name, kind, options.profile,
+                               dataset_split_seed(secret, name), options.splits.to_text(), "importing",
+                               datasets.now(), actor)
             with transaction(db):
                 create_object(db, keys, existing.id, "dataset")
                 datasets.insert(db, existing)
@@ -230,16 +232,18 @@ def import_dataset(db: sqlite_utils.Database, home: Path, keys: KeyOps, root: Pa
             report = run_import(Path(root), options, secret=secret, split_seed=ds.split_seed, known=known,
                                 sink=writer.add, progress=on_progress, plan=plan)
             writer.flush()
+            rows = [dataclasses.replace(row, split=report.group_splits[row.group_key or row.content_hash])
+                    for row in writer.rows]
             if created and report.records_imported == 0:
                 raise DataError(_nothing_imported(name, report),
                                 hint="see each file's reason with `airlock data import PATH --name NAME --dry-run`")
             write(job_id + REPORT_SUFFIX, json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8"))
             summary = report.summary()
             entry = DatasetVersion(version, job_id, job_id, datasets.now(), actor, report.records_imported,
-                                   writer.shards, _version_hash(writer.rows), summary)
+                                   writer.shards, _version_hash(rows), summary)
             with transaction(db):
                 datasets.insert_version(db, ds.id, entry)
-                datasets.insert_records(db, ds.id, writer.rows)
+                datasets.insert_records(db, ds.id, rows)
                 if created:
                     datasets.set_state(db, ds.id, "active")
                 details = {"dataset_id": ds.id, "version": version, "job": job_id, "records_added":
@@ -298,6 +302,7 @@ def _known_records(db: sqlite_utils.Database, ds: Dataset, options: ImportOption
         known.near = NearDupIndex(options.near_dup_threshold)
     for row in datasets.records(db, ds.id):
         known.hashes.add(row.content_hash)
+        known.groups[row.group_key or row.content_hash] = row.split
         if known.near is not None and row.minhash:
             known.near.add(row.content_hash, signature_from_bytes(row.minhash))
     return known
