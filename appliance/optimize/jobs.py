@@ -482,7 +482,8 @@ def _optimize_classifier(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantR
 
         val_images, val_labels = splits["val"] if splits["val"][0].shape[0] else held_out
         metrics = classification_metrics(classifier_probabilities(model, val_images), val_labels, labels)
-        report["float"] = {"accuracy": metrics.accuracy, "roc_auc": metrics.roc_auc, "confusion": metrics.confusion}
+        report["float"] = {"accuracy": metrics.accuracy, "roc_auc": metrics.to_dict()["roc_auc"],
+                           "confusion": metrics.confusion}
         report.update(ptq=None, qat=None)
     report["variants"] = {v: _summarize(validated[v]) for v in VARIANTS if v in validated}
     return report, exports

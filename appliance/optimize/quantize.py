@@ -90,7 +90,7 @@ def _classifier_metrics(model: Any, data: tuple[Any, Any], labels: list[str]) ->
     from appliance.train.classifier import classification_metrics
 
     metrics = classification_metrics(classifier_probabilities(model, data[0]), data[1], labels)
-    return {"accuracy": metrics.accuracy, "roc_auc": metrics.roc_auc, "confusion": metrics.confusion}
+    return {"accuracy": metrics.accuracy, "roc_auc": metrics.to_dict()["roc_auc"], "confusion": metrics.confusion}
 
 
 def quantize_classifier(model: Any, *, train: tuple[Any, Any], val: tuple[Any, Any], labels: list[str],

@@ -6,7 +6,9 @@ Inputs are what the data import stores: float16 tensors N x C x H x W in [0, 1] 
 labels. Class weighting counters imbalance (a site has far more normal than abnormal studies);
 augmentation (flip, small rotation, intensity) runs on the fly with a seeded generator; early
 stopping watches the validation ROC AUC. Metrics: accuracy, per-class sensitivity/specificity,
-ROC AUC (one-vs-rest, macro), confusion matrix.
+ROC AUC (one-vs-rest, macro), confusion matrix. A metric a split cannot give (AUC on images of one
+class, anything on an empty split) is "not measured": NaN inside, None in `to_dict`, and a
+validation split that gives no AUC turns early stopping off rather than stopping on noise.
 """
 
 from __future__ import annotations
@@ -72,7 +74,25 @@ class ClassifierMetrics:
     """confusion[true][predicted]"""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-safe: a metric that could not be measured (NaN here) is None."""
+        out = asdict(self)
+        out["roc_auc"] = _measured(self.roc_auc)
+        for name in ("sensitivity", "specificity"):
+            out[name] = {k: _measured(v) for k, v in out[name].items()}
+        return out
+
+
+def _measured(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def auc_measurable(targets: Any, num_labels: int) -> bool:
+    """Whether a split's labels give a ROC AUC: both classes of a binary task, or, with more classes,
+    at least one class present beside another."""
+    present = set(targets.tolist())
+    if num_labels == 2:
+        return present == {0, 1}
+    return len(present) >= 2
 
 
 @dataclass
@@ -129,6 +149,20 @@ def classification_metrics(probabilities: Any, labels: Any, names: list[str]) ->
     aucs = [a for a in aucs if not math.isnan(a)]
     return ClassifierMetrics(sum(confusion[i][i] for i in range(k)) / total if total else 0.0,
                              sum(aucs) / len(aucs) if aucs else float("nan"), sensitivity, specificity, confusion)
+
+
+def unmeasured_splits(splits: dict[str, tuple[Any, Any]], num_labels: int) -> list[str]:
+    """One line per held-out split that cannot give its metrics: what is not measured, and what to do."""
+    hint = "import studies of more patients (each patient's images stay in one split)"
+    out = []
+    for split, metric in (("val", "val AUC not measured, no early stopping"), ("test", "test metrics not measured")):
+        images, targets = splits[split]
+        if images.shape[0] == 0:
+            out.append(f"no {split} images in this dataset: {metric}; hint: {hint}")
+        elif not auc_measurable(targets, num_labels):
+            what = metric if split == "val" else "test AUC not measured (accuracy is)"
+            out.append(f"the {split} images are all of one class: {what}; hint: {hint}")
+    return out
 
 
 def augment(images: Any, generator: Any, max_rotation_deg: float) -> Any:
@@ -225,6 +259,8 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
     generator = torch.Generator().manual_seed(recipe.seed)
     result = ClassifierResult(steps=0)
     state = {"step": 0, "best": None, "bad": 0}
+    # No validation AUC (no images, or one class only): train the full schedule without early stopping.
+    validate = val[0].shape[0] > 0 and auc_measurable(val[1], len(labels))
 
     saved = checkpoints.read_bytes("classifier.pt") if checkpoints else None
     if saved is not None:
@@ -259,13 +295,14 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         state["step"] += 1
         result.train_losses.append(round(loss.item(), 6))
         auc = None
-        if val[0].shape[0] and (state["step"] % recipe.eval_every == 0 or state["step"] == recipe.max_steps):
-            auc = classification_metrics(predict(model, val[0]), val[1], labels).roc_auc
-            result.val_aucs.append((state["step"], auc))
-            if state["best"] is None or auc > state["best"]:
-                state["best"], state["bad"] = auc, 0
-            else:
-                state["bad"] += 1
+        if state["step"] % recipe.eval_every == 0 or state["step"] == recipe.max_steps:
+            if validate:
+                auc = classification_metrics(predict(model, val[0]), val[1], labels).roc_auc
+                result.val_aucs.append((state["step"], auc))
+                if state["best"] is None or auc > state["best"]:
+                    state["best"], state["bad"] = auc, 0
+                else:
+                    state["bad"] += 1
             save()
         if on_progress:
             on_progress({"step": state["step"], "total_steps": recipe.max_steps, "loss": loss.item(),

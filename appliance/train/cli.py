@@ -225,7 +225,7 @@ def _metric_text(run) -> str:
 
 
 def _num(value: Any, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "not measured" if value is None else f"{value:.{digits}f}"
 
 
 @train.command("runs")

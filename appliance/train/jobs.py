@@ -313,6 +313,10 @@ def _train_lm(ctx: JobContext, run: Run, *, rank: int | None = None) -> dict[str
         "tokenizer_hash": tok_hash, "device": ctx.job.device})
     ctx.log(f"run {run.id}: {counts['train']} train, {counts['val']} val, {counts['test']} test records of "
             f"{run.dataset_name} v{run.dataset_version}")
+    for split, metric in (("val", "val loss not measured, no early stopping"), ("test", "test loss not measured")):
+        if not counts[split]:
+            ctx.log(f"no {split} records in this dataset: {metric}; hint: import more records (a small dataset "
+                    "may not give every split)")
     report = _ProgressReporter(ctx)
 
     def on_progress(p: Progress) -> None:
@@ -360,7 +364,7 @@ def adapter_checksum(adapter_state: dict[str, Any]) -> float:
 def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:
     from appliance.train.artifacts import CLASSIFIER, LABELS, save_artifact, tensors_to_bytes
     from appliance.train.checkpoints import VaultCheckpoints
-    from appliance.train.classifier import ClassifierRecipe, train_classifier
+    from appliance.train.classifier import ClassifierRecipe, train_classifier, unmeasured_splits
     from appliance.train.inputs import image_splits
     from appliance.train.recipe import recipe_from_dict
 
@@ -374,6 +378,8 @@ def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:
         "labels": data.labels, "skipped_unlabeled": data.skipped, "device": ctx.job.device})
     ctx.log(f"run {run.id}: {counts['train']} train, {counts['val']} val, {counts['test']} test images, "
             f"{len(data.labels)} classes, {data.skipped} without a usable label left out")
+    for line in unmeasured_splits(data.splits, len(data.labels)):
+        ctx.log(line)
     report = _ProgressReporter(ctx)
     started, first_step = time.monotonic(), [None]
 

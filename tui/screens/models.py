@@ -36,7 +36,7 @@ def metric_text(kind: str, metrics: dict) -> str:
     """The one number that says how good a version or run is: validation loss (LM) or AUC (classifier)."""
     if kind == "classifier":
         value = metrics.get("val_auc")
-        return f"val AUC {value:.3f}" if value is not None else ""
+        return f"val AUC {value:.3f}" if value is not None else "val AUC not measured" if metrics else ""
     value = metrics.get("val_loss")
     return f"val loss {value:.4f}" if value is not None else ""
 
