@@ -8,6 +8,7 @@ import functools
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,9 +21,14 @@ from tests.appliance.vault.conftest import (  # noqa: F401 - fixtures used by th
     unlock,
     vault_init,
 )
-from tests.conftest import run_cli
+from tests.conftest import fix_site_secret, run_cli
+
+if TYPE_CHECKING:
+    from tui.screens.job import JobScreen
 
 SIZE = (80, 24)
+WAIT_S = 60.0
+"""How long a wait gives the app by default: generous, since two cores may run jobs beside the UI."""
 
 
 @pytest.fixture
@@ -43,6 +49,9 @@ def qa_source(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def qa_dataset(unlocked, qa_source: Path) -> str:
+    """Dataset `qa`, imported under the fixed site secret: its split, and the losses trained on it, are
+    the same on every run."""
+    fix_site_secret()
     result = run_cli("data", "import", str(qa_source), "--name", "qa", "--near-dup", "off")
     assert result.returncode == 0, result.stderr
     return "qa"
@@ -62,14 +71,61 @@ def make_app(**options):
     return AirlockApp(poll_interval=options.pop("poll_interval", 0.2), **options)
 
 
-async def wait_until(pilot, condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Let the app run (workers, timers) until `condition()` holds."""
+async def wait_until(pilot, condition: Callable[[], object], what: str, timeout: float = WAIT_S,
+                     seen: Callable[[], object] | None = None) -> None:
+    """Let the app run (workers, timers) until `condition()` holds; `seen()` describes the state on a timeout."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                                 + (f"; the app shows: {seen()!r}" if seen is not None else ""))
         await pilot.pause(0.05)
         await asyncio.sleep(0.05)
+
+
+def shows(app, selector: str, *expected: str) -> bool:
+    """Whether the widget `selector` (on any screen, the top one first) exists and shows every `expected` text."""
+    try:
+        text = text_of(app, selector)
+    except AssertionError:  # not composed yet
+        return False
+    return all(part in text for part in expected)
+
+
+async def wait_for_text(pilot, selector: str, *expected: str, timeout: float = WAIT_S) -> str:
+    """Wait until `selector` shows every `expected` text, the very text a test then asserts on; returns it.
+
+    Waiting for a state that only precedes the text (a job's state, a flag) lets a slow repaint or poll
+    fail the test; a timeout names what was missing and what the widget showed instead."""
+    app = pilot.app
+
+    def seen() -> str:
+        return text_of(app, selector) if shows(app, selector) else f"nothing matches {selector}"
+
+    wanted = " and ".join(map(repr, expected))
+    await wait_until(pilot, lambda: shows(app, selector, *expected), f"{wanted} in {selector}", timeout, seen=seen)
+    return text_of(app, selector)
+
+
+async def finished_job(pilot, what: str, *expected: str, timeout: float = 180) -> JobScreen:
+    """The job screen on top, its job succeeded, and its outcome (#job-run) showing every `expected` text.
+
+    A job that ends otherwise fails at once with its outcome (error and hint) rather than at the timeout."""
+    from tui.screens.job import FINAL, JobScreen
+
+    app = pilot.app
+    await wait_until(pilot, lambda: isinstance(app.screen, JobScreen), f"the {what} job screen")
+    job = app.screen
+
+    def ended() -> bool:
+        if job.job is None or job.job.state not in FINAL:
+            return False
+        return job.job.state != "succeeded" or shows(app, "#job-run", *expected)
+
+    await wait_until(pilot, ended, f"the end of the {what} job, showing {expected}", timeout,
+                     seen=lambda: (job.job.state if job.job else None, text_of(app, "#job-run")))
+    assert job.job.state == "succeeded", text_of(app, "#job-run")
+    return job
 
 
 def text_of(app, selector: str) -> str:
@@ -84,6 +140,14 @@ def text_of(app, selector: str) -> str:
 def table_rows(app, selector: str) -> list[list[str]]:
     table = app.screen.query_one(selector)
     return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def first_row(app, selector: str) -> list[str]:
+    """The table's first row, or [] while the table is empty or not on the top screen (for wait conditions)."""
+    if not app.screen.query(selector):
+        return []
+    rows = table_rows(app, selector)
+    return rows[0] if rows else []
 
 
 async def log_in(pilot, passphrase: str = PASSPHRASE, *, typed: bool = False) -> None:

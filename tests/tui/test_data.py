@@ -8,11 +8,19 @@ from pathlib import Path
 
 from textual.widgets import DataTable, Input
 
-from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, wait_until
+from tests.tui.conftest import (
+    SIZE,
+    finished_job,
+    first_row,
+    make_app,
+    pilot_test,
+    table_rows,
+    wait_for_text,
+    wait_until,
+)
 from tui.dialogs import ConfirmByTyping, ErrorDialog
 from tui.screens.data import DatasetScreen
 from tui.screens.import_wizard import ImportScreen
-from tui.screens.job import JobScreen
 
 
 @pilot_test
@@ -32,10 +40,8 @@ async def test_import_wizard_dry_run_then_import_job_then_detail_and_delete(unlo
         path.value = str(qa_source)
         path.focus()
         await pilot.press("enter")
-        await wait_until(pilot, lambda: "contents hidden" in text_of(app, "#preview"), "the preview")
-        preview = text_of(app, "#preview")
-        assert "2 files" in preview and "1 jsonl" in preview
-        assert "line 1: messages: user" in preview and "chars" in preview
+        preview = await wait_for_text(pilot, "#preview", "contents hidden", "2 files", "1 jsonl",
+                                      "line 1: messages: user", "chars")
         assert secret_text[:20] not in preview  # shapes and lengths only
         assert wizard.query_one("#name", Input).value == "qa-export"  # suggested from the folder name
 
@@ -48,36 +54,31 @@ async def test_import_wizard_dry_run_then_import_job_then_detail_and_delete(unlo
 
         wizard.query_one("#name", Input).value = "qa"
         await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: "would be imported" in text_of(app, "#dry-run-summary"), "the dry run")
-        summary = text_of(app, "#dry-run-summary")
-        assert "2 files: imported 1" in summary and "rejected 1" in summary
-        assert table_rows(app, "#dry-run-problems")[0][:2] == ["notes.bin", "rejected"]
+        await wait_for_text(pilot, "#dry-run-summary", "would be imported", "2 files: imported 1", "rejected 1")
+        await wait_until(pilot, lambda: first_row(app, "#dry-run-problems")[:2] == ["notes.bin", "rejected"],
+                         "the rejected file in the dry run", seen=lambda: first_row(app, "#dry-run-problems"))
 
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: isinstance(app.screen, JobScreen), "the job screen")
-        job_screen = app.screen
-        await wait_until(pilot, lambda: job_screen.job is not None and job_screen.job.state == "succeeded",
-                         "the import job", 60)
-        assert "dataset qa version 1" in text_of(app, "#job-run")
+        await finished_job(pilot, "import", "dataset qa version 1", timeout=120)
 
         await pilot.press("escape", "escape")
-        await wait_until(pilot, lambda: any(row[0] == "qa" for row in table_rows(app, "#datasets")),
-                         "the new dataset in the table")
+        await wait_until(pilot, lambda: app.screen.query("#datasets")
+                         and any(row[0] == "qa" for row in table_rows(app, "#datasets")), "the new dataset")
         app.screen.query_one("#datasets", DataTable).focus()
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, DatasetScreen), "the dataset detail")
-        await wait_until(pilot, lambda: "Import report, version 1" in text_of(app, "#report-summary"),
-                         "the decrypted report")
-        assert "rejected 1" in text_of(app, "#report-summary")
-        assert table_rows(app, "#problems")[0][:2] == ["notes.bin", "rejected"]
+        await wait_for_text(pilot, "#report-summary", "Import report, version 1", "rejected 1")
+        await wait_until(pilot, lambda: first_row(app, "#problems")[:2] == ["notes.bin", "rejected"],
+                         "the rejected file in the report", seen=lambda: first_row(app, "#problems"))
 
         await pilot.press("delete")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the confirmation")
         await pilot.press("q", "x", "enter")  # not the name: nothing happens
-        assert "did not match" in text_of(app, "#confirm-feedback")
+        await wait_for_text(pilot, "#confirm-feedback", "did not match")
+        assert isinstance(app.screen, ConfirmByTyping)
         app.screen.query_one("#typed", Input).value = "qa"
         await pilot.press("enter")
         await wait_until(pilot, lambda: not isinstance(app.screen, (ConfirmByTyping, DatasetScreen)),
                          "the dataset list again")
-        await wait_until(pilot, lambda: table_rows(app, "#datasets")[0][0].startswith("no datasets"),
-                         "the empty list")
+        await wait_until(pilot, lambda: first_row(app, "#datasets")[:1] == ["no datasets yet: press n to import"],
+                         "the empty list", seen=lambda: first_row(app, "#datasets"))

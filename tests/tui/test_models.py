@@ -9,7 +9,18 @@ from textual.widgets import DataTable
 from appliance.audit import iter_audit
 from appliance.catalog import open_catalog
 from appliance.optimize.jobs import NO_ENGINES, engine_build_refusal
-from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
+from tests.tui.conftest import (
+    SIZE,
+    finished_job,
+    first_row,
+    make_app,
+    pilot_test,
+    table_rows,
+    text_of,
+    type_text,
+    wait_for_text,
+    wait_until,
+)
 from tui.dialogs import ErrorDialog, FormDialog, HelpDialog
 from tui.screens.job import JobScreen
 from tui.screens.models import ModelsScreen, VersionScreen
@@ -22,7 +33,8 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         await wait_until(pilot, lambda: app.session is not None, "the session")
         await pilot.press("4")
         await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen)
-                         and table_rows(app, "#unregistered")[0][0] == trained_run, "the unregistered run")
+                         and first_row(app, "#unregistered")[:1] == [trained_run], "the unregistered run",
+                         seen=lambda: first_row(app, "#unregistered"))
         models = app.screen
         assert table_rows(app, "#versions")[0][0].startswith("no versions yet")
         assert table_rows(app, "#unregistered")[0][3].startswith("val loss ")
@@ -40,10 +52,11 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the register dialog")
         assert app.screen.values() == {"task": "qa"}
         await pilot.press("enter")
-        await wait_until(pilot, lambda: table_rows(app, "#versions")[0][:2] == ["qa-v1", "candidate"],
-                         "the new candidate version")
+        # Both tables as asserted: the versions' and the runs' (the run moved from one to the other).
+        await wait_until(pilot, lambda: first_row(app, "#versions")[:2] == ["qa-v1", "candidate"]
+                         and first_row(app, "#unregistered")[:1] == ["none"], "the new candidate version",
+                         seen=lambda: (first_row(app, "#versions"), first_row(app, "#unregistered")))
         assert table_rows(app, "#versions")[0][3] == "PyTorch"  # not quantized yet
-        assert table_rows(app, "#unregistered")[0][0] == "none"
 
         # Quantize: PTQ only, the FP32 export (the quickest real job), followed on the job screen.
         models.query_one("#versions", DataTable).focus()
@@ -52,17 +65,12 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         app.screen.set_value("qat", "no")
         app.screen.set_value("variants", "fp32")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: isinstance(app.screen, JobScreen), "the optimize job")
-        job = app.screen
-        await wait_until(pilot, lambda: job.job is not None and job.job.state in ("succeeded", "failed"),
-                         "the optimize job's end", 180)
-        assert job.job.state == "succeeded", text_of(app, "#job-run")
-        outcome = text_of(app, "#job-run")
-        assert "exports fp32 stored (parity with PyTorch checked)" in outcome and "serves on ORT CPU" in outcome
+        await finished_job(pilot, "optimize", "exports fp32 stored (parity with PyTorch checked)", "serves on ORT CPU")
         assert "quantize + ONNX export" in text_of(app, "#job-title")
         await pilot.press("escape")
         await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen)
-                         and table_rows(app, "#versions")[0][3] == "ORT CPU", "the version's new backend")
+                         and first_row(app, "#versions")[3:4] == ["ORT CPU"], "the version's new backend",
+                         seen=lambda: first_row(app, "#versions"))
 
         # Engine build: this machine has no GPU or no TensorRT, so the appliance's reason and hint, as a dialog.
         refusal = engine_build_refusal("cuda:0")
@@ -80,7 +88,8 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the promote dialog")
         await type_text(pilot, "passed review")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: table_rows(app, "#versions")[0][1] == "PRODUCTION", "the promoted version")
+        await wait_until(pilot, lambda: first_row(app, "#versions")[1:2] == ["PRODUCTION"], "the promoted version",
+                         seen=lambda: first_row(app, "#versions"))
 
         # Rollback of the first production version is refused with the registry's message and hint.
         await pilot.press("b")
@@ -94,10 +103,9 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, VersionScreen) and app.screen.detail is not None,
                          "the version detail")
-        summary = text_of(app, "#version-summary")
-        assert "qa-v1: PRODUCTION" in summary and "Exports: fp32 · serves on ORT CPU" in summary
-        assert "promote" in summary and "passed review" in summary
-        assert "qa-v1 [production]" in summary  # the lineage tree
+        # The exports, the promotion's reason and the lineage tree (qa-v1 [production]).
+        await wait_for_text(pilot, "#version-summary", "qa-v1: PRODUCTION", "Exports: fp32 · serves on ORT CPU",
+                            "promote", "passed review", "qa-v1 [production]")
         assert "# Model card: qa-v1" in app.screen.detail.card_markdown
 
         titles = {command.title for command in app.get_system_commands(app.screen)}

@@ -12,7 +12,16 @@ from appliance.registry.schedule import get_schedule
 from appliance.registry.versions import production
 from tests.appliance.train.conftest import corpus_chats
 from tests.conftest import run_cli
-from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
+from tests.tui.conftest import (
+    SIZE,
+    first_row,
+    make_app,
+    pilot_test,
+    table_rows,
+    type_text,
+    wait_for_text,
+    wait_until,
+)
 from tui.dialogs import ConfirmByTyping, ErrorDialog, FormDialog
 from tui.screens.schedule import ScheduleScreen
 
@@ -35,10 +44,10 @@ async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path:
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.session is not None, "the session")
         await pilot.press("6")
-        await wait_until(pilot, lambda: isinstance(app.screen, ScheduleScreen) and table_rows(app, "#schedules")
-                         and table_rows(app, "#schedules")[0][0] == "qa", "the task's row")
-        assert table_rows(app, "#schedules")[0][1] == "not scheduled (e sets)"
-        assert "production qa-v1" in text_of(app, "#schedule-detail")
+        await wait_until(pilot, lambda: isinstance(app.screen, ScheduleScreen)
+                         and first_row(app, "#schedules")[:2] == ["qa", "not scheduled (e sets)"], "the task's row",
+                         seen=lambda: first_row(app, "#schedules"))
+        await wait_for_text(pilot, "#schedule-detail", "production qa-v1")
 
         dialog = await open_dialog(pilot)
         dialog.set_value("every", "5 seconds")
@@ -52,16 +61,17 @@ async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path:
         await pilot.press("tab", "tab", "tab")  # every -> cron -> min new -> inbox
         await type_text(pilot, str(inbox))
         await pilot.press("enter")
-        await wait_until(pilot, lambda: table_rows(app, "#schedules")[0][1] == "every 1w", "the schedule")
+        await wait_until(pilot, lambda: first_row(app, "#schedules")[1:2] == ["every 1w"], "the schedule",
+                         seen=lambda: first_row(app, "#schedules"))
         assert table_rows(app, "#schedules")[0][4] == "never ran"
-        assert f"Inbox: {inbox}" in text_of(app, "#schedule-detail")
+        await wait_for_text(pilot, "#schedule-detail", f"Inbox: {inbox}")
 
         # Run due now: a new --every schedule is due at once; the inbox's records arrive, a retrain starts.
         await pilot.press("u")
-        await wait_until(pilot, lambda: table_rows(app, "#schedules")[0][4].startswith("retrain started"),
-                         "the run's outcome", 120)
-        detail = text_of(app, "#schedule-detail")
-        assert "retrain started: " in detail and "new records since qa-v1" in detail
+        await wait_until(pilot, lambda: first_row(app, "#schedules")[4:5] and
+                         first_row(app, "#schedules")[4].startswith("retrain started"), "the run's outcome", 120,
+                         seen=lambda: first_row(app, "#schedules"))
+        await wait_for_text(pilot, "#schedule-detail", "retrain started: ", "new records since qa-v1")
         assert (inbox / "processed" / "new.jsonl").exists() and not (inbox / "new.jsonl").exists()
         db = open_catalog()
         schedule = get_schedule(db, "qa")
@@ -69,9 +79,8 @@ async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path:
         db.close()
 
         # The retrain job ends; its candidate is rejected by its gates and shows with each gate's result.
-        await wait_until(pilot, lambda: "Rejected candidates" in text_of(app, "#schedule-detail"),
-                         "the rejected candidate", 300)
-        detail = text_of(app, "#schedule-detail")
+        detail = await wait_for_text(pilot, "#schedule-detail", "Rejected candidates", "forgetting: ", "new data: ",
+                                     "engine parity: ", ": fail (", timeout=600)
         rejected = detail[detail.index("Rejected candidates"):].splitlines()
         print("\n".join(rejected))
         # Which gate fails first depends on the tiny run's losses; one of them does, and each says why.
@@ -88,8 +97,8 @@ async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path:
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the delete confirmation")
         await type_text(pilot, "qa")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: table_rows(app, "#schedules")[0][1] == "not scheduled (e sets)",
-                         "the schedule gone")
+        await wait_until(pilot, lambda: first_row(app, "#schedules")[1:2] == ["not scheduled (e sets)"],
+                         "the schedule gone", seen=lambda: first_row(app, "#schedules"))
     db = open_catalog()
     assert get_schedule(db, "qa") is None
     db.close()

@@ -8,7 +8,7 @@ from textual.widgets import Input
 
 from appliance.catalog import open_catalog
 from appliance.jobs.records import get_job
-from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_until
+from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_for_text, wait_until
 from tui.dialogs import ConfirmByTyping, ConfirmDialog, FormDialog, SecretShownOnce
 from tui.screens.serve import ServeScreen
 
@@ -47,7 +47,7 @@ async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: s
         await wait_until(pilot, lambda: isinstance(app.screen, ServeScreen) and app.screen.view is not None,
                          "the serve screen")
         serve = app.screen
-        assert "STOPPED (never started here)" in text_of(app, "#server-state")
+        await wait_for_text(pilot, "#server-state", "STOPPED (never started here)")
         assert app.screen.check_action("stop_server", ()) is None  # greyed out: nothing runs
 
         await pilot.press("m")  # the UI's monitoring key (admin, once)
@@ -73,14 +73,12 @@ async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: s
         await wait_until(pilot, lambda: serve.view.server is not None and serve.view.server.url is not None,
                          "the listening server", 120)
         url = serve.view.server.url
-        assert f"RUNNING · {url}" in text_of(app, "#server-state")
-        await wait_until(pilot, lambda: "qa v1 on PyTorch" in text_of(app, "#server-models"), "the served model")
+        await wait_for_text(pilot, "#server-state", f"RUNNING · {url}")
+        await wait_for_text(pilot, "#server-models", "qa v1 on PyTorch")
 
         status, answer = chat(url, secret, "qa")
         assert status == 200 and answer["choices"][0]["message"]["role"] == "assistant"
-        await wait_until(pilot, lambda: "Since start: 1 requests, 0 errors" in text_of(app, "#server-traffic"),
-                         "the request in the live numbers")
-        assert "req/s" in text_of(app, "#server-traffic")
+        await wait_for_text(pilot, "#server-traffic", "Since start: 1 requests, 0 errors", "req/s")
 
         # Revoke (typed confirmation): the running server refuses the key from the next request on.
         keys = serve.query_one("#keys")
@@ -103,7 +101,7 @@ async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: s
         await pilot.press("enter")
         await wait_until(pilot, lambda: serve.view.server is not None and not serve.view.server.running,
                          "the stopped server", 90)
-        assert "STOPPED · last ran" in text_of(app, "#server-state")
+        await wait_for_text(pilot, "#server-state", "STOPPED · last ran")
 
     db = open_catalog()
     assert get_job(db, job_id).state == "cancelled"
@@ -137,7 +135,9 @@ async def test_an_operator_may_not_create_api_keys_the_appliance_says_so(vault_i
         assert app.screen.message == "managing API keys needs the admin role; olga is operator"
         assert "ask an admin" in app.screen.hint
         await pilot.press("escape")
-        assert table_rows(app, "#keys")[0][0].startswith("no API keys")
+        await wait_until(pilot, lambda: isinstance(app.screen, ServeScreen)
+                         and table_rows(app, "#keys")[0][0].startswith("no API keys"), "the empty key list",
+                         seen=lambda: table_rows(app, "#keys") if app.screen.query("#keys") else app.screen)
     denied = list(iter_audit(open_catalog(), action="access.denied"))
     assert [(e.object, e.details["account"]) for e in denied] == [("keys.manage", "olga")]
 

@@ -32,14 +32,16 @@ class Terminal:
                                 check=False)
         return result.stdout
 
-    def wait_for(self, text: str, timeout: float = 30) -> str:
+    def wait_for(self, *texts: str, timeout: float = 60) -> str:
+        """The screen once it shows every one of `texts` (the very texts a test then asserts on)."""
         deadline = time.monotonic() + timeout
         while True:
             screen = self.screen()
-            if text in screen:
+            if all(text in screen for text in texts):
                 return screen
             if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} did not appear within {timeout:.0f} s; the screen:\n{screen}")
+                missing = [text for text in texts if text not in screen]
+                raise AssertionError(f"{missing!r} did not appear within {timeout:.0f} s; the screen:\n{screen}")
             time.sleep(0.2)
 
     def keys(self, *keys: str, literal: bool = False) -> None:
@@ -59,12 +61,10 @@ def test_airlock_without_arguments_in_a_terminal_logs_in_shows_the_dashboard_and
     env = {**os.environ, "AIRLOCK_HOME": str(airlock_home), "AIRLOCK_KDF_PROFILE": "test", "TERM": "xterm-256color"}
     terminal = Terminal(f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(str(BIN / 'airlock'))}", env)
     try:
-        login = terminal.wait_for("Log in with your account")
-        assert "Airlock · log in" in login and "admin" in login  # the only account, prefilled
+        terminal.wait_for("Log in with your account", "Airlock · log in", "admin")  # the only account, prefilled
         terminal.keys(PASSPHRASE, literal=True)
         terminal.keys("Enter")
-        home = terminal.wait_for("unlocked: admin (admin role)")
-        assert "1 Home" in home and "7 Audit" in home and "Running jobs" in home
+        home = terminal.wait_for("unlocked: admin (admin role)", "1 Home", "7 Audit", "Running jobs")
         assert PASSPHRASE not in home
 
         terminal.keys("2")
@@ -77,13 +77,12 @@ def test_airlock_without_arguments_in_a_terminal_logs_in_shows_the_dashboard_and
         terminal.keys("Enter")
         terminal.wait_for("contents hidden")
         terminal.keys("C-s")
-        done = terminal.wait_for("SUCCEEDED", timeout=60)
-        assert "dataset qa-export version 1" in done
+        terminal.wait_for("SUCCEEDED", "dataset qa-export version 1", timeout=120)
 
         terminal.keys("q")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while terminal.running() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not terminal.running()  # `airlock` exited; the session closed with it
+        assert not terminal.running(), f"`airlock` did not exit on q; the screen:\n{terminal.screen()}"
     finally:
         terminal.close()
