@@ -1,11 +1,15 @@
 """Serving fixtures: one appliance home per test session, built the way an operator builds it.
 
-Through the real CLI: `vault init` + `unlock` (a real key agent), `data import` of 40 chat
-records and 24 PNGs, two tiny LoRA runs and one classifier run as real jobs, and `airlock optimize`
-of the second LoRA run (an FP32 ONNX export); the two LoRA runs are registered as versions 1
-(PyTorch) and 2 (ONNX Runtime) of task `qa`, v1 in production. API keys come from
+Through the real CLI: `vault init` + `unlock` (a real key agent, the fixed site secret), `data import`
+of 40 chat records and 24 PNGs, three tiny LoRA runs and one classifier run as real jobs, and
+`airlock optimize` of the second LoRA run (an FP32 ONNX export); run qa1 is version 1 of task `qa`,
+in production (PyTorch). Runs qa2 and qa3 are left to tests that need versions of their own (the
+hot-swap tests register them under a task of their own and promote there). API keys come from
 `airlock keys create`. The server is the real `airlock serve` in a subprocess on a free loopback
 port; tests talk to it with httpx.
+
+What the shared appliance and server hold is the same for every test, whatever ran before: a test
+that promotes, or stops a server, does it on a task or a server of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO, fix_site_secret, run_cli
 
 PASSPHRASE = "correct horse battery staple"
 # Two optimizer steps: the runs only need to be real, succeeded runs with real adapters.
@@ -37,7 +41,7 @@ class Appliance:
     home: Path
     env: dict[str, str]
     runs: dict[str, str]
-    """name -> run id: qa1, qa2 (LoRA), xray (classifier)."""
+    """name -> run id: qa1, qa2 (LoRA, with an FP32 ONNX export), qa3 (LoRA), xray (classifier)."""
     passphrase_file: Path
     keys: dict[str, str] = field(default_factory=dict)
     """API key name -> secret."""
@@ -93,6 +97,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Appliance:
         assert app.cli("vault", "init", "--passphrase-file", str(root / "passphrase")).returncode == 0
         unlocked = app.cli("vault", "unlock", "--passphrase-file", str(root / "passphrase"))
         assert unlocked.returncode == 0, unlocked.stderr
+        fix_site_secret(home)  # the same splits on every run
         chats = [line for line in (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8")
                  .splitlines() if '"messages"' in line][:40]
         (root / "qa").mkdir()
@@ -102,19 +107,17 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Appliance:
                                     (root / "shapes", "shapes", ["--image-size", "32", "--split", "60/20/20"])):
             imported = app.cli("data", "import", str(source), "--name", name, *extra)
             assert imported.returncode == 0, imported.stderr
-        for seed in (1, 2):
+        for seed in (1, 2, 3):
             (root / f"tiny{seed}.toml").write_text(TINY_LM_RECIPE.format(seed=seed))
         (root / "cls.toml").write_text("max_steps = 4\neval_every = 2\nbatch_size = 8\nlr = 3e-3\n")
-        # Three jobs at once: each is its own process, so they overlap their start-up.
+        # Four jobs at once: each is its own process, so they overlap their start-up.
         started = {
-            "qa1": app.cli_json("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
-                                str(root / "tiny1.toml"), "--json"),
-            "qa2": app.cli_json("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
-                                str(root / "tiny2.toml"), "--json"),
+            **{f"qa{seed}": app.cli_json("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
+                                         str(root / f"tiny{seed}.toml"), "--json") for seed in (1, 2, 3)},
             "xray": app.cli_json("train", "classifier", "--base", "tiny-resnet-cls", "--data", "shapes", "--recipe",
                                  str(root / "cls.toml"), "--json")}
         _wait_for_runs(app, started)
-        # Run qa2 (version 2) gets an FP32 ONNX export: served, it runs on ONNX Runtime, v1 on PyTorch.
+        # Run qa2 gets an FP32 ONNX export: served, it runs on ONNX Runtime; qa1 and qa3 on PyTorch.
         optimized = app.cli("optimize", "run", app.runs["qa2"], "--variants", "fp32", "--no-qat", "--wait")
         assert optimized.returncode == 0, optimized.stderr
         _register(app)
@@ -138,7 +141,7 @@ def _wait_for_runs(app: Appliance, started: dict[str, dict]) -> None:
 
 
 def _register(app: Appliance) -> None:
-    """Runs qa1 and qa2 become versions v1 (production) and v2 (candidate) of task `qa` in the registry."""
+    """Run qa1 becomes version v1 of task `qa` in the registry, in production."""
     from appliance.catalog import open_catalog
     from appliance.registry.promotion import promote
     from appliance.registry.versions import register_run
@@ -147,8 +150,7 @@ def _register(app: Appliance) -> None:
 
     db = open_catalog(app.home)
     keys = keys_for(db, app.home)
-    for name in ("qa1", "qa2"):
-        register_run(db, keys, app.home, get_run(db, app.runs[name]), "qa", actor="test")
+    register_run(db, keys, app.home, get_run(db, app.runs["qa1"]), "qa", actor="test")
     promote(db, "qa-v1", actor="test", reason="first version")
     db.close()
 
