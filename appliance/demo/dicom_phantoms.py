@@ -12,6 +12,7 @@ block), so an import that failed to de-identify would leave them in the stored f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,21 @@ def phi_found(path: Path, phi: dict[str, str]) -> list[str]:
 
     ds = dcmread(path)
     raw = path.read_bytes()
-    found = []
-    for keyword, value in phi.items():
-        in_header = str(ds.get(keyword, "")) == value
-        # Person names are stored with ^ separators; search both spellings anywhere in the file.
-        spellings = {value, value.replace("^", " ")}
-        if in_header or any(s.encode("latin-1") in raw for s in spellings):
-            found.append(keyword)
-    return found
+    return [keyword for keyword, value in phi.items() if str(ds.get(keyword, "")) == value or value_in(raw, value)]
+
+
+def value_in(raw: bytes, value: str) -> bool:
+    """Whether an identifying value is anywhere in a file's bytes (person names in both spellings).
+
+    A value of digits only (a birth date) counts where it stands alone, not inside a longer run of
+    digits: a remapped UID is 39 random decimal digits per study, series and image, and one of them
+    holding "19410202" somewhere is chance, not a leak (a simulation puts it at one demo run in 700).
+    """
+    for spelling in {value, value.replace("^", " ")}:
+        data = spelling.encode("latin-1")
+        if spelling.isdigit():
+            if re.search(rb"(?<![0-9])" + re.escape(data) + rb"(?![0-9])", raw):
+                return True
+        elif data in raw:
+            return True
+    return False
