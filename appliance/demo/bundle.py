@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.demo.steps import Cli, DemoError, Report, Stage, say
+from appliance.demo.steps import Cli, DemoError, Report, Stage, format_metric, say
 
 CLASSIFIER_SEED = 0
 
@@ -106,9 +106,11 @@ def build_bundle(work: Path, report: Report) -> tuple[Path, str]:
         started = time.perf_counter()
         verified = bundler.json("verify", str(bundle), "--trust", fingerprint)
         seconds = time.perf_counter() - started
-        rate = verified["payload_bytes"] / 1e6 / seconds
-        say(f"verify: signature and {verified['files']} files' SHA-256 in {seconds:.1f} s ({rate:.0f} MB/s)")
-        stage.metric = f"{inspect['payload_bytes'] / 1e6:.0f} MB, {verified['files']} files; verify {rate:.0f} MB/s"
+        rate = verified["payload_bytes"] / 1e6 / seconds if seconds > 0 else None
+        say(f"verify: signature and {verified['files']} files' SHA-256 in {seconds:.1f} s "
+            f"({format_metric(rate, '{:.0f} MB/s')})")
+        stage.metric = (f"{inspect['payload_bytes'] / 1e6:.0f} MB, {verified['files']} files; "
+                        f"verify {format_metric(rate, '{:.0f} MB/s')}")
         stage.artifacts = f"{bundle} (spec {spec})"
         report.facts["bundle"] = {"path": str(bundle), "payload_bytes": verified["payload_bytes"],
                                   "verify_mb_per_s": rate, "files": verified["files"]}

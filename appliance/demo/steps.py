@@ -6,18 +6,24 @@
         ...
         stage.metric = "199 records"
 
-A failing command raises `DemoError` naming the command, with the last lines of its stderr, so the
-operator sees what the appliance said; the hint says where the demo's files are.
+A failing command raises `DemoError` naming the command, with its own error lines, and its own hint
+followed by where the demo's files are. A stage that fails records what failed in the report
+(`facts["failure"]`); `stage_failed` turns that into the one error line the operator sees,
+`stage "train classifier" failed: ...`, also when the stage's own code hit a bug (then with its
+file and line; `airlock --debug demo` shows the traceback). Every number the demo prints goes
+through `format_metric`, which says "not measured" where an appliance command reported none.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,24 @@ from appliance.errors import AirlockError
 
 class DemoError(AirlockError):
     """A demo stage failed: the command, what it printed, where to look."""
+
+
+class StageFailed(DemoError):
+    """The error the demo ends with: which stage failed, what failed in it, and what to do."""
+
+
+NOT_MEASURED = "not measured"
+
+
+def format_metric(value: float | None, template: str = "{:.3f}") -> str:
+    """`template.format(value)`, or "not measured" where a command reported none (None, NaN).
+
+    A split with no records, or with one class only, gives no loss or AUC; the appliance reports
+    None for it, and the demo says so instead of failing on it.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_MEASURED
+    return template.format(value)
 
 
 @dataclass
@@ -99,6 +123,33 @@ class Stage:
         self.report.stages.append(self.result)
         if exc_type is None:
             click.echo(f"   ({self.result.seconds:.1f} s)")
+        elif issubclass(exc_type, Exception) and "failure" not in self.report.facts:
+            self.report.facts["failure"] = {"stage": self.result.stage, **_what_failed(exc)}
+
+
+def _what_failed(exc: BaseException) -> dict[str, str]:
+    """The message and hint of a stage's exception: an AirlockError's own, or the demo's bug and where it is."""
+    if isinstance(exc, AirlockError):
+        return {"error": exc.message, "hint": exc.hint}
+    frames = traceback.extract_tb(exc.__traceback__)
+    # The last line of the demo's own code, not the library it called: that is where to look first.
+    ours = [f for f in frames if Path(f.filename).parent.name == "demo"] or frames
+    where = f" ({Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
+    return {"error": f"unexpected {type(exc).__name__} in the demo's own code{where}",
+            "hint": "a bug in the demo, not in the appliance command it ran: rerun as `airlock --debug demo ...` "
+                    "for the traceback and report it (check it for patient data first)"}
+
+
+def stage_failed(report: Report, exc: BaseException) -> AirlockError:
+    """The error the demo ends with: the failed stage's (from this process or the inner run's report),
+    else an AirlockError as it is, else a bug outside the stages with where it is."""
+    failure = report.facts.get("failure")
+    if failure:
+        return StageFailed(f'stage "{failure["stage"]}" failed: {failure["error"]}', hint=failure["hint"])
+    if isinstance(exc, AirlockError):
+        return exc
+    failure = _what_failed(exc)
+    return StageFailed(f"the demo failed between its stages: {failure['error']}", hint=failure["hint"])
 
 
 def say(text: str) -> None:
@@ -128,9 +179,10 @@ class Cli:
                             hint="the machine may be overloaded; run the demo again, or with --keep to inspect "
                                  "its home") from None
         if result.returncode not in ok_codes:
-            raise DemoError(f"`{_shown(command)}` exited {result.returncode}:\n{_tail(result.stderr or result.stdout)}",
-                            hint="the lines above are the command's own error; rerun with --keep to open the "
-                                 "demo's home (AIRLOCK_HOME) and look at `airlock jobs list`")
+            said, hint = _own_hint(result.stderr or result.stdout)
+            raise DemoError(f"`{_shown(command)}` exited {result.returncode}:\n{_tail(said)}",
+                            hint=(f"{hint}; " if hint else "") + "a failed demo keeps its folder (as --keep does): "
+                                 "`airlock jobs list` with AIRLOCK_HOME set to its home shows what ran")
         return result
 
     def json(self, *args: str, ok_codes: tuple[int, ...] = (0,), timeout: float = 1800) -> Any:
@@ -146,6 +198,15 @@ def _shown(command: list[str]) -> str:
     """The command as a person would type it: `airlock ...`, not the absolute path of the venv."""
     words = [Path(w).name if i == 0 or w == command[0] else w for i, w in enumerate(command)]
     return shlex.join(words)
+
+
+def _own_hint(output: str) -> tuple[str, str]:
+    """A command's output without its last `hint:` line, and that hint (what the command says to do)."""
+    lines = output.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("hint: "):
+            return "\n".join(lines[:i] + lines[i + 1:]), lines[i].removeprefix("hint: ").strip()
+    return output, ""
 
 
 def _tail(text: str, lines: int = 12) -> str:

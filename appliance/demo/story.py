@@ -25,7 +25,7 @@ from typing import Any
 
 from appliance.demo.client import ServerClient, median_latency
 from appliance.demo.dicom_phantoms import PHI_KEYWORDS, phi_found, value_in, write_phantom_set
-from appliance.demo.steps import Cli, DemoError, Report, Stage, say
+from appliance.demo.steps import Cli, DemoError, Report, Stage, format_metric, say
 from appliance.demo.text_samples import FIRST_BATCH, NEW_BATCH
 
 LM_BASE = "tiny-deepseek-r1"
@@ -37,6 +37,8 @@ CLS_TASK = "phantom-ct"
 QUESTION = "The CNC mill 4 shows abnormal vibration. What should I check first?"
 EXPECTED = "spindle bearing"
 """What the site's data says (appliance/demo/text_samples.py): the demo shows whether the model learned it."""
+PERCENT = "{:.1%}"
+MS = "{:.0f} ms"
 WORDS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper", "kelp",
          "lumen", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet",
          "willow", "xenon", "yarrow", "zephyr")
@@ -168,23 +170,30 @@ def _train(cli: Cli, work: Path, options: StoryOptions, report: Report) -> tuple
         lm = cli.json("train", "lm", "--base", LM_BASE, "--data", TEXT_DATASET, "--recipe", str(lm_recipe),
                       "--task", LM_TASK, "--wait")
         m = lm["run"]["metrics"]
-        say(f"run {lm['run']['id']}: val loss {m['initial_val_loss']:.3f} -> {m['best_val_loss']:.3f} (best); "
-            f"test loss {m['test']['loss']:.3f}, token accuracy {m['test']['token_accuracy']:.1%}")
-        stage.metric = f"val loss {m['initial_val_loss']:.3f} -> {m['best_val_loss']:.3f}"
+        test = m.get("test") or {}
+        val_loss = f"val loss {format_metric(m.get('initial_val_loss'))} -> {format_metric(m.get('best_val_loss'))}"
+        say(f"run {lm['run']['id']}: {val_loss} (best); test loss {format_metric(test.get('loss'))}, "
+            f"token accuracy {format_metric(test.get('token_accuracy'), PERCENT)}")
+        stage.metric = val_loss
         stage.artifacts = f"adapter in vault object {lm['run']['artifact']}"
-        report.facts["lm"] = {"run": lm["run"]["id"], "initial_val_loss": m["initial_val_loss"],
-                              "best_val_loss": m["best_val_loss"], "version": lm["job"]["result"]["version"]}
+        report.facts["lm"] = {"run": lm["run"]["id"], "initial_val_loss": m.get("initial_val_loss"),
+                              "best_val_loss": m.get("best_val_loss"), "version": lm["job"]["result"]["version"]}
     with Stage(report, "train classifier", f"4. train: {CLS_BASE} classifier, {options.cls_steps} steps") as stage:
         cls = cli.json("train", "classifier", "--base", CLS_BASE, "--data", DICOM_DATASET, "--recipe",
                        str(cls_recipe), "--task", CLS_TASK, "--wait")
         m = cls["run"]["metrics"]
-        test = m["test"]
-        say(f"run {cls['run']['id']}: best val AUC {m['best_val_auc']:.3f}; test accuracy {test['accuracy']:.1%}, "
-            f"AUC {test['roc_auc']:.3f}, confusion {test['confusion']} (rows: true {m['labels']})")
-        stage.metric = f"test accuracy {test['accuracy']:.1%}, AUC {test['roc_auc']:.3f}"
+        test = m.get("test") or {}
+        say(f"run {cls['run']['id']}: best val AUC {format_metric(m.get('best_val_auc'))}; test accuracy "
+            f"{format_metric(test.get('accuracy'), PERCENT)}, AUC {format_metric(test.get('roc_auc'))}, "
+            f"confusion {test.get('confusion')} (rows: true {m.get('labels')})")
+        if m.get("best_val_auc") is None:
+            say("no validation AUC (the validation split is empty or holds one class): training ran all its steps "
+                "without early stopping")
+        stage.metric = (f"test accuracy {format_metric(test.get('accuracy'), PERCENT)}, "
+                        f"AUC {format_metric(test.get('roc_auc'))}")
         stage.artifacts = f"weights in vault object {cls['run']['artifact']}"
-        report.facts["classifier"] = {"run": cls["run"]["id"], "accuracy": test["accuracy"], "auc": test["roc_auc"],
-                                      "version": cls["job"]["result"]["version"]}
+        report.facts["classifier"] = {"run": cls["run"]["id"], "accuracy": test.get("accuracy"),
+                                      "auc": test.get("roc_auc"), "version": cls["job"]["result"]["version"]}
     return lm["run"], cls["run"]
 
 
@@ -194,23 +203,28 @@ def _optimize(cli: Cli, recipes: Path, lm_run: dict[str, Any], cls_run: dict[str
                 as stage:
             out = cli.json("optimize", run["id"], "--recipe", str(recipes / "quant.toml"), "--wait")["report"]
             variants = out["variants"]
-            parity = ", ".join(f"{v} {'ok' if variants[v]['ok'] else 'FAILED'} "
-                               f"(top-1 {variants[v]['parity']['top1_agreement']:.0%})" for v in sorted(variants))
+            parity = ", ".join(f"{v} {'ok' if variants[v]['ok'] else 'FAILED'} (top-1 "
+                               f"{format_metric((variants[v].get('parity') or {}).get('top1_agreement'), '{:.0%}')})"
+                               for v in sorted(variants))
+            # PTQ/QAT report None when no int8 variant was made; a stage with no number says "not measured".
+            scores = {name: out.get(name) or {} for name in ("float", "ptq", "qat")}
             if out["task"] == "causal_lm":
-                quality = (f"perplexity float {out['float']['perplexity']:.3f}, PTQ {out['ptq']['perplexity']:.3f}, "
-                           f"QAT {out['qat']['perplexity']:.3f}")
-                metric = f"ppl PTQ {out['ptq']['perplexity']:.3f} vs QAT {out['qat']['perplexity']:.3f}"
+                ppl = {name: format_metric(score.get("perplexity")) for name, score in scores.items()}
+                quality = f"perplexity float {ppl['float']}, PTQ {ppl['ptq']}, QAT {ppl['qat']}"
+                metric = f"ppl PTQ {ppl['ptq']} vs QAT {ppl['qat']}"
             else:
-                quality = (f"val accuracy float {out['float']['accuracy']:.1%}, PTQ {out['ptq']['accuracy']:.1%}, "
-                           f"QAT {out['qat']['accuracy']:.1%}")
-                metric = f"acc PTQ {out['ptq']['accuracy']:.1%} vs QAT {out['qat']['accuracy']:.1%}"
-            say(f"{quality} ({out['qat_steps_done']} QAT steps)")
+                acc = {name: format_metric(score.get("accuracy"), PERCENT) for name, score in scores.items()}
+                quality = f"val accuracy float {acc['float']}, PTQ {acc['ptq']}, QAT {acc['qat']}"
+                metric = f"acc PTQ {acc['ptq']} vs QAT {acc['qat']}"
+            say(f"{quality} ({out.get('qat_steps_done') or 0} QAT steps)")
             say(f"ONNX parity vs PyTorch: {parity}")
             say(f"serves with: {out['runtime']['reason']}")
             stage.metric = metric + f"; parity {sum(v['ok'] for v in variants.values())}/{len(variants)} ok"
-            stage.artifacts = f"{', '.join(v['file'] for v in variants.values())} in vault object {run['artifact']}"
-            report.facts[f"optimize_{name.lower()}"] = {"float": out["float"], "ptq": out["ptq"], "qat": out["qat"],
-                                                       "runtime": out["runtime"]["kind"]}
+            # An export that failed its parity check is not stored, so it has no file.
+            stored = [v["file"] for v in variants.values() if v.get("file")]
+            stage.artifacts = f"{', '.join(stored) or 'no export'} in vault object {run['artifact']}"
+            report.facts[f"optimize_{name.lower()}"] = {"float": out.get("float"), "ptq": out.get("ptq"),
+                                                       "qat": out.get("qat"), "runtime": out["runtime"]["kind"]}
 
 
 def _engines(cli: Cli, lm_run: dict[str, Any], cls_run: dict[str, Any], report: Report) -> None:
@@ -278,7 +292,8 @@ def _serve(cli: Cli, work: Path, options: StoryOptions, phantoms: list[Any], sta
         reply, seconds = client.chat(LM_TASK, QUESTION)
         answer = reply["choices"][0]["message"]["content"].strip()
         say(f"chat  > {QUESTION}")
-        say(f"chat  < {_one_line(answer)}  ({reply['usage']['completion_tokens']} tokens, {seconds * 1000:.0f} ms)")
+        say(f"chat  < {_one_line(answer)}  ({reply['usage']['completion_tokens']} tokens, "
+            f"{format_metric(seconds * 1000, MS)})")
         learned = EXPECTED in answer
         say(f"the site's answer is the {EXPECTED}: "
             + ("in the reply" if learned else "not in the reply (the tiny demo model has 2.6 M parameters: "
@@ -290,7 +305,8 @@ def _serve(cli: Cli, work: Path, options: StoryOptions, phantoms: list[Any], sta
             result, seconds = client.classify(CLS_TASK, scan.path.read_bytes())
             answers.append(result["label"] == scan.label)
             say(f"classify {scan.path.name} (truly {scan.label}): {result['label']} "
-                f"p={result['predictions'][0]['probability']:.2f} ({seconds * 1000:.0f} ms)")
+                f"p={format_metric(result['predictions'][0].get('probability'), '{:.2f}')} "
+                f"({format_metric(seconds * 1000, MS)})")
         ort = _latencies(client, fresh[0].path.read_bytes(), options.latency_repeats)
         _stop_server(cli, started, job)
         # The same versions on PyTorch eager, for the speed-up ONNX Runtime buys on this CPU.
@@ -298,18 +314,23 @@ def _serve(cli: Cli, work: Path, options: StoryOptions, phantoms: list[Any], sta
         eager = _latencies(ServerClient(eager_url, key["secret"]), fresh[0].path.read_bytes(),
                            options.latency_repeats)
         _stop_server(cli, started, eager_job)
-        chat_speedup = eager["chat"] / ort["chat"]
-        cls_speedup = eager["classify"] / ort["classify"]
-        say(f"median latency over HTTP, ONNX Runtime vs PyTorch: chat {ort['chat'] * 1000:.0f} vs "
-            f"{eager['chat'] * 1000:.0f} ms (x{chat_speedup:.2f}), classify {ort['classify'] * 1000:.1f} vs "
-            f"{eager['classify'] * 1000:.1f} ms (x{cls_speedup:.2f})")
+        chat_speedup = format_metric(_ratio(eager["chat"], ort["chat"]), "x{:.2f}")
+        cls_speedup = format_metric(_ratio(eager["classify"], ort["classify"]), "x{:.2f}")
+        ms = {"ort": {t: s * 1000 for t, s in ort.items()}, "eager": {t: s * 1000 for t, s in eager.items()}}
+        chat = f"chat {format_metric(ms['ort']['chat'], '{:.0f}')} vs {format_metric(ms['eager']['chat'], MS)}"
+        classify = (f"classify {format_metric(ms['ort']['classify'], '{:.1f}')} vs "
+                    f"{format_metric(ms['eager']['classify'], '{:.1f} ms')}")
+        say(f"median latency over HTTP, ONNX Runtime vs PyTorch: {chat} ({chat_speedup}), {classify} ({cls_speedup})")
         stage.metric = (f"chat answered, {sum(answers)}/{len(answers)} unseen scans right; ORT speedup chat "
-                        f"x{chat_speedup:.2f}, classify x{cls_speedup:.2f}")
+                        f"{chat_speedup}, classify {cls_speedup}")
         stage.artifacts = f"server jobs {job}, {eager_job} (stopped)"
         report.facts["serve"] = {"chat_answer": answer, "site_answer_in_reply": learned, "classified": len(answers),
                                  "correct": sum(answers),
-                                 "ort_ms": {k: v * 1000 for k, v in ort.items()},
-                                 "pytorch_ms": {k: v * 1000 for k, v in eager.items()}}
+                                 "ort_ms": ms["ort"], "pytorch_ms": ms["eager"]}
+
+
+def _ratio(slower: float, faster: float) -> float | None:
+    return slower / faster if faster > 0 else None
 
 
 def _latencies(client: ServerClient, scan: bytes, repeats: int) -> dict[str, float]:
@@ -333,26 +354,37 @@ def _retrain(cli: Cli, started: _Started, report: Report, versions: dict[str, st
         result = cli.json("retrain", LM_TASK, "--replay", "0.5", "--lr", "1.5e-3", "--auto", "--wait",
                           ok_codes=(0, 1))
         version, metrics = result["version"], result["run"]["metrics"]
-        gates = version["gates"]
+        # Either decision is a good ending: the gates, not the demo, judge whether the retrain helped.
+        gates = version.get("gates") or {}
         for name in ("forgetting", "new_data"):
-            gate = gates[name]
-            for split in gate.get("splits", [gate]):
-                if "production_loss" in split:
-                    say(f"gate {name}: {split['split']} test loss {split['production_loss']:.4f} -> "
-                        f"{split['candidate_loss']:.4f} ({split['relative_change']:+.1%}): {split['status']}")
-                else:
-                    say(f"gate {name}: {split.get('split', '')} {split.get('status')}".replace("  ", " "))
+            gate = gates.get(name) or {"status": "not recorded"}
+            for split in gate.get("splits") or [gate]:
+                say(_gate_line(name, split))
+        reasons = version.get("reasons") or []
         if version["state"] == "rejected":
             decision = f"{version['id']} rejected, production stays {versions[LM_TASK]}"
-            for reason in version["reasons"]:
+            for reason in reasons:
                 say(f"reason: {reason}")
         else:
             decision = f"{version['id']} passed its gates: {version['state']}"
         say(f"decision: {decision}")
-        stage.metric = f"{decision}; val loss {metrics['initial_val_loss']:.3f} -> {metrics['best_val_loss']:.3f}"
+        stage.metric = (f"{decision}; val loss {format_metric(metrics.get('initial_val_loss'))} -> "
+                        f"{format_metric(metrics.get('best_val_loss'))}")
         stage.artifacts = f"model card: `airlock models card {version['id']}`"
-        report.facts["retrain"] = {"version": version["id"], "state": version["state"], "reasons": version["reasons"],
+        report.facts["retrain"] = {"version": version["id"], "state": version["state"], "reasons": reasons,
                                    "decision": decision}
+
+
+def _gate_line(name: str, split: dict[str, Any]) -> str:
+    """One gate's verdict on one test split: the losses when both models were measured, else why not."""
+    where = f" {split['split']}" if split.get("split") else ""
+    status = split.get("status", "not recorded")
+    if split.get("relative_change") is None:
+        reason = f" ({split['reason']})" if split.get("reason") else ""
+        return f"gate {name}:{where} {status}{reason}"
+    return (f"gate {name}:{where} test loss {format_metric(split.get('production_loss'), '{:.4f}')} -> "
+            f"{format_metric(split.get('candidate_loss'), '{:.4f}')} "
+            f"({format_metric(split['relative_change'], '{:+.1%}')}): {status}")
 
 
 def _audit(cli: Cli, report: Report) -> None:

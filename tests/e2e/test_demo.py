@@ -4,8 +4,10 @@ The same code runs after `make demo` has built and installed a bundle; here it d
 venv's `airlock` (no bundle: tests/e2e/test_bundle_install.py covers building and installing),
 inside `unshare -n` where permitted, as the full demo does. Short training runs; the checks are on
 what the demo prints: validation loss went down, no fake PHI survived the import, the server
-answered a chat completion and classified scans, the retrain's gates decided, the audit chain is
-intact, and nothing it started is still running.
+answered a chat completion and classified scans, the retrain's gates decided (either way), the
+audit chain is intact, and nothing it started is still running. Then the failure side: a stage that
+fails ends the demo with its own error line (the stage, the command's error and hint), and a number
+the appliance did not measure is printed as "not measured", never a crash.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.demo.steps import Report, Stage, format_metric, stage_failed
+from appliance.demo.story import _gate_line
 from tests.conftest import BIN, REPO, unshare_available
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _processes_using(home: Path) -> list[str]:
@@ -41,6 +43,8 @@ def _processes_using(home: Path) -> list[str]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_demo_stages_three_to_six(tmp_path: Path):
     work = tmp_path / "demo"
     wrap = ["unshare", "-n"] if unshare_available() else []
@@ -100,3 +104,52 @@ def test_demo_stages_three_to_six(tmp_path: Path):
     # A work folder given with --work-dir stays, and the summary says how to open the UI on it.
     assert f"open the operator UI on it: AIRLOCK_HOME={home}" in out
     assert not (work / "review").exists()  # the plaintext export of the PHI check is gone
+
+
+def test_a_failing_stage_ends_the_demo_with_its_own_error(tmp_path: Path):
+    """A vault already in the demo's home: stage 3's `vault init` refuses, and the demo says so and stops."""
+    work = tmp_path / "demo"
+    env = {**os.environ, "AIRLOCK_KDF_PROFILE": "test", "AIRLOCK_HOME": str(work / "home")}
+    secret = tmp_path / "passphrase.txt"
+    secret.write_text("an-earlier-vault-passphrase\n")
+    secret.chmod(0o600)
+    subprocess.run([str(BIN / "airlock"), "vault", "init", "--passphrase-file", str(secret)], capture_output=True,
+                   env=env, cwd=REPO, timeout=120, check=True)
+    env.pop("AIRLOCK_HOME")
+    result = subprocess.run([str(BIN / "airlock"), "demo", "--skip-bundle", "--work-dir", str(work)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    error = result.stderr
+    assert 'error: stage "vault init + unlock" failed: `airlock vault init --passphrase-file' in error, error
+    assert "already has a vault" in error  # the command's own error ...
+    assert "hint: use `airlock vault add-slot`" in error  # ... and its own hint, first
+    assert "internal error" not in result.stdout + error
+    assert "vault init + unlock  " in result.stdout and "FAILED" in result.stdout  # the summary's row
+    assert "train LM" not in result.stdout  # nothing after the failed stage ran
+
+
+def test_a_bug_in_a_stage_names_the_stage_and_where():
+    report = Report()
+    best_val_auc = None  # not measured: what once ended the demo with "internal error (TypeError at story.py:182)"
+    with pytest.raises(TypeError) as raised, Stage(report, "train classifier", "4. train"):
+        _ = f"best val AUC {best_val_auc:.3f}"
+    error = stage_failed(report, raised.value)
+    assert error.message.startswith('stage "train classifier" failed: unexpected TypeError in the demo')
+    assert "test_demo.py:" in error.message
+    assert "--debug" in error.hint
+    assert [(s.stage, s.ok) for s in report.stages] == [("train classifier", False)]
+
+
+def test_numbers_not_measured_are_said_so():
+    assert format_metric(None) == "not measured"
+    assert format_metric(float("nan"), "{:.1%}") == "not measured"
+    assert format_metric(0.8125, "{:.1%}") == "81.2%"
+    assert format_metric(1.5, "x{:.2f}") == "x1.50"
+    # The new records can land with no test split: the new-data gate has no losses to show.
+    gate = {"split": "site-qa@v2/test", "records": 0, "production_loss": None, "candidate_loss": None,
+            "relative_change": None, "status": "not_applicable", "reason": "the new records have no test split yet"}
+    assert _gate_line("new_data", gate) == ("gate new_data: site-qa@v2/test not_applicable (the new records have "
+                                            "no test split yet)")
+    measured = {**gate, "production_loss": 1.25, "candidate_loss": 1.0, "relative_change": -0.2, "status": "pass"}
+    assert _gate_line("new_data", measured) == ("gate new_data: site-qa@v2/test test loss 1.2500 -> 1.0000 "
+                                                "(-20.0%): pass")
