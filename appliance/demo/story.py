@@ -37,6 +37,8 @@ CLS_TASK = "phantom-ct"
 QUESTION = "The CNC mill 4 shows abnormal vibration. What should I check first?"
 EXPECTED = "spindle bearing"
 """What the site's data says (appliance/demo/text_samples.py): the demo shows whether the model learned it."""
+LISTEN_WITHIN_S = 600
+"""A bound for a server that never comes up, not an expectation: it listens within seconds on a quiet machine."""
 PERCENT = "{:.1%}"
 MS = "{:.0f} ms"
 WORDS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper", "kelp",
@@ -260,7 +262,7 @@ def _start_server(cli: Cli, started: _Started, *extra: str) -> tuple[str, str]:
     job = cli.json("serve", "--task", LM_TASK, "--task", CLS_TASK, "--port", "0", "--workers", "1", *extra,
                    "--detach")["job"]["id"]
     started.server_jobs.append(job)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + LISTEN_WITHIN_S
     while time.monotonic() < deadline:
         shown = cli.json("jobs", "show", job)
         progress = shown.get("last_progress") or {}
@@ -271,7 +273,8 @@ def _start_server(cli: Cli, started: _Started, *extra: str) -> tuple[str, str]:
             raise DemoError(f"server job {job} ended {shown['job']['state']}: {shown['job'].get('error')}",
                             hint=shown["job"].get("hint") or f"see `airlock jobs logs {job}`")
         time.sleep(0.5)
-    raise DemoError(f"server job {job} did not start listening within 300 s", hint=f"see `airlock jobs logs {job}`")
+    raise DemoError(f"server job {job} did not start listening within {LISTEN_WITHIN_S} s",
+                    hint=f"see `airlock jobs logs {job}`; a machine this loaded may need the demo run again")
 
 
 def _stop_server(cli: Cli, started: _Started, job: str) -> None:
@@ -402,7 +405,7 @@ def _audit(cli: Cli, report: Report) -> None:
 
 
 def stop_job(cli: Cli, job_id: str, timeout: float = 60) -> None:
-    """SIGTERM through `airlock jobs cancel`, wait for the job to end, SIGKILL its pid if it does not."""
+    """SIGTERM through `airlock jobs cancel`, wait for the job and its process to end, SIGKILL it if they do not."""
     with contextlib.suppress(DemoError):
         cli.run("jobs", "cancel", job_id)
     deadline = time.monotonic() + timeout
@@ -413,43 +416,65 @@ def stop_job(cli: Cli, job_id: str, timeout: float = 60) -> None:
         except DemoError:
             return
         pid = job.get("pid")
-        if job["state"] not in ("queued", "running") and not _alive(pid):
-            return
+        if job["state"] not in ("queued", "running"):
+            break
         time.sleep(0.5)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    wait_for_exit(pid, _job_command(job_id), timeout=max(1.0, deadline - time.monotonic()))
 
 
-def _alive(pid: int | None) -> bool:
+def _job_command(job_id: str) -> tuple[str, ...]:
+    """What a job process's command line holds (`python -m appliance.cli jobs run ID`): who it is, not a reused pid."""
+    return ("jobs", "run", job_id)
+
+
+def _running(pid: int | None, command: tuple[str, ...]) -> bool:
+    """Whether `pid` is still the process whose command line holds `command` (an exited zombie is not running)."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return True
+    return state != "Z" and all(word in args for word in command)
+
+
+def wait_for_exit(pid: int | None, command: tuple[str, ...], timeout: float = 60) -> None:
+    """Wait for the process to exit; SIGKILL it after `timeout` seconds (a bound for a stuck process, not a
+    duration the demo expects: a job's interpreter takes a few seconds to exit after it reports its end)."""
+    deadline = time.monotonic() + timeout
+    while _running(pid, command) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _running(pid, command):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _running(pid, command) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def stop_everything(cli: Cli, server_jobs: list[str]) -> list[str]:
-    """Stop the given server jobs, any job still running in this home, and the key agent. Returns what it stopped."""
+    """Stop the given server jobs, any job still running in this home, and the key agent, and wait until their
+    processes (and those of jobs that already ended) have exited. Returns what it stopped."""
     stopped = []
     if not (Path(cli.env["AIRLOCK_HOME"]) / "catalog.db").exists() and not server_jobs:
         return stopped
     jobs = list(server_jobs)
+    listed = []
     with contextlib.suppress(DemoError):
-        jobs += [j["id"] for j in cli.json("jobs", "list")["jobs"] if j["state"] in ("queued", "running")]
+        listed = cli.json("jobs", "list", "--limit", "10000")["jobs"]
+    jobs += [j["id"] for j in listed if j["state"] in ("queued", "running")]
     for job in dict.fromkeys(jobs):
         stop_job(cli, job)
         stopped.append(job)
+    # A job records its end a moment before its process exits: wait for those processes too, so
+    # that nothing started for this home outlives the demo.
+    for job in listed:
+        wait_for_exit(job.get("pid"), _job_command(job["id"]))
     with contextlib.suppress(DemoError):
         agent = cli.json("vault", "status").get("agent_pid")
         cli.run("vault", "lock")
-        deadline = time.monotonic() + 10
-        while _alive(agent) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_exit(agent, ("appliance.vault.agent",), timeout=30)
         if agent:
             stopped.append(f"key agent {agent}")
     return stopped

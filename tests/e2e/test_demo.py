@@ -44,7 +44,7 @@ def _processes_using(home: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1900)
 def test_demo_stages_three_to_six(tmp_path: Path):
     work = tmp_path / "demo"
     wrap = ["unshare", "-n"] if unshare_available() else []
@@ -53,7 +53,8 @@ def test_demo_stages_three_to_six(tmp_path: Path):
     env.pop("AIRLOCK_HOME", None)
     result = subprocess.run([*wrap, str(BIN / "airlock"), "demo", "--skip-bundle", "--work-dir", str(work),
                              "--lm-steps", "24", "--classifier-steps", "40"],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=840, check=False)
+                            # ~3 minutes on two quiet cores; the bound is for a hang, not for a loaded machine
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=1800, check=False)
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-3000:]
     print(out)  # shown by pytest when an assertion below fails
@@ -97,7 +98,9 @@ def test_demo_stages_three_to_six(tmp_path: Path):
     status = json.loads(subprocess.run([*airlock, "vault", "status", "--json"], capture_output=True, text=True,
                                        env=env, check=True).stdout)
     assert status["state"] == "locked"
-    deadline = time.monotonic() + 15  # a process may still be on its way out (its exit path, not a leak)
+    # The demo waits for every job process and the key agent to exit before it returns, so this
+    # holds at once; the wait is only a bound for a loaded machine, not a duration under test.
+    deadline = time.monotonic() + 60
     while _processes_using(home) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_using(home) == []
