@@ -3,9 +3,10 @@
 One story (each step needs the trained state of the one before): v1 learns bright discs vs squares (A) and is
 promoted; the task deploys int8 engines. Inverted-contrast images arrive (B1): a retrain with replay keeps A's
 AUC/accuracy, learns B, passes engine parity on ONNX Runtime (QAT int8 export stored and recorded on the version)
-and is auto-promoted. With an impossibly tight parity threshold in the task policy, the next retrain (with EWC)
-passes gates 1-2 and is rejected by the measured engine parity. A retrain without replay at a high learning rate
-forgets A and is rejected by the forgetting gate. Production stays v2 throughout; a new class is refused.
+and is auto-promoted. With fp16 engines and an impossibly tight parity threshold in the task policy, the next
+retrain (with EWC) passes gates 1-2 and is rejected by the measured engine parity. A retrain without replay at
+a high learning rate forgets A and is rejected by the forgetting gate. Production stays v2 throughout; a new
+class is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from appliance.catalog import open_catalog
 from tests.appliance.registry.conftest import cli_json, one_line_error
-from tests.conftest import run_cli
+from tests.conftest import fix_site_secret, run_cli
 
 SIZE = 32
 RECIPE = "max_steps = 60\neval_every = 60\nbatch_size = 16\nlr = 3e-3\naugment = false\nseed = 1\n"
@@ -62,6 +63,7 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
 
     vault_init()
     unlock()
+    fix_site_secret()  # the same splits, so the same AUCs and gate outcomes, on every run
     recipe = tmp_path / "cls.toml"
     recipe.write_text(RECIPE, encoding="utf-8")
     _import(write_shapes(tmp_path / "a", 80, seed=1))
@@ -82,6 +84,8 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
     [on_a] = v2["gates"]["forgetting"]["splits"]
     new = v2["gates"]["new_data"]
     assert on_a["split"] == "shapes@v1/test" and on_a["status"] == "pass" and on_a["records"] > 0
+    # Measured with the fixed site secret: A's AUC 1.0 -> 1.0 (5% inside the bound below); B's AUC 1.0 -> 1.0
+    # (v1 already ranks inverted shapes; at the ceiling) and B's accuracy 0.625 -> 1.0 (0.5 above the bound).
     assert on_a["candidate_roc_auc"] >= on_a["production_roc_auc"] * 0.95
     assert new["split"] == "shapes@v2/test" and new["status"] == "pass"
     assert new["candidate_roc_auc"] >= new["production_roc_auc"] and new["candidate_accuracy"] > 0.5
@@ -109,8 +113,12 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
           f"{new['production_roc_auc']} -> {new['candidate_roc_auc']}; int8 parity {engine['measured']}")
 
     # --- an impossible parity threshold (task policy): gates 1-2 pass, the measured parity fails -> rejected.
-    cli_json("models", "policy", "shapes-cls", "--engine-max-rel-diff", "1e-12", "--max-forgetting", "0.5",
-             "--new-data-tolerance", "0.5", "--json")
+    # The fp16 export: its rounded weights always differ from PyTorch's float32 (measured 3.3e-3 relative with the
+    # fixed site secret: inside the optimize stage's own fp16 limit of 2e-2, 6x, and far above 1e-12), where ONNX
+    # Runtime may run the QAT int8 export bit for bit like PyTorch (measured 0.0 on some machines: no threshold
+    # could fail it there).
+    cli_json("models", "policy", "shapes-cls", "--engine-variant", "fp16", "--engine-max-rel-diff", "1e-12",
+             "--max-forgetting", "0.5", "--new-data-tolerance", "0.5", "--json")
     _import(write_shapes(tmp_path / "b2", 40, seed=7, inverted=True))
     strict = cli_json("retrain", "shapes-cls", "--replay", "0.5", "--ewc-lambda", "1e6", "--wait", "--json", rc=1)
     v3 = strict["version"]
@@ -118,8 +126,8 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
     assert v3["gates"]["new_data"]["status"] in ("pass", "not_applicable")
     gate3 = v3["gates"]["engine_parity"]
     assert gate3["status"] == "fail" and gate3["thresholds"]["source"] == "task policy"
-    assert gate3["measured"]["max_rel_diff"] > 1e-12
-    assert v3["reasons"] == [f"engine parity: int8 export on ONNX Runtime (CPU): max relative difference "
+    assert gate3["variant"] == "fp16" and gate3["measured"]["max_rel_diff"] > 1e-12
+    assert v3["reasons"] == [f"engine parity: fp16 export on ONNX Runtime (CPU): max relative difference "
                              f"{gate3['measured']['max_rel_diff']:.3g} > 1e-12 (task policy)"]
     assert set(v3["artifacts"]) == {"classifier"}  # nothing from a failed gate is recorded
     assert strict["run"]["metrics"]["ewc"]["lambda"] == 1e6 and strict["run"]["recipe"]["ewc_lambda"] == 1e6
@@ -130,13 +138,13 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
     _import(write_shapes(tmp_path / "b3", 40, seed=9, inverted=True))
     bad = cli_json("retrain", "shapes-cls", "--replay", "0", "--lr", "0.05", "--max-steps", "40", "--wait", "--json",
                    rc=1)
-    v4 = bad["version"]
+    v4 = bad["version"]  # A's accuracy measured 1.0 -> 0.37 (-63%) with the fixed site secret: the 5% gate fails
     splits = {s["split"]: s for s in v4["gates"]["forgetting"]["splits"]}
     assert v4["state"] == "rejected" and splits["shapes@v1/test"]["status"] == "fail"
     assert any(r.startswith("forgetting: shapes@v1/test ") for r in v4["reasons"])
     assert v4["gates"]["engine_parity"]["status"] == "not_applicable"
     assert production(db, "shapes-cls").id == "shapes-cls-v2"
-    print(f"v4: A {splits['shapes@v1/test']}")
+    print(f"v3: fp16 parity {gate3['measured']}\nv4: A {splits['shapes@v1/test']}")
 
     # --- the cards show the classifier gates, the engine parity gate and the EWC setting.
     card2 = run_cli("models", "card", "shapes-cls-v2").stdout
