@@ -1,5 +1,6 @@
 """Training-job fixtures: a real vault (init + unlock through the CLI, a real key agent) and datasets
-imported through `airlock data import`, as an operator would build them."""
+imported through `airlock data import`, as an operator would build them. The vault has the fixed site
+secret, so a dataset's split, and every loss or AUC learned from it, is the same on every run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.appliance.vault.conftest import agents, fast_kdf, passphrase_file, unlock, vault_init  # noqa: F401
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, fix_site_secret, run_cli
 
 TINY_LM_RECIPE = """\
 # 24 steps of batch 4 x 128 tokens: a few seconds on two CPU cores
@@ -29,8 +30,10 @@ def corpus_chats(count: int) -> list[str]:
 
 @pytest.fixture
 def unlocked(vault_init, unlock):  # noqa: F811 - the fixtures imported above
+    """An initialized, unlocked vault with the fixed site secret (imports into it split the same on every run)."""
     vault_init()
     unlock()
+    fix_site_secret()
 
 
 @pytest.fixture

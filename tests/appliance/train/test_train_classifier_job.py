@@ -61,8 +61,9 @@ def test_classifier_job_fails_locked_resumes_unlocked_and_reloads_exactly(unlock
     done = out["run"]
     assert done["state"] == "succeeded", out["job"]["error"]
     metrics = done["metrics"]
+    print(f"\nbest val AUC {metrics['best_val_auc']}, test {metrics['test']['roc_auc']}")
     assert metrics["labels"] == ["disc", "square"] and metrics["steps"] == 40
-    assert metrics["best_val_auc"] > 0.8
+    assert metrics["best_val_auc"] > 0.8  # measured 1.0 with the fixed site secret (test AUC 0.978)
     test = metrics["test"]
     assert sum(map(sum, test["confusion"])) == metrics["records"]["test"] > 0
     wrong_kind = run_cli("train", "lm", "--resume", run.id)
