@@ -54,7 +54,7 @@ def test_committed_models_equal_a_fresh_regeneration(tmp_path):
     from safetensors.torch import load_file
 
     result = subprocess.run([sys.executable, str(REPO / "models" / "build_tiny_models.py"), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900, check=False)
+                            capture_output=True, text=True, timeout=1800, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     fresh = _hashes(tmp_path)
     assert fresh.keys() == COMMITTED.keys()
