@@ -46,6 +46,8 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# pytest-randomly (a dev dependency) shuffles the order on every run and prints the seed, so that a
+# test that leans on another test's leftovers fails at once rather than one day in CI.
 unit: venv
 	$(BIN)/pytest
 
