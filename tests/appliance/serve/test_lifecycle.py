@@ -65,7 +65,8 @@ def test_detached_tls_server_drains_a_stream_on_cancel(appliance, tmp_path):
     from appliance.jobs.runner import wait_for
 
     cert, key_file = self_signed(tmp_path)
-    key = appliance.keys.get("client") or appliance.create_key("client")
+    # A key of its own: the session `server` fixture creates "client", whichever of them runs first.
+    key = appliance.keys.get("lifecycle-client") or appliance.create_key("lifecycle-client")
     started = appliance.cli_json("serve", "--detach", "--json", "--port", "0", "--run", f"qa={appliance.runs['qa1']}",
                                  "--tls-cert", str(cert), "--tls-key", str(key_file))
     job_id = started["job"]["id"]
