@@ -115,6 +115,19 @@ def test_a_labels_csv_wins_over_folders_by_sop_then_study_then_name(sample_root,
     assert unlabelled == report.changes["unlabelled"] > 0  # a labels file turns folder names off
 
 
+def test_ris_keys_label_by_patient_id_and_never_match_a_file_name(sample_root, tmp_path: Path):
+    csv_path = tmp_path / "ris.csv"
+    # A RIS key equal to a file's name is still a patient ID: it labels nothing by name.
+    csv_path.write_text("MRN,label\nPID-1001,p1\nPID-1002_1_1_1.dcm,wrong\n")
+    report, records = _import(sample_root.root, labels=csv_path)
+    rel_of = {f.file_no: f.rel for f in report.files}
+    labels = {rel_of[r.file_no]: r.label for r in records}
+    assert {rel: label for rel, label in labels.items() if label} == {
+        rel: "p1" for rel in labels if rel.rsplit("/", 1)[-1].startswith("PID-1001_")}
+    assert sum(1 for label in labels.values() if label == "p1") == 8  # 2 studies x 2 series x 2 images
+    assert b"PID-1001" not in b"".join(r.payload for r in records)
+
+
 def test_a_bad_labels_csv_stops_the_import_naming_the_line(sample_root, tmp_path: Path):
     bad = tmp_path / "labels.csv"
     bad.write_text("filename,label\na.dcm,disc\n\nb.dcm,square\na.dcm,square\n")
