@@ -42,8 +42,8 @@ def link_corpus(root: Path) -> dict[str, Path]:
     return files
 
 
-def transfer_syntax(path: Path) -> str:
-    """The file's transfer syntax name ('(not DICOM)', '(no file meta)' when it has none)."""
+def transfer_syntax(path: Path, *, keyword: bool = False) -> str:
+    """The file's transfer syntax name, or its keyword (JPEGLosslessSV1); '(not DICOM)', '(no file meta)' ..."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.uid import UID
@@ -57,4 +57,4 @@ def transfer_syntax(path: Path) -> str:
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if not ts:
         return "(no file meta)"
-    return UID(str(ts)).name or str(ts)
+    return (UID(str(ts)).keyword if keyword else UID(str(ts)).name) or str(ts)
