@@ -63,10 +63,12 @@ def import_dicom_file(number: int, item: InputFile, ctx: ImportContext) -> FileO
     with quiet_pydicom(), _malformed_is_rejected():
         ds = read_dicom(item)
         check_is_image(ds)
-        decoded = decode_dicom_records(ds, options.image_size, FrameRule.parse(options.frames))
-        risk = burned_in_risk(ds)
+        rule, risk = FrameRule.parse(options.frames), burned_in_risk(ds)
         if risk and not options.accept_burned_in:
-            return FileOutcome(number, item.rel, item.size, "dicom", "quarantined", risk, records_read=len(decoded))
+            # Decoded only to show that it is a usable image; `each` would decode every frame of a long loop.
+            decode_dicom_records(ds, options.image_size, FrameRule() if rule.mode == "each" else rule)
+            return FileOutcome(number, item.rel, item.size, "dicom", "quarantined", risk, records_read=1)
+        decoded = decode_dicom_records(ds, options.image_size, rule)
         # RIS keys (accession number, patient ID) are read here, before de-identification removes them;
         # they are only compared with the labels file in memory and go nowhere else.
         label = find_label(ctx.labels, item.rel, sop_uid=_text(ds, "SOPInstanceUID"),
@@ -75,7 +77,7 @@ def import_dicom_file(number: int, item: InputFile, ctx: ImportContext) -> FileO
         frames = int(_text(ds, "NumberOfFrames") or 1)
         meta = {"source": "dicom", "modality": _text(ds, "Modality"), "rows": int(ds.Rows), "cols": int(ds.Columns),
                 "frames": frames, "photometric": _text(ds, "PhotometricInterpretation"),
-                "frame_rule": FrameRule.parse(options.frames).to_text()}
+                "frame_rule": rule.to_text()}
         fresh = []
         for indices, pixels in decoded:
             content_hash = pixel_content_hash(pixels, "dicom")
