@@ -14,8 +14,13 @@ from tests.conftest import run_cli
 
 def _plaintext_hits(root: Path, markers: list[bytes], skip_pytest_dirs: bool = False, since: float = 0.0
                     ) -> list[str]:
+    import os
+
     hits = []
-    for path in root.rglob("*"):
+    # os.walk, not rglob: other processes (parallel test runs) create and delete folders in /tmp while
+    # this walks it, and os.walk skips a folder that vanished instead of raising.
+    paths = (Path(folder) / name for folder, _dirs, names in os.walk(root) for name in names)
+    for path in paths:
         try:
             if not path.is_file() or path.is_symlink() or path.stat().st_mtime < since \
                     or (skip_pytest_dirs and any(part.startswith("pytest-of-") for part in path.parts)):
