@@ -39,6 +39,8 @@ class Wheel:
     version: str
     sha256: str
     size: int
+    license: str = ""
+    """What the wheel's METADATA says its license is (for the SBOM); empty when it says nothing."""
 
 
 def parse_wheel_name(filename: str) -> tuple[str, str, str]:
@@ -122,8 +124,35 @@ def download_wheels(spec: BundleSpec, dest: Path) -> list[Wheel]:
                               hint="the target cannot build or download anything: ship a wheel for the target "
                                    "platform instead")
         name, version, _ = parse_wheel_name(path.name)
-        wheels.append(Wheel(path.name, name, version, _sha256(path), path.stat().st_size))
+        wheels.append(Wheel(path.name, name, version, _sha256(path), path.stat().st_size, wheel_license(path)))
     return wheels
+
+
+def wheel_license(path: Path) -> str:
+    """The license a wheel declares: License-Expression, else a one-line License field, else its
+    "License ::" classifiers; empty when it declares none or the metadata cannot be read."""
+    import zipfile
+    from email.parser import HeaderParser
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist()
+                         if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+            if name is None:
+                return ""
+            text = archive.read(name)[:1_000_000].decode("utf-8", "replace")
+    except (OSError, zipfile.BadZipFile):
+        return ""
+    meta = HeaderParser().parsestr(text, headersonly=True)
+    expression = (meta.get("License-Expression") or "").strip()
+    if expression:
+        return expression[:200]
+    declared = (meta.get("License") or "").strip()
+    if declared and "\n" not in declared and len(declared) <= 100:
+        return declared
+    classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or []
+                   if c.startswith("License ::") and c.count("::") >= 2]
+    return ", ".join(dict.fromkeys(classifiers))[:200]
 
 
 def _explain_pip_failure(stderr: str, spec: BundleSpec) -> BundleError:

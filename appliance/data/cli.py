@@ -39,7 +39,8 @@ def data() -> None:
 @click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "json", "csv", "txt", "dicom", "images"]),
               default="auto", show_default=True, help="Input format; auto decides per file.")
 @click.option("--labels", type=click.Path(path_type=Path, dir_okay=False),
-              help="CSV key,label for DICOM/images (key: StudyInstanceUID, SOPInstanceUID or file name).")
+              help="CSV key,label for DICOM/images (key: file name, SOP/Series/StudyInstanceUID, AccessionNumber "
+                   "or PatientID).")
 @click.option("--profile", type=click.Choice(["general", "medical"]), default="general", show_default=True,
               help="medical turns on the PII scrub of free text.")
 @click.option("--pii/--no-pii", "scrub_pii", default=None, help="Force the PII scrub on or off.")
@@ -56,6 +57,9 @@ def data() -> None:
 @click.option("--split", "split_text", help="train/val/test, e.g. 80/10/10 (fixed when the dataset is created).")
 @click.option("--image-size", type=click.IntRange(8, 4096), default=224, show_default=True,
               help="Images are resized to this square size.")
+@click.option("--frames", default="middle", show_default=True,
+              help="DICOM multi-frame images: middle (one record, the middle frame), each (one record per frame) "
+                   "or stack:N (N slices spread through the volume as the channels of one record, 2.5D).")
 @click.option("--max-image-mb", type=click.IntRange(min=1), default=512, show_default=True,
               help="Largest DICOM/image file read.")
 @click.option("--accept-burned-in", is_flag=True,
@@ -65,8 +69,8 @@ def data() -> None:
 @_json
 def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: str, scrub_pii: bool | None,
                 encoding: str, txt_split: str, columns: str | None, min_chars: int, max_chars: int,
-                max_record_mb: int, near_dup: str, split_text: str | None, image_size: int, max_image_mb: int,
-                accept_burned_in: bool,
+                max_record_mb: int, near_dup: str, split_text: str | None, image_size: int, frames: str,
+                max_image_mb: int, accept_burned_in: bool,
                 dry_run: bool, detach: bool, as_json: bool) -> int:
     """Import PATH (a file or folder, e.g. /media/usb) into dataset NAME.
 
@@ -82,7 +86,7 @@ def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: s
     existing = datasets.find(db, name)
     options = _options(fmt, labels, profile, scrub_pii, encoding, txt_split, columns, min_chars, max_chars,
                        max_record_mb, near_dup, split_text, image_size, max_image_mb, accept_burned_in,
-                       existing.split_spec if existing else None)
+                       existing.split_spec if existing else None, frames)
     if dry_run:
         report = run_dry(db, path, name, options)
         if as_json:
@@ -128,7 +132,7 @@ def data_import(path: Path, name: str, fmt: str, labels: Path | None, profile: s
 
 
 def _options(fmt, labels, profile, scrub_pii, encoding, txt_split, columns, min_chars, max_chars, max_record_mb,
-             near_dup, split_text, image_size, max_image_mb, accept_burned_in, existing_split):
+             near_dup, split_text, image_size, max_image_mb, accept_burned_in, existing_split, frames="middle"):
     from appliance.data.clean import CleanOptions
     from appliance.data.errors import DataError
     from appliance.data.formats import ParseOptions, parse_csv_columns
@@ -143,7 +147,7 @@ def _options(fmt, labels, profile, scrub_pii, encoding, txt_split, columns, min_
             parse=ParseOptions(encoding=encoding, max_record_bytes=max_record_mb * 1024 * 1024, txt_split=txt_split,
                                csv_columns=parse_csv_columns(columns) if columns else ()),
             clean=CleanOptions(min_chars=min_chars, max_chars=max_chars), near_dup_threshold=threshold,
-            splits=splits, accept_burned_in=accept_burned_in, image_size=image_size,
+            splits=splits, accept_burned_in=accept_burned_in, image_size=image_size, frames=frames,
             max_image_file_mb=max_image_mb)
     except ValueError as exc:
         raise DataError(f"invalid import option: {exc}", hint="see `airlock data import --help`") from None

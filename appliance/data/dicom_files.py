@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from appliance.data.dicom_deid import DeidProfile, deidentify_dataset
-from appliance.data.dicom_pixels import PIXEL_TAGS, decode_dicom_pixels
+from appliance.data.dicom_pixels import PIXEL_TAGS, FrameRule, decode_dicom_records
 from appliance.data.errors import FileRejected
 from appliance.data.images import encode_image_payload, pixel_content_hash
 from appliance.data.labels import find_label
@@ -50,26 +50,44 @@ DUPLICATE_REASON = "the same image is already in this dataset or earlier in this
 
 
 def import_dicom_file(number: int, item: InputFile, ctx: ImportContext) -> FileOutcome:
-    """Import one DICOM file (see the module docstring); FileRejected for a file that cannot be used."""
+    """Import one DICOM file (see the module docstring); FileRejected for a file that cannot be used.
+
+    The import's frame rule (`--frames`, see appliance/data/dicom_pixels.py) decides how many
+    records one file gives. Every record of a file has the file's patient (so its split), label
+    and metadata; the de-identified DICOM is stored with the file's first record only, so that a
+    1 000-frame loop imported per frame does not store its file 1 000 times.
+    """
     from appliance.data.pipeline import AcceptedRecord
 
     options = ctx.options
     with quiet_pydicom(), _malformed_is_rejected():
         ds = read_dicom(item)
         check_is_image(ds)
-        pixels = decode_dicom_pixels(ds, options.image_size)
-        risk = burned_in_risk(ds)
+        rule, risk = FrameRule.parse(options.frames), burned_in_risk(ds)
         if risk and not options.accept_burned_in:
+            # Decoded only to show that it is a usable image; `each` would decode every frame of a long loop.
+            decode_dicom_records(ds, options.image_size, FrameRule() if rule.mode == "each" else rule)
             return FileOutcome(number, item.rel, item.size, "dicom", "quarantined", risk, records_read=1)
-        content_hash = pixel_content_hash(pixels, "dicom")
-        if ctx.is_duplicate(content_hash):
-            ctx.changes["duplicate_exact"] += 1
-            return FileOutcome(number, item.rel, item.size, "dicom", "duplicate", DUPLICATE_REASON,
-                               records_read=1, duplicates=1)
+        decoded = decode_dicom_records(ds, options.image_size, rule)
+        # RIS keys (accession number, patient ID) are read here, before de-identification removes them;
+        # they are only compared with the labels file in memory and go nowhere else.
         label = find_label(ctx.labels, item.rel, sop_uid=_text(ds, "SOPInstanceUID"),
-                           series_uid=_text(ds, "SeriesInstanceUID"), study_uid=_text(ds, "StudyInstanceUID"))
+                           series_uid=_text(ds, "SeriesInstanceUID"), study_uid=_text(ds, "StudyInstanceUID"),
+                           accession=_text(ds, "AccessionNumber"), patient_id=_text(ds, "PatientID"))
+        frames = int(_text(ds, "NumberOfFrames") or 1)
         meta = {"source": "dicom", "modality": _text(ds, "Modality"), "rows": int(ds.Rows), "cols": int(ds.Columns),
-                "frames": int(_text(ds, "NumberOfFrames") or 1), "photometric": _text(ds, "PhotometricInterpretation")}
+                "frames": frames, "photometric": _text(ds, "PhotometricInterpretation"),
+                "frame_rule": rule.to_text()}
+        fresh = []
+        for indices, pixels in decoded:
+            content_hash = pixel_content_hash(pixels, "dicom")
+            if not ctx.is_duplicate(content_hash) and content_hash not in {h for h, _i, _p in fresh}:
+                fresh.append((content_hash, indices, pixels))
+        duplicates = len(decoded) - len(fresh)
+        ctx.changes["duplicate_exact"] += duplicates
+        if not fresh:
+            return FileOutcome(number, item.rel, item.size, "dicom", "duplicate", DUPLICATE_REASON,
+                               records_read=len(decoded), duplicates=duplicates)
         profile = DeidProfile(options.retain_patient_characteristics, options.retain_modified_dates,
                               tuple(options.private_creators_allowed))
         result = deidentify_dataset(ds, ctx.secret, profile)
@@ -78,14 +96,19 @@ def import_dicom_file(number: int, item: InputFile, ctx: ImportContext) -> FileO
                 sop_uid=result.sop_uid)
     ctx.changes.update(result.changes)
     if risk:
-        ctx.changes["burned_in_accepted"] += 1
+        ctx.changes["burned_in_accepted"] += len(fresh)
     if label is None:
-        ctx.changes["unlabelled"] += 1
+        ctx.changes["unlabelled"] += len(fresh)
+    if len(decoded) > 1:
+        ctx.changes["dicom_frame_records"] += len(fresh)
     split = assign_split(result.pseudonym, ctx.split_seed, options.splits)
-    payload = encode_image_payload(pixels, meta, dicom_bytes)
-    ctx.accept(AcceptedRecord(content_hash, split, number, "dicom", payload, group_key=result.pseudonym,
-                              label=label))
-    return FileOutcome(number, item.rel, item.size, "dicom", "imported", records_read=1, imported=1)
+    for position, (content_hash, indices, pixels) in enumerate(fresh):
+        record_meta = {**meta, "frame_indices": indices} if frames > 1 else meta
+        payload = encode_image_payload(pixels, record_meta, dicom_bytes if position == 0 else None)
+        ctx.accept(AcceptedRecord(content_hash, split, number, "dicom", payload, group_key=result.pseudonym,
+                                  label=label))
+    return FileOutcome(number, item.rel, item.size, "dicom", "imported", records_read=len(decoded),
+                       imported=len(fresh), duplicates=duplicates)
 
 
 def read_dicom(item: InputFile) -> Dataset:
@@ -110,6 +133,9 @@ def check_is_image(ds: Dataset) -> None:
     sop_class = str((meta.get("MediaStorageSOPClassUID", "") if meta is not None else "") or "")
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         raise FileRejected("DICOMDIR index, not an image; the images it lists are imported on their own")
+    if not len(ds):
+        raise FileRejected("the file ends after its file meta information: no data set (a truncated copy?); "
+                           "copy or re-export it from the PACS")
     if not any(tag in ds for tag in PIXEL_TAGS):
         raise FileRejected("no pixel data (e.g. a structured report or RT plan); only images are imported")
 

@@ -47,9 +47,12 @@ class ImportOptions:
     """Estimated Jaccard similarity at which a record is a near duplicate; None turns it off."""
     splits: SplitSpec = field(default_factory=SplitSpec)
     labels: Path | None = None
-    """CSV of key,label for images and DICOM (key: StudyInstanceUID, SOPInstanceUID or file name)."""
+    """CSV of key,label for images and DICOM (key: file name, SOP/Series/StudyInstanceUID, AccessionNumber or
+    PatientID; see appliance/data/labels.py)."""
     accept_burned_in: bool = False
     """Import DICOM images that may carry burned-in text instead of quarantining them (audited)."""
+    frames: str = "middle"
+    """DICOM multi-frame rule: middle | each | stack:N (appliance/data/dicom_pixels.py, FrameRule)."""
     image_size: int = 224
     """Pixels are resized to image_size x image_size before they are stored as float16."""
     max_image_file_mb: int = 512
@@ -67,6 +70,9 @@ class ImportOptions:
             raise ValueError("image_size must be between 8 and 4096")
         if self.max_image_file_mb < 1:
             raise ValueError("max_image_file_mb must be at least 1")
+        from appliance.data.dicom_pixels import FrameRule
+
+        FrameRule.parse(self.frames)  # ValueError with the accepted forms
 
     @property
     def pii_enabled(self) -> bool:

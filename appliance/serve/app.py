@@ -429,7 +429,8 @@ class _Api:
         ticket = await self._start(key)
 
         def run() -> tuple[list[float], str]:
-            pixels, kind = decode_upload(body, size=model.image_size, channels=model.backend.channels)
+            pixels, kind = decode_upload(body, size=model.image_size, channels=model.backend.channels,
+                                         frames=model.frames)
             return model.backend.probabilities(pixels), kind
 
         probabilities, kind = await self._in_worker(ticket, run)

@@ -85,6 +85,8 @@ class ServedModel:
     eos_ids: frozenset[int] = frozenset()
     labels: list[str] = field(default_factory=list)
     image_size: int = DEFAULT_IMAGE_SIZE
+    frames: str = "middle"
+    """The DICOM frame rule the training data was imported with (`--frames`): uploads are decoded the same way."""
     backend_reason: str = ""
     """Why this backend (e.g. "ONNX Runtime on the CPU because TensorRT engine: ..."), for /v1/models and logs."""
     loaded_at: float = field(default_factory=time.time)
@@ -224,7 +226,8 @@ def _load_classifier(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: 
         classifier = runner if isinstance(runner, TorchClassifierBackend) else \
             RunnerClassifierBackend(runner, _channels(run.base_model))
     return ServedModel(name, "classifier", target, classifier, run.base_model, labels=list(labels),
-                       image_size=training_image_size(db, run), backend_reason=reason)
+                       image_size=training_image_size(db, run), frames=training_frames(db, run),
+                       backend_reason=reason)
 
 
 def _channels(base_model: str) -> int:
@@ -238,11 +241,29 @@ def _channels(base_model: str) -> int:
 
 def training_image_size(db: sqlite_utils.Database, run: Run) -> int:
     """The --image-size the run's dataset version was imported with (images are resized to it)."""
+    size = _import_option(db, run, "image_size")
+    return int(size) if isinstance(size, int) and 8 <= size <= 4096 else DEFAULT_IMAGE_SIZE
+
+
+def training_frames(db: sqlite_utils.Database, run: Run) -> str:
+    """The --frames rule the run's dataset version was imported with ('middle' for imports before it existed).
+
+    `each` trained on single frames: an upload gives its middle frame, as with `middle`."""
+    from appliance.data.dicom_pixels import FrameRule
+
+    frames = _import_option(db, run, "frames")
+    try:
+        rule = FrameRule.parse(frames) if isinstance(frames, str) else FrameRule()
+    except ValueError:
+        rule = FrameRule()
+    return rule.to_text() if rule.mode == "stack" else "middle"
+
+
+def _import_option(db: sqlite_utils.Database, run: Run, name: str) -> Any:
     row = db.execute("SELECT jobs.params FROM dataset_versions JOIN jobs ON jobs.id = dataset_versions.job_id"
                      " WHERE dataset_versions.dataset_id = ? AND dataset_versions.version = ?",
                      [run.dataset_id, run.dataset_version]).fetchone()
     try:
-        size = json.loads(row[0])["options"]["image_size"] if row else None
-    except (KeyError, TypeError, ValueError):
-        size = None
-    return int(size) if isinstance(size, int) and 8 <= size <= 4096 else DEFAULT_IMAGE_SIZE
+        return json.loads(row[0])["options"].get(name) if row else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None

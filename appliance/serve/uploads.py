@@ -98,9 +98,9 @@ def read_dicom_upload(body: bytes) -> Any:
                                                "parsing it)") from None
 
 
-def _dicom_pixels(body: bytes, size: int) -> np.ndarray:
+def _dicom_pixels(body: bytes, size: int, frames: str = "middle") -> np.ndarray:
     from appliance.data.dicom_files import check_is_image, quiet_pydicom
-    from appliance.data.dicom_pixels import decode_dicom_pixels
+    from appliance.data.dicom_pixels import FrameRule, decode_dicom_records
     from appliance.data.errors import FileRejected
 
     ds = read_dicom_upload(body)
@@ -112,7 +112,7 @@ def _dicom_pixels(body: bytes, size: int) -> np.ndarray:
             if samples > MAX_SAMPLES:
                 raise RequestRefused(400, "image_too_large", f"one frame has {samples} pixel samples; this server "
                                                              f"takes at most {MAX_SAMPLES}")
-            return decode_dicom_pixels(ds, size)
+            return decode_dicom_records(ds, size, FrameRule.parse(frames))[0][1]
     except FileRejected as exc:
         raise RequestRefused(400, "bad_dicom", exc.reason) from None
     except (RequestRefused, MemoryError):
@@ -143,12 +143,13 @@ def _picture_pixels(body: bytes, size: int) -> np.ndarray:
     return pixels
 
 
-def decode_upload(body: bytes, *, size: int, channels: int) -> tuple[np.ndarray, str]:
-    """(float32 channels x size x size in [0, 1], 'dicom' | 'png' | 'jpeg')."""
+def decode_upload(body: bytes, *, size: int, channels: int, frames: str = "middle") -> tuple[np.ndarray, str]:
+    """(float32 channels x size x size in [0, 1], 'dicom' | 'png' | 'jpeg'); a DICOM's frames are picked by
+    `frames`, the rule its model's training data was imported with (middle, or stack:N)."""
     import numpy as np
 
     kind = upload_kind(body)
-    pixels = _dicom_pixels(body, size) if kind == "dicom" else _picture_pixels(body, size)
+    pixels = _dicom_pixels(body, size, frames) if kind == "dicom" else _picture_pixels(body, size)
     pixels = pixels.astype(np.float32)
     if pixels.shape[0] != channels:
         if pixels.shape[0] == 1:

@@ -14,8 +14,13 @@ from tests.conftest import run_cli
 
 def _plaintext_hits(root: Path, markers: list[bytes], skip_pytest_dirs: bool = False, since: float = 0.0
                     ) -> list[str]:
+    import os
+
     hits = []
-    for path in root.rglob("*"):
+    # os.walk, not rglob: other processes (parallel test runs) create and delete folders in /tmp while
+    # this walks it, and os.walk skips a folder that vanished instead of raising.
+    paths = (Path(folder) / name for folder, _dirs, names in os.walk(root) for name in names)
+    for path in paths:
         try:
             if not path.is_file() or path.is_symlink() or path.stat().st_mtime < since \
                     or (skip_pytest_dirs and any(part.startswith("pytest-of-") for part in path.parts)):
@@ -84,3 +89,37 @@ def test_labels_file_for_text_is_refused(vault_init, tmp_path: Path) -> None:
     result = run_cli("data", "import", str(src), "--name", "t", "--labels", str(labels), "--dry-run")
     assert result.returncode == 2
     assert "--labels is for DICOM and image imports" in result.stderr
+
+
+def test_ris_labels_keyed_by_accession_number_label_the_images_and_the_keys_stay_out_of_the_home(
+        vault_init, unlock, airlock_home: Path, tmp_path: Path) -> None:
+    started = time.time()
+    src = tmp_path / "pacs-export"
+    tree = write_sample_tree(src, patients=2, studies=1, images=1)
+    accessions = {"PID-1001": "ACC100101", "PID-1002": "ACC100201"}  # dicom_samples: ACC<patient><study>
+    ris = tmp_path / "ris-export.csv"
+    ris.write_text("AccessionNumber,label\nACC100101,pneumonia\nACC100201,normal\nACC999999,unused\n")
+    vault_init()
+    unlock()
+    done = run_cli("data", "import", str(src), "--name", "cxr", "--format", "dicom", "--labels", str(ris), "--json")
+    assert done.returncode == 0, done.stderr
+    show = json.loads(run_cli("data", "show", "cxr", "--json").stdout)
+    # Labels come from the RIS file, not from the folders (disc/, square/) the files sit in.
+    assert {label: sum(splits.values()) for label, splits in show["labels"].items()} == {"pneumonia": 2, "normal": 2}
+    out = tmp_path / "review"
+    assert run_cli("data", "export", "cxr", "--out", str(out)).returncode == 0
+    import pydicom
+
+    by_label = {path.parent.name: pydicom.dcmread(path) for path in out.rglob("*.dcm")}
+    assert set(by_label) == {"pneumonia", "normal"}
+    assert all(not ds.AccessionNumber for ds in by_label.values())  # Annex E: emptied (Z)
+    report = run_cli("data", "report", "cxr", "--json")
+    assert report.returncode == 0, report.stderr
+    markers = [a.encode() for a in accessions.values()] + [b"ACC999999"]
+    outputs = (done.stdout + done.stderr + report.stdout + report.stderr).encode()
+    assert not [m for m in markers if m in outputs]
+    # Byte search over every file under AIRLOCK_HOME (catalog, audit, job rows and logs, vault files).
+    assert _plaintext_hits(airlock_home, markers) == []
+    assert _plaintext_hits(out, markers) == []
+    assert _plaintext_hits(Path(tempfile.gettempdir()), markers, skip_pytest_dirs=True, since=started) == []
+    assert len(tree.files) == 4
