@@ -408,6 +408,9 @@ def open_catalog(home: Path | None = None, *, migrate: bool = True) -> sqlite_ut
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        # Deleted and overwritten cells are zeroed on every connection, not only the vault's:
+        # destroyed keys and removed rows must not linger in free space (crypto-shredding).
+        conn.execute("PRAGMA secure_delete=ON")
     except sqlite3.DatabaseError as exc:
         raise CatalogError(
             f"cannot open the catalog {path}: {exc}",
@@ -449,6 +452,19 @@ def migrate_catalog(db: sqlite_utils.Database, path: Path | str = "catalog") -> 
     return SCHEMA_VERSION
 
 
+# Work that must happen only once the transaction it belongs to has committed (the audit anchor's
+# line for a row: a rolled-back row must leave no anchor behind). Keyed by connection.
+_AFTER_COMMIT: dict[int, list[Callable[[], None]]] = {}
+
+
+def after_commit(db: sqlite_utils.Database, action: Callable[[], None]) -> None:
+    """Run `action` when the current `transaction(db)` commits (now, outside one); dropped on rollback."""
+    if not db.conn.in_transaction:
+        action()
+        return
+    _AFTER_COMMIT.setdefault(id(db.conn), []).append(action)
+
+
 @contextlib.contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     """All-or-nothing block holding the write lock. Reentrant: an inner block joins the outer."""
@@ -456,11 +472,15 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     if conn.in_transaction:
         yield db
         return
+    _AFTER_COMMIT.pop(id(conn), None)  # leftovers of a connection that was closed mid-transaction
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
     except BaseException:
+        _AFTER_COMMIT.pop(id(conn), None)
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    for action in _AFTER_COMMIT.pop(id(conn), []):
+        action()
