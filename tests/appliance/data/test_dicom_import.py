@@ -133,18 +133,27 @@ def test_export_writes_the_deidentified_dicom(sample_root, tmp_path: Path):
 # --- every file shipped with pydicom -------------------------------------------------------------------
 
 def _pydicom_root(tmp_path: Path) -> Path:
-    """test_files/*.dcm, charset_files/*.dcm and the dicomdirtests tree, linked under one root."""
+    """test_files/*.dcm, charset_files/*.dcm and the dicomdirtests tree, hard-linked (or copied) under
+    one root: an import never follows symbolic links."""
+    import shutil
+
     from pydicom.data import get_testdata_file
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem
+            shutil.copy2(source, target)
 
     data = Path(get_testdata_file("CT_small.dcm")).parent.parent
     root = tmp_path / "pydicom"
     (root / "test_files").mkdir(parents=True)
     for source in sorted((data / "test_files").glob("*.dcm")):
-        (root / "test_files" / source.name).symlink_to(source)
+        link_or_copy(str(source), str(root / "test_files" / source.name))
     (root / "charset_files").mkdir()
     for source in sorted((data / "charset_files").glob("*.dcm")):
-        (root / "charset_files" / source.name).symlink_to(source)
-    (root / "dicomdirtests").symlink_to(data / "test_files" / "dicomdirtests", target_is_directory=True)
+        link_or_copy(str(source), str(root / "charset_files" / source.name))
+    shutil.copytree(data / "test_files" / "dicomdirtests", root / "dicomdirtests", copy_function=link_or_copy)
     return root
 
 
