@@ -168,23 +168,67 @@ def list_files(home: Path, object_id: str) -> list[str]:
 
 def delete_object(db: sqlite_utils.Database, home: Path, object_id: str) -> int:
     """Crypto-shred: destroy the wrapped DEK (committed, then checkpointed out of the WAL), then the
-    files. Returns how many files were removed. Needs no key: shredding works while locked."""
+    files. Returns how many files were removed. Needs no key: shredding works while locked.
+
+    The shred is complete only when the WAL checkpoint completes: until then an old frame or page
+    can still hold the wrapped DEK. When another process's read snapshot blocks it, the object is
+    recorded as pending (`records.pending_shreds`, in the same transaction as the shred) and
+    `finish_pending_shreds` completes it later; callers tell the operator (`shred_pending_note`).
+    """
     record = records.dek(db, object_id)
     if record.state == "shredded":
         raise ObjectError(f"object {object_id} was already deleted", hint="nothing to do")
+    if record.kind == "audit":
+        raise ObjectError(f"object {object_id} holds the audit anchor's seal key and is never deleted",
+                          hint="it protects the audit log; it contains no data")
     folder = objects_dir(home) / object_id
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     records.secure_delete(db)
     with transaction(db):
         records.shred_dek(db, object_id)
+        # Pending until proven otherwise: a crash before the checkpoint leaves it listed, not lost.
+        records.set_pending_shreds(db, [*records.pending_shreds(db), object_id])
         append_audit(db, "vault.delete", object_id, {"kind": record.kind, "dek_id": record.dek_id,
                                                      "files": len(files)})
-    records.checkpoint(db)
     for path in files:
         path.unlink()
     with contextlib.suppress(OSError):
         folder.rmdir()
+    finish_pending_shreds(db, quietly=object_id)
     return len(files)
+
+
+def finish_pending_shreds(db: sqlite_utils.Database, *, quietly: str = "") -> list[str]:
+    """Checkpoint again for every pending shred; returns those still pending (a reader still holds
+    an old snapshot). A completion that comes later than its `vault.delete` row is audited
+    (`vault.shred_complete`); `quietly` names the object shredded just now, whose row needs no
+    sequel when it completes at once. Needs no key."""
+    pending = records.pending_shreds(db)
+    if not pending:
+        return []
+    records.secure_delete(db)
+    if not records.checkpoint(db):
+        return pending
+    with transaction(db):
+        # Re-read under the write lock: a shred committed after our checkpoint stays pending.
+        now_pending = records.pending_shreds(db)
+        done = [o for o in pending if o in now_pending]
+        records.set_pending_shreds(db, [o for o in now_pending if o not in done])
+        late = [o for o in done if o != quietly]
+        if late:
+            append_audit(db, "vault.shred_complete", ",".join(late)[:200],
+                         {"objects": late, "wal_checkpoint": "complete"})
+    return [o for o in now_pending if o not in done]
+
+
+def shred_pending_note(db: sqlite_utils.Database) -> str:
+    """One line for the operator when shreds are pending, else ''."""
+    pending = records.pending_shreds(db)
+    if not pending:
+        return ""
+    return (f"NOT YET COMPLETE: the destroyed key of {', '.join(pending)} may still be on disk in the catalog's "
+            "write-ahead log, because another process (the server, the UI, a job) holds an old read snapshot; "
+            "it is wiped when that process lets go: close it, then run `airlock vault status`")
 
 
 def verify_files(db: sqlite_utils.Database, keys: KeyOps, home: Path, *, sample: int | None = None) -> VerifyReport:
