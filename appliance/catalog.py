@@ -385,10 +385,28 @@ def _migration_9(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE model_tasks ADD COLUMN {column}")
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    """The SHA-256 of each vault file's ciphertext as last written (see appliance.vault.store).
+
+    A file that is overwritten (an artifact rewritten by a retried job, an optimize stage) could
+    otherwise be swapped back for an older ciphertext of the same object and name: same key, same
+    associated data, so it authenticates. Reads check the ciphertext against this row.
+    """
+    db.execute("""
+        CREATE TABLE vault_files (
+            object_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            written_at TEXT NOT NULL,
+            PRIMARY KEY (object_id, name)
+        )""")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
                                                              _migration_5, _migration_6, _migration_7,
-                                                             _migration_8, _migration_9]
+                                                             _migration_8, _migration_9, _migration_10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

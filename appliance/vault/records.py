@@ -222,3 +222,19 @@ def set_pending_shreds(db: sqlite_utils.Database, object_ids: list[str]) -> None
                    [PENDING_SHREDS_KEY, json.dumps(sorted(set(object_ids)))])
     else:
         db.execute("DELETE FROM settings WHERE key = ?", [PENDING_SHREDS_KEY])
+
+
+def record_file(db: sqlite_utils.Database, object_id: str, name: str, sha256: str, size: int) -> None:
+    db.execute("INSERT INTO vault_files (object_id, name, sha256, bytes, written_at) VALUES (?, ?, ?, ?, ?)"
+               " ON CONFLICT(object_id, name) DO UPDATE SET sha256 = excluded.sha256, bytes = excluded.bytes,"
+               " written_at = excluded.written_at", [object_id, name, sha256, size, now()])
+
+
+def file_digest(db: sqlite_utils.Database, object_id: str, name: str) -> str | None:
+    """The SHA-256 of the file's ciphertext as last written, or None (written before digests were kept)."""
+    row = db.execute("SELECT sha256 FROM vault_files WHERE object_id = ? AND name = ?", [object_id, name]).fetchone()
+    return row[0] if row else None
+
+
+def forget_files(db: sqlite_utils.Database, object_id: str) -> None:
+    db.execute("DELETE FROM vault_files WHERE object_id = ?", [object_id])
