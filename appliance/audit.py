@@ -218,6 +218,8 @@ def anchor_key(db: sqlite_utils.Database) -> bytes | None:
     _RESOLVING.add(where)
     try:
         key = _KEY_PROVIDER[0](db)
+    except Exception:  # a seal is best effort: the row has committed, never fail it now
+        key = None
     finally:
         _RESOLVING.discard(where)
     _KEY_CACHE[where] = (key, time.monotonic())
