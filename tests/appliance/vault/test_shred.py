@@ -106,3 +106,23 @@ def test_a_shred_in_another_process_reports_not_complete_while_a_reader_blocks(a
     reader.let_go()
     assert store.finish_pending_shreds(open_catalog()) == []
     assert wrapped not in _on_disk(airlock_home)
+
+
+def test_vault_delete_says_not_complete_and_exits_3_while_a_reader_blocks(airlock_home, vault_init, unlock):
+    from appliance.vault.lifecycle import keys_for
+
+    vault_init()
+    unlock()
+    db = open_catalog()
+    keys = keys_for(db, airlock_home)
+    store.create_object(db, keys, "dataset-1", "dataset")
+    wrapped = records.dek(db, "dataset-1").wrapped_dek
+    db.close()
+    reader = _Reader(airlock_home)
+    deleted = run_cli("vault", "delete", "dataset-1", "--yes")
+    assert deleted.returncode == 3, deleted.stderr
+    assert "NOT YET COMPLETE: the destroyed key of dataset-1" in deleted.stderr
+    assert "deleted:" not in deleted.stdout and wrapped in _on_disk(airlock_home)
+    reader.let_go()
+    assert "NOT YET COMPLETE" not in run_cli("vault", "status").stdout
+    assert wrapped not in _on_disk(airlock_home)
