@@ -35,8 +35,8 @@ def walk_inputs(root: Path) -> Iterator[InputFile]:
 
     Nothing leads out of the root: a symbolic link (to a file or a folder, inside the root or out
     of it) is reported and never followed, so a link `x.txt -> /etc/ssl/private/tls.key` on a stick
-    imports nothing. Devices, pipes and sockets are reported by kind and never opened. The root
-    itself is what the operator chose and may be a link (`/media/usb`).
+    imports nothing. Devices, pipes and sockets are reported by kind and never opened. A root
+    folder is what the operator chose and may be a link (`/media/usb`); a root file may not.
     """
     root = Path(root)
     try:
@@ -45,7 +45,9 @@ def walk_inputs(root: Path) -> Iterator[InputFile]:
         yield InputFile(root, root.name, 0, f"cannot open the import path ({_os_reason(exc)})")
         return
     if not stat.S_ISDIR(st.st_mode):
-        yield _classify(root, root.name, follow=True)
+        # A single file is read only if it is the file itself, not a link to one (the inbox of a
+        # scheduled retrain hands files one by one; a link swapped in there is not followed either).
+        yield _classify(root, root.name, follow=False)
         return
     yield from _walk_dir(root, "", {(st.st_dev, st.st_ino)})
 

@@ -38,6 +38,13 @@ def test_a_single_file_root_is_listed_by_its_name(tmp_path: Path):
     assert list(walk_inputs(path)) == [InputFile(path, "one.jsonl", 1)]
 
 
+def test_a_single_file_root_that_is_a_link_is_not_followed(tmp_path: Path):
+    secret = touch(tmp_path / "outside" / "tls.key", b"SECRET")
+    os.symlink(secret, tmp_path / "x.txt")
+    [entry] = walk_inputs(tmp_path / "x.txt")
+    assert (entry.rel, entry.size, entry.skip_reason) == ("x.txt", 0, SYMLINK_REASON)
+
+
 def test_a_missing_root_is_one_entry_with_a_reason(tmp_path: Path):
     [entry] = walk_inputs(tmp_path / "nope")
     assert entry.skip_reason == "cannot open the import path (no such file or directory)"
