@@ -16,7 +16,6 @@ Roles (docs/adr/0006-accounts-and-roles.md):
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 from dataclasses import dataclass
@@ -70,12 +69,15 @@ class Session:
 
 
 def origin() -> str:
-    """OS user, terminal and SSH client of this process, where known: 'os:alice tty:/dev/pts/1 ssh:10.0.0.5'."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    parts = [f"os:{user}"]
+    """OS user, terminal and SSH client of this process, where known:
+    'os:alice tty:/dev/pts/1 ssh-claimed:10.0.0.5'.
+
+    The OS user is the real uid's account (LOGNAME and USER are whatever the caller set). The SSH
+    client comes only from the environment, which any process can set, so it is labelled as a claim.
+    """
+    from appliance.audit import os_user
+
+    parts = [f"os:{os_user()}"]
     try:
         if sys.stdin is not None and sys.stdin.isatty():
             parts.append(f"tty:{os.ttyname(sys.stdin.fileno())}")
@@ -83,7 +85,7 @@ def origin() -> str:
         pass
     ssh = os.environ.get("SSH_CLIENT", "").split()
     if ssh:
-        parts.append(f"ssh:{ssh[0]}")
+        parts.append(f"ssh-claimed:{ssh[0][:64]}")
     return " ".join(parts)
 
 

@@ -129,7 +129,12 @@ def vault_status(as_json: bool) -> None:
     agent = agent_status(home) if vault_id else None
     if agent is not None and agent.vault_id != vault_id:
         agent = None
-    counts = dict(db.execute("SELECT state, COUNT(*) FROM vault_deks GROUP BY state").fetchall())
+    from appliance.vault.store import finish_pending_shreds
+
+    # Shreds whose WAL checkpoint a reader blocked complete here once it has let go.
+    shreds_pending = finish_pending_shreds(db) if vault_id else []
+    # Data objects only: the audit anchor's seal key (kind 'audit') is the vault's own.
+    counts = dict(db.execute("SELECT state, COUNT(*) FROM vault_deks WHERE kind != 'audit' GROUP BY state").fetchall())
     kek = db.execute("SELECT MAX(version) FROM vault_keks WHERE state = 'active'").fetchone()[0]
     doc = {
         "initialized": vault_id is not None,
@@ -141,6 +146,7 @@ def vault_status(as_json: bool) -> None:
         "kek_version": kek,
         "slots": records.slot_summaries(db),
         "objects": {"active": counts.get("active", 0), "deleted": counts.get("shredded", 0)},
+        "shreds_pending": shreds_pending,
         "unlock_failures": records.unlock_failures(db)[0],
         "account": agent.account if agent else None,
         "role": agent.role if agent else None,
@@ -162,6 +168,10 @@ def vault_status(as_json: bool) -> None:
         click.echo(f"EMERGENCY ACCESS #{pending['id']} at {pending['started_at']} ({pending['origin']}) is not yet "
                    "acknowledged by an admin (`airlock users ack-emergency ID`)")
     click.echo(f"KEK version: {kek}; objects: {doc['objects']['active']} ({doc['objects']['deleted']} deleted)")
+    if shreds_pending:
+        from appliance.vault.store import shred_pending_note
+
+        click.echo(shred_pending_note(db))
     if doc["unlock_failures"]:
         click.echo(f"failed unlock attempts since the last success: {doc['unlock_failures']}")
     echo_table([(s["slot_id"], s["kind"], s["created_at"], s["created_by"]) for s in doc["slots"]],
@@ -284,6 +294,13 @@ def vault_delete(object_id: str, yes: bool) -> None:
     db = open_catalog()
     require(db, ensure_home(), "vault.delete")
     removed = delete_object(db, ensure_home(), object_id)
+    from appliance.vault.store import shred_pending_note
+
+    note = shred_pending_note(db)
+    if object_id in note:
+        click.echo(f"object {object_id}: key destroyed in the catalog, {removed} files removed", err=True)
+        click.echo(note, err=True)
+        raise SystemExit(3)
     click.echo(f"object {object_id} deleted: key destroyed, {removed} files removed")
 
 
