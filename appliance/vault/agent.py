@@ -52,7 +52,7 @@ from appliance.vault.keys import LocalKeys, disable_core_dumps
 MAX_MESSAGE = 64 * 1024
 CLIENT_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 15.0
-LOCK_WAIT_S = 10.0
+LOCK_WAIT_S = 5.0
 REVOCATION_POLL_S = 2.0
 DEFAULT_IDLE_TIMEOUT_S = 15 * 60
 KEY_OPS = ("new_kek", "new_dek", "unwrap_dek", "rewrap_dek")
