@@ -54,6 +54,8 @@ CLIENT_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 15.0
 LOCK_WAIT_S = 5.0
 REVOCATION_POLL_S = 2.0
+UNKNOWN = ""
+"""`session_revoked`'s answer when the catalog cannot be read just now."""
 DEFAULT_IDLE_TIMEOUT_S = 15 * 60
 KEY_OPS = ("new_kek", "new_dek", "unwrap_dek", "rewrap_dek")
 
@@ -278,7 +280,7 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
                 # Also without requests: a disabled account's agent (maybe another OS user's, out
                 # of the admin's reach) notices within REVOCATION_POLL_S and wipes its key.
                 why = session_revoked(home, keys, identity)
-                if why is not None:
+                if why:  # None: still valid; UNKNOWN: ask again at the next poll or request
                     reason = f"session_revoked: {why}"
                     break
                 continue
@@ -308,16 +310,21 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
 def session_revoked(home: Path, keys: LocalKeys, identity: Identity) -> str | None:
     """Why this agent's session no longer stands, or None. Read straight from the catalog (read-only).
 
-    An account that was disabled, a slot that was removed or re-created under a new root key, a
-    vault that was re-keyed: each ends the session. A catalog we cannot read ends it too (fail closed).
+    An account that was disabled, a slot that was removed, a vault that was re-keyed, a catalog
+    that is gone: each ends the session. A catalog that cannot be read just now (an I/O error, a
+    lock) returns UNKNOWN: the request is refused (fail closed) but the session is not ended, so
+    a passing hiccup does not log out a training job.
     """
     from appliance.catalog import CATALOG_FILENAME
     from appliance.vault.keys import kek_aad, unwrap_key
 
+    path = home / CATALOG_FILENAME
+    if not path.is_file():
+        return "the catalog is gone"
     try:
-        conn = sqlite3.connect(f"{(home / CATALOG_FILENAME).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
     except sqlite3.Error:
-        return "the catalog cannot be read"
+        return UNKNOWN
     try:
         if identity.session == "normal" and identity.account:
             row = conn.execute("SELECT state, slot_id FROM users WHERE name = ?", [identity.account]).fetchone()
@@ -331,7 +338,7 @@ def session_revoked(home: Path, keys: LocalKeys, identity: Identity) -> str | No
         kek = conn.execute("SELECT version, wrapped_kek FROM vault_keks WHERE state = 'active'"
                            " ORDER BY version DESC LIMIT 1").fetchone()
     except sqlite3.Error:
-        return "the catalog cannot be read"
+        return UNKNOWN
     finally:
         conn.close()
     if kek is None:
@@ -354,6 +361,9 @@ def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s:
         op = str(request.get("op"))
         if op in ("status", *KEY_OPS):
             why = session_revoked(home, keys, identity)
+            if why == UNKNOWN:
+                return "error", {"ok": False, "error": "the key agent cannot read the catalog to check the session",
+                                 "hint": "check the catalog's file and disk (`airlock doctor`), then retry"}
             if why is not None:
                 who = identity.account or "this agent"
                 return "revoked", {"ok": False, "revoked": True, "why": why,

@@ -288,3 +288,12 @@ def test_a_second_agent_refuses_to_run_beside_the_first(vault_init, unlock, airl
                            input=os.urandom(32), capture_output=True, timeout=60, cwd="/")
     assert stray.returncode == 3 and b"ready" not in stray.stdout
     assert AgentClient(airlock_home).status().pid == first.pid
+
+
+def test_the_session_check_ends_on_a_missing_catalog_and_refuses_on_an_unreadable_one(tmp_path: Path) -> None:
+    from appliance.vault.agent import UNKNOWN, Identity, session_revoked
+
+    keys, bob = LocalKeys(os.urandom(32)), Identity("bob", "operator", "normal", "", "user-bob")
+    assert session_revoked(tmp_path, keys, bob) == "the catalog is gone"
+    (tmp_path / "catalog.db").write_bytes(b"not a database at all " * 100)
+    assert session_revoked(tmp_path, keys, bob) == UNKNOWN  # refused now, asked again later; not a logout
