@@ -153,26 +153,17 @@ def test_the_test_kdf_profile_is_honoured_only_in_a_checkout_and_only_as_test(mo
         passphrase_kdf()
 
 
-def test_doctor_flags_weak_passphrase_slots(tmp_path, airlock_home):
-    """A vault made with the test profile: doctor warns in a checkout and fails on an installed appliance."""
-    import json
-    import subprocess
-    import sys
-
+def test_doctor_flags_weak_passphrase_slots(airlock_home):
+    """A vault made with the test profile: doctor names the weak slot (a warning: it must not block upgrades)."""
     from appliance.catalog import open_catalog
     from appliance.doctor import check_key_slots
     from appliance.vault.lifecycle import init_vault
 
     airlock_home.mkdir()
-    db = open_catalog(airlock_home)
-    init_vault(db, "correct horse battery staple", passphrase_kdf())
+    init_vault(open_catalog(airlock_home), "correct horse battery staple", passphrase_kdf())
     (weak,) = check_key_slots(airlock_home)
     assert weak.status == "warn" and "passphrase-1 (argon2id, 8 MiB)" in weak.detail
-    root = _installed_copy(tmp_path)
-    code = ("import json, sys; from pathlib import Path; from appliance.doctor import check_key_slots; "
-            "print(json.dumps([c.to_dict() for c in check_key_slots(Path(sys.argv[1]))]))")
-    installed = subprocess.run([sys.executable, "-c", code, str(airlock_home)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, timeout=60, check=True)
-    assert [c["status"] for c in json.loads(installed.stdout)] == ["fail"]
+    assert "airlock users passwd" in weak.hint
     strong = dataclasses.replace(passphrase_kdf(), memory_kib=256 * 1024)
     assert not keyslots.is_weak(strong) and keyslots.is_weak(passphrase_kdf(memory_mib=16))
+    assert not keyslots.is_weak(dataclasses.replace(passphrase_kdf(kdf="scrypt"), n=1 << 18))
