@@ -217,9 +217,7 @@ def agent_status(home: Path) -> AgentStatus | None:
 def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int,
                 identity: Identity | None = None) -> AgentStatus:
     """Start a detached agent holding `root_key` (and who unlocked it) and wait until it listens."""
-    path = socket_path(home)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a killed agent (callers checked that none answers)
+    path = socket_path(home)  # the agent replaces a stale socket once it holds the instance lock
     identity = identity or Identity("", "")
     command = [sys.executable, "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
                "--vault-id", vault_id, "--idle-timeout", str(idle_timeout_s), "--account", identity.account,
@@ -254,6 +252,10 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
     """Answer requests until idle timeout or `lock`. Returns why it stopped."""
     keys = LocalKeys(root_key)
     identity = identity or Identity("", "")
+    # Only the holder of the instance lock (main) gets here: a socket left at `path` is a killed
+    # agent's. Unlinking it earlier, before the lock, could cut a live agent off from its clients.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
     old_umask = os.umask(0o177)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -284,9 +284,10 @@ def test_a_second_agent_refuses_to_run_beside_the_first(vault_init, unlock, airl
     from appliance.vault.agent import socket_path
 
     stray = subprocess.run([sys.executable, "-m", "appliance.vault.agent", "--home", str(airlock_home), "--socket",
-                            str(socket_path(airlock_home).with_name("stray.sock")), "--vault-id", first.vault_id],
+                            str(socket_path(airlock_home)), "--vault-id", first.vault_id],
                            input=os.urandom(32), capture_output=True, timeout=60, cwd="/")
     assert stray.returncode == 3 and b"ready" not in stray.stdout
+    # The first agent still owns the socket: the refused one never touched it.
     assert AgentClient(airlock_home).status().pid == first.pid
 
 
