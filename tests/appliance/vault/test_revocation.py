@@ -245,6 +245,8 @@ def test_rekey_kills_other_sessions_and_recreates_the_machine_slot(team, unlock,
     assert key_file.read_bytes() != old_key and oct(key_file.stat().st_mode & 0o777) == "0o600"
     db = open_catalog()
     assert open_root(db, Credential.machine(key_file))[0] == "machine-2"
+    with pytest.raises(UnlockError):  # the lost (old) machine key opens nothing current
+        open_root(db, Credential("machine", old_key))
     refused = run_cli("vault", "rekey", "--passphrase-file", str(team["bob"]))
     assert refused.returncode == 2  # someone else's passphrase does not re-key
 
