@@ -35,7 +35,8 @@ _OPERATOR = frozenset({
 _AUDITOR = frozenset({"data.report", "audit.verify", "models.view", "vault.lock"})
 _ADMIN_ONLY = frozenset({
     "users.manage", "keys.manage", "models.promote", "schedules.manage", "release.upgrade", "vault.rotate",
-    "vault.add_slot", "data.delete", "vault.delete", "emergency.acknowledge", "models.delete", "models.policy",
+    "vault.add_slot", "vault.remove_slot", "vault.rekey", "data.delete", "vault.delete", "emergency.acknowledge",
+    "models.delete", "models.policy",
 })
 PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": _OPERATOR | _AUDITOR | _ADMIN_ONLY,
@@ -143,7 +144,8 @@ def _describe(action: str) -> str:
     return {"data.delete": "deleting a dataset", "data.export": "exporting data", "data.import": "importing data",
             "data.report": "reading an import report", "users.manage": "managing accounts",
             "vault.rotate": "rotating the vault's keys", "vault.delete": "deleting a vault object",
-            "vault.add_slot": "adding a key slot", "vault.verify": "verifying the vault's files",
+            "vault.add_slot": "adding a key slot", "vault.remove_slot": "removing a key slot",
+            "vault.rekey": "re-keying the vault", "vault.verify": "verifying the vault's files",
             "jobs.control": "controlling jobs", "train.start": "training", "models.promote": "promoting a model",
             "models.register": "registering a model version", "models.delete": "deleting a model version",
             "models.policy": "changing a task's gates and auto-promotion", "schedules.manage": "changing schedules",

@@ -1,4 +1,4 @@
-"""`airlock vault ...`: init, unlock/lock/status, passwd, add-slot, rotate, verify, delete.
+"""`airlock vault ...`: init, unlock/lock/status, passwd, add-slot, remove-slot, rekey, rotate, verify, delete.
 
 Kept light like appliance.cli: the crypto and catalog modules load inside the commands, so that
 `airlock --help` stays fast.
@@ -233,6 +233,71 @@ def vault_add_slot(kind: str, passphrase_file: Path | None, recovery_key_file: P
         click.echo(f"machine key file (unattended unlock, keep root-only): {key_file}")
     if recovery_text:
         _print_recovery_key(recovery_text)
+
+
+@vault.command("remove-slot")
+@click.argument("slot_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def vault_remove_slot(slot_id: str, yes: bool) -> None:
+    """Destroy a key slot (recovery, machine, or an account's: that disables the account). Admin only.
+
+    The secret opens nothing in the current catalog afterwards; older catalog backups still hold
+    the slot: run `airlock vault rekey` so that they open nothing current either."""
+    from appliance.access import require
+    from appliance.catalog import open_catalog
+    from appliance.paths import ensure_home
+    from appliance.vault.revocation import remove_slot
+
+    home = ensure_home()
+    db = open_catalog()
+    session = require(db, home, "vault.remove_slot")
+    assert session is not None
+    if not yes:
+        click.confirm(f"destroy key slot {slot_id} for good?", abort=True)
+    what = remove_slot(db, home, session, slot_id)
+    click.echo(f"removed {what}; sessions opened with it have ended")
+    click.echo("next: `airlock vault rekey`, so that catalog backups taken before now open nothing current")
+
+
+@vault.command("rekey")
+@_passphrase_file
+@_machine_file
+@_kdf_memory
+@click.option("--idle-timeout", type=click.IntRange(min=1, max=7 * 24 * 3600), default=900, show_default=True,
+              help="Idle timeout of your session, which continues under the new root key.")
+def vault_rekey(passphrase_file: Path | None, machine_key_file: Path | None, kdf_memory_mib: int | None,
+                idle_timeout: int) -> None:
+    """New root key and KEK, every data key re-wrapped, every slot re-created (admin, own passphrase).
+
+    Old catalog backups and removed or leaked secrets open nothing written from now on. Prints a
+    new recovery key and a one-time passphrase per other account, once (ADR 0012)."""
+    from appliance.access import require
+    from appliance.catalog import open_catalog
+    from appliance.paths import ensure_home
+    from appliance.vault.keyslots import passphrase_kdf
+    from appliance.vault.lifecycle import default_machine_key_path
+    from appliance.vault.revocation import rekey
+
+    home = ensure_home()
+    db = open_catalog()
+    session = require(db, home, "vault.rekey")
+    assert session is not None
+    credential = _credential(home, passphrase_file, None, False, None)
+    result = rekey(db, home, session, credential, passphrase_kdf(memory_mib=kdf_memory_mib),
+                   machine_key_file=machine_key_file or default_machine_key_path(home), idle_timeout_s=idle_timeout)
+    click.echo(f"vault re-keyed: new root key, KEK version {result.kek_version}, {result.deks_rewrapped} data keys "
+               f"re-wrapped; slots: {', '.join(result.slot_ids)}")
+    if result.machine_key_file:
+        click.echo(f"new machine key file (the old one opens nothing now): {result.machine_key_file}")
+    if result.handover:
+        click.echo("\nONE-TIME PASSPHRASES (shown once; hand each to its person, who changes it at once with "
+                   "`airlock vault unlock --user NAME` and `airlock users passwd`):\n")
+        for name, text in sorted(result.handover.items()):
+            click.echo(f"    {name}: {text}")
+    _print_recovery_key(result.recovery_key)
+    click.echo("The old recovery key, machine key and everyone's old passphrase open nothing current.")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @vault.command("rotate")

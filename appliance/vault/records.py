@@ -6,6 +6,7 @@ caller's `catalog.transaction(db)`, next to the audit row that records the chang
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,8 +92,25 @@ def slot_summaries(db: sqlite_utils.Database) -> list[dict]:
 
 
 def next_slot_id(db: sqlite_utils.Database, kind: str) -> str:
-    count = db.execute("SELECT COUNT(*) FROM vault_key_slots WHERE kind = ?", [kind]).fetchone()[0]
-    return f"{kind}-{count + 1}"
+    """`<kind>-<n>`, n above every id this vault ever used for the kind (slots are removable since
+    ADR 0012: a removed slot's id is never handed out again, so no session or audit row is confused)."""
+    used = [r[0] for r in db.execute("SELECT slot_id FROM vault_key_slots WHERE kind = ?", [kind])]
+    used += [r[0] for r in db.execute("SELECT object FROM audit_log WHERE action IN ('vault.add_slot', "
+                                      "'vault.remove_slot') AND object LIKE ?", [f"{kind}-%"])]
+    for (details,) in db.execute("SELECT details FROM audit_log WHERE action IN ('vault.init', 'vault.rekey')"):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            used += [s for s in json.loads(details).get("slots", []) if isinstance(s, str)]
+    numbers = [int(s.rsplit("-", 1)[1]) for s in used if s.startswith(f"{kind}-") and s.rsplit("-", 1)[1].isdigit()]
+    return f"{kind}-{max(numbers, default=0) + 1}"
+
+
+def delete_slot(db: sqlite_utils.Database, slot_id: str) -> None:
+    """Destroy a slot row (call with `secure_delete` on, then `checkpoint`: the wrapped root must not linger)."""
+    db.execute("DELETE FROM vault_key_slots WHERE slot_id = ?", [slot_id])
+
+
+def max_kek_version(db: sqlite_utils.Database) -> int:
+    return db.execute("SELECT COALESCE(MAX(version), 0) FROM vault_keks").fetchone()[0]
 
 
 def active_kek(db: sqlite_utils.Database) -> Kek:
