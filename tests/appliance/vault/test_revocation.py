@@ -147,7 +147,9 @@ def test_removed_slots_open_nothing_and_the_last_admin_slot_stays(team, unlock, 
     with pytest.raises(UnlockError):
         open_root(db, Credential.recovery(team["recovery"].read_text()))
     # The wrapped root of the removed slot is gone from the catalog's bytes (secure_delete + checkpoint).
+    db.close()  # reading the files in this process would drop this connection's POSIX locks under it
     assert machine_key.wrapped_root not in b"".join(p.read_bytes() for p in airlock_home.glob("catalog.db*"))
+    db = open_catalog()
     # A new slot never reuses a removed slot's id.
     added = run_cli("vault", "add-slot", "--kind", "recovery", "--passphrase-file", str(team["admin"]))
     assert "slot recovery-2 added" in added.stdout
@@ -188,7 +190,8 @@ def test_rekey_old_backup_and_removed_secrets_open_nothing_written_after(team, u
     rekeyed = run_cli("vault", "rekey", "--passphrase-file", str(team["admin"]))
     assert rekeyed.returncode == 0, rekeyed.stderr
     out = rekeyed.stdout
-    assert "new root key, KEK version 2, 1 data keys re-wrapped" in out
+    # Two data keys: the object "before" and the audit anchor's seal key (ADR 0011), a vault object too.
+    assert "new root key, KEK version 2, 2 data keys re-wrapped" in out
     carol_once = next(line.split(": ", 1)[1] for line in out.splitlines() if line.strip().startswith("carol: "))
     new_recovery = out.splitlines()[out.splitlines().index(
         "RECOVERY KEY (shown once; print it and keep it in the site's safe):") + 2].strip()
@@ -229,6 +232,8 @@ def test_rekey_old_backup_and_removed_secrets_open_nothing_written_after(team, u
     assert open_root(db, Credential.recovery(new_recovery))[0] == "recovery-2"
     assert open_root(db, Credential.passphrase(PASSPHRASE), account="admin")[0] == "passphrase-1"
     # The old KEK's wrapped bytes are gone from the current catalog.
+    db.close()
+    old_db.close()
     assert old_kek.wrapped_kek not in b"".join(p.read_bytes() for p in airlock_home.glob("catalog.db*"))
 
 
