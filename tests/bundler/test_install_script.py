@@ -139,6 +139,16 @@ def plant(directory: Path, marker: Path) -> None:
         (directory / name).write_text(code.format(marker=str(marker)))
 
 
+def system_python() -> str:
+    """A Python 3.11 with venv and ensurepip that any account may run: the service account runs the
+    release's venv, and this machine's own interpreter may live under /root (pyenv), which is 0700."""
+    for candidate in ("/usr/bin/python3.11", "/usr/local/bin/python3.11"):
+        if os.access(candidate, os.X_OK) and subprocess.run([candidate, "-I", "-c", "import venv, ensurepip"],
+                                                            capture_output=True, check=False).returncode == 0:
+            return candidate
+    pytest.skip("no system-wide python3.11 with venv and ensurepip (the service account must run the venv)")
+
+
 def attacker_python(path: Path, stick: Path, marker: Path) -> Path:
     """A `--python` that plays the attacker holding the stick: when the install creates its venv
     (after the stick was verified and copied), it plants modules on the stick and rewrites the
@@ -150,7 +160,7 @@ def attacker_python(path: Path, stick: Path, marker: Path) -> Path:
     plant(planted, marker)
     path.write_text(f"#!/bin/sh\ncase \" $* \" in *\" venv \"*)\n"
                     f"    cp -r {planted}/. {stick}/\n    cat {payload} > {stick}/install.sh ;;\nesac\n"
-                    f"exec {shutil.which('python3.11')} \"$@\"\n")
+                    f"exec {system_python()} \"$@\"\n")
     path.chmod(0o755)
     return path
 
