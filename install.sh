@@ -101,7 +101,7 @@ nvidia_nodes() {  # the NVIDIA device nodes a GPU unit may use (the usual set wh
 service_unit() {  # description, type, airlock arguments, restart policy, network: inet|none
     printf '%s\n' '[Unit]' "Description=$1" 'After=network.target' '' '[Service]' "Type=$2" \
         "User=$SVC_USER" \
-        "Environment=AIRLOCK_HOME=$HOME_DIR HOME=$HOME_DIR" \
+        "Environment=AIRLOCK_HOME=$HOME_DIR" "Environment=HOME=$HOME_DIR" \
         "EnvironmentFile=-$PREFIX/etc/serve.env" \
         '# Models are encrypted: without a logged-in agent the key comes from the machine key (a file' \
         '# only the service account can read), if the site chose one at `vault init` (otherwise this' \
@@ -465,6 +465,9 @@ done < "$WORK/models"
 
 mkdir -p "$REL/bundle"
 cp "$M" "$WORK/MANIFEST.json.sig" "$WORK/signer.pub.pem" "$REL/bundle/"
+# The service account reads the release's record (the audit row, `airlock doctor`), whatever the
+# modes of the copy it came from.
+chmod 644 "$REL/bundle/MANIFEST.json" "$REL/bundle/MANIFEST.json.sig" "$REL/bundle/signer.pub.pem"
 
 # The home is the service account's alone (ADR 0010); -h: links are changed, never followed.
 if [ "$(id -u)" -eq 0 ]; then chown -R -h "$SVC_USER:$SVC_GROUP" "$HOME_DIR"; fi
@@ -497,7 +500,8 @@ isolated "$PY" -I -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PR
 DONE=1
 
 # Trust and rollback state: root-owned files under PREFIX. The sequence only ever goes up.
-cp "$WORK/signer.pub.pem" "$PREFIX/etc/.trusted-key.pem.new" && mv -f "$PREFIX/etc/.trusted-key.pem.new" "$PREFIX/etc/trusted-key.pem"
+cp "$WORK/signer.pub.pem" "$PREFIX/etc/.trusted-key.pem.new" && chmod 644 "$PREFIX/etc/.trusted-key.pem.new" \
+    && mv -f "$PREFIX/etc/.trusted-key.pem.new" "$PREFIX/etc/trusted-key.pem"
 printf '%s\n' "$PRODUCT" > "$PREFIX/etc/.product.new" && mv -f "$PREFIX/etc/.product.new" "$PREFIX/etc/product"
 HIGH=$SEQUENCE
 [ "$HIGH" -gt "$INSTALLED_SEQ" ] || HIGH=$INSTALLED_SEQ

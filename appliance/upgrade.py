@@ -125,7 +125,8 @@ def _copy_regular(source: Path, dest: Path, shown: Path) -> None:
         if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
             raise BundleError(f"{shown}: is a special file; bundles hold regular files only",
                               hint="copy the bundle again from the source")
-        with open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        # 0644 like the stick's files: the directory (0700) keeps others out; install.sh copies them on.
+        with open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
 
 

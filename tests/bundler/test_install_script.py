@@ -198,3 +198,9 @@ def test_nothing_planted_in_the_working_directory_or_on_the_stick_runs(small_bun
     assert "not found" not in result.stderr and "Syntax error" not in result.stderr
     assert not marker.exists(), marker.read_text()
     assert not (prefix / "releases" / "0.1.0").exists() and not list(prefix.glob(".staging.*"))
+
+
+def test_the_it_guide_shows_the_unit_install_sh_writes():
+    guide = (REPO / "docs" / "it-install-guide.md").read_text(encoding="utf-8")
+    shown = guide.split("# /etc/systemd/system/airlock-serve.service\n", 1)[1].split("```", 1)[0]
+    assert shown == print_unit("airlock-serve.service")
