@@ -20,7 +20,8 @@ to a real `airlock serve` of the shared appliance (a copy of its home, owned by 
   RestrictAddressFamilies, RestrictNamespaces, PrivateUsers, ProtectProc, ProtectClock, LockPersonality.
 
 The server answers the `openai` client with the promoted version and hot-swaps to the next one
-(loaded from its ONNX export) when it is promoted. About 30 s beyond the shared appliance.
+(loaded from its ONNX export) when it is promoted: one server start and one hot swap beyond the
+shared appliance.
 """
 
 from __future__ import annotations
