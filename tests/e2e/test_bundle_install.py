@@ -11,7 +11,8 @@ working directory (the stick) and in PYTHON* variables, and the stick's install.
 it runs; nothing planted runs, the service account owns AIRLOCK_HOME (0700), the units (run as
 that account) go under the prefix, and nothing is written outside prefix and home but the
 account itself.
-About three minutes on two cores: two venv installs of ~300 MB of wheels dominate.
+Two venv installs of ~300 MB of wheels dominate: about three minutes on two idle cores before ADR
+0010 added two copies of the bundle; 13:44 measured with five other test runs sharing the two cores.
 """
 
 from __future__ import annotations
