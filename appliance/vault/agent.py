@@ -219,7 +219,7 @@ def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int,
     """Start a detached agent holding `root_key` (and who unlocked it) and wait until it listens."""
     path = socket_path(home)  # the agent replaces a stale socket once it holds the instance lock
     identity = identity or Identity("", "")
-    command = [sys.executable, "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
+    command = [sys.executable, "-I", "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
                "--vault-id", vault_id, "--idle-timeout", str(idle_timeout_s), "--account", identity.account,
                "--role", identity.role, "--session", identity.session, "--origin", identity.origin,
                "--slot-id", identity.slot_id]
