@@ -259,6 +259,7 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
     generator = torch.Generator().manual_seed(recipe.seed)
     result = ClassifierResult(steps=0)
     state = {"step": 0, "best": None, "bad": 0}
+    best_state: dict[str, Any] | None = None  # early stopping ships these weights, not the last ones
     # No validation AUC (no images, or one class only): train the full schedule without early stopping.
     validate = val[0].shape[0] > 0 and auc_measurable(val[1], len(labels))
 
@@ -269,6 +270,7 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         generator.set_state(blob["generator"])
+        best_state = blob.get("best_model")
         state, result.train_losses, result.val_aucs = blob["state"], blob["losses"], blob["val_aucs"]
 
     def save() -> None:
@@ -276,6 +278,7 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
             buffer = io.BytesIO()
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "state": state,
+                        "best_model": best_state,
                         "losses": result.train_losses, "val_aucs": result.val_aucs}, buffer)
             checkpoints.write_bytes("classifier.pt", buffer.getvalue())
 
@@ -301,6 +304,8 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
                 result.val_aucs.append((state["step"], auc))
                 if state["best"] is None or auc > state["best"]:
                     state["best"], state["bad"] = auc, 0
+                    if recipe.early_stopping_patience:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 else:
                     state["bad"] += 1
             save()
@@ -315,7 +320,10 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
             break
     result.steps = state["step"]
     result.best_val_auc = state["best"]
-    if test is not None and test[0].shape[0] and (result.steps >= recipe.max_steps or result.stopped_early):
+    finished = result.steps >= recipe.max_steps or result.stopped_early  # not paused by a stop request
+    if finished and best_state is not None:
+        model.load_state_dict(best_state)  # the weights whose validation AUC is reported
+    if test is not None and test[0].shape[0] and finished:
         result.test = classification_metrics(predict(model, test[0]), test[1], labels)
     result.ewc = ewc.summary() if ewc is not None else None
     result.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
