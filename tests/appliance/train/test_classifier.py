@@ -92,7 +92,7 @@ def test_training_separates_two_phantom_classes():
     assert set(result.test.sensitivity) == set(LABELS)
 
 
-@pytest.mark.slow  # ~20 real steps and 7 evaluations: 30-60 s on two shared cores
+@pytest.mark.slow  # ~20 real steps and 7 evaluations: 15-60 s on two shared cores
 def test_early_stopping_ships_the_best_validation_weights_and_measures_test():
     from appliance.train.classifier import load_classifier, predict
 
