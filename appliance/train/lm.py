@@ -70,6 +70,8 @@ class TrainResult:
     """EWC numbers (lambda, Fisher statistics, last penalty) when the recipe turned it on."""
     test: Any = None
     """EvalReport on the test split, when test records were given."""
+    memory_plan: dict[str, Any] | None = None
+    """The memory plan this run was admitted with (train/memory_plan.py), None where not modelled."""
     micro_batches: dict[int, int] = field(default_factory=dict)
     """Micro-batches this process ran per epoch (equal on every rank under DDP)."""
     adapter_state: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -294,7 +296,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda:0"
     from appliance.train.memory_plan import check_plan
 
-    check_plan(base, recipe, device=device, world=world)  # refuses before any weight is loaded
+    plan = check_plan(base, recipe, device=device, world=world)  # refuses before any weight is loaded
     model, tokenizer = build_lora_model(base, recipe)
     if init_adapter is not None:
         loaded = set_peft_model_state_dict(model, init_adapter)
@@ -332,7 +334,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, recipe))
-    result = TrainResult(steps=0, total_steps=total_steps, truncated_examples=sum(e.truncated for e in train_examples))
+    result = TrainResult(steps=0, total_steps=total_steps, truncated_examples=sum(e.truncated for e in train_examples),
+                         memory_plan=plan.to_dict() if plan is not None else None)
     state = {"step": 0, "best_val": None, "bad_evals": 0}
     best_adapter: dict[str, Any] | None = None  # early stopping ships these weights, not the last ones
 

@@ -3,6 +3,7 @@
     python tests/gpu/device_check.py lora OUT_DIR MODEL_DIR   # bf16 LoRA steps on the 1.5B shape
     python tests/gpu/device_check.py resume OUT_DIR           # CUDA resume exactness (tiny model, dropout on)
     torchrun --nproc-per-node 1 tests/gpu/device_check.py nccl OUT_DIR   # one NCCL rank through train_lora
+    python tests/gpu/device_check.py classifier OUT_DIR       # the image classifier trains on CUDA
 
 Nothing here downloads anything; the model is the random-weight 1.5B-shape one built by
 models/build_random_r1_distill.py. Numbers are measured, never asserted against a hope: the JSON
@@ -100,6 +101,26 @@ def check_resume(out: Path) -> dict:
     return report
 
 
+def check_classifier(out: Path) -> dict:
+    import torch
+
+    from appliance.base_models import resolve_base_model
+    from appliance.train.classifier import ClassifierRecipe, train_classifier
+    from tests.appliance.train.test_classifier import LABELS, phantoms
+
+    train, val, test = phantoms(96, seed=1), phantoms(32, seed=2), phantoms(32, seed=3)
+    recipe = ClassifierRecipe(max_steps=60, batch_size=16, eval_every=20, lr=3e-3, seed=0)
+    torch.cuda.reset_peak_memory_stats()
+    result = train_classifier(resolve_base_model("tiny-resnet-cls"), train, val, recipe, labels=LABELS, test=test)
+    report = {"check": "classifier_cuda", "steps": result.steps, "best_val_auc": result.best_val_auc,
+              "test_accuracy": result.test.accuracy if result.test else None,
+              "cuda_peak_allocated": torch.cuda.max_memory_allocated(),
+              "pass": result.steps == 60 and torch.cuda.max_memory_allocated() > 0
+              and (result.best_val_auc or 0) > 0.9}
+    (out / "classifier.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def check_nccl(out: Path) -> dict:
     import torch
     import torch.distributed as dist
@@ -126,5 +147,5 @@ if __name__ == "__main__":
     kind, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = {"lora": lambda: check_lora(out_dir, Path(sys.argv[3])), "resume": lambda: check_resume(out_dir),
-              "nccl": lambda: check_nccl(out_dir)}
+              "nccl": lambda: check_nccl(out_dir), "classifier": lambda: check_classifier(out_dir)}
     print(json.dumps(checks[kind]()))

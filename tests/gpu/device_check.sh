@@ -5,8 +5,8 @@
 # 2. bf16 LoRA steps on it at 4096-token rows: tokens/s, MFU, peak memory vs the memory plan;
 # 3. CUDA resume exactness (tiny model, dropout on, checkpoint with CUDA RNG);
 # 4. torchrun --nproc-per-node 1 with NCCL through train_lora (collectives on the CUDA device).
+# 5. the image classifier trains on CUDA (phantom discs vs squares, val AUC > 0.9).
 # Each step has its own time limit and its own JSON; a failed step is recorded and the next one runs.
-# The classifier does not train on CUDA yet: not checked here.
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -28,10 +28,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its log and exi
   "$PY" -c "import torch, transformers, peft; print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__version__)"
 } >"$OUT/environment.txt" 2>&1
 
-step build 120 "$PY" models/build_random_r1_distill.py "$MODEL"
-step lora 180 "$PY" tests/gpu/device_check.py lora "$OUT" "$MODEL"
+step build 90 "$PY" models/build_random_r1_distill.py "$MODEL"
+step lora 150 "$PY" tests/gpu/device_check.py lora "$OUT" "$MODEL"
 step resume 90 "$PY" tests/gpu/device_check.py resume "$OUT"
 step nccl 60 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29517 \
   tests/gpu/device_check.py nccl "$OUT"
+step classifier 60 "$PY" tests/gpu/device_check.py classifier "$OUT"
 rm -rf "$(dirname "$MODEL")"
 cat "$OUT"/steps.jsonl

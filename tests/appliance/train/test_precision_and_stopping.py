@@ -80,6 +80,7 @@ def test_bf16_base_keeps_lora_weights_and_adamw_state_in_fp32(chats):
 
     result = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, recipe)
     assert result.steps == 2 and all(v.dtype == torch.float32 for v in result.adapter_state.values())
+    assert result.memory_plan["fits"] and result.memory_plan["device"] == "cpu"  # admitted by its plan
     assert all(loss == loss and 0 < loss < 20 for loss in result.train_losses)  # finite, sane cross-entropy
 
 
