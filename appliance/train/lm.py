@@ -397,9 +397,9 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             total = torch.tensor([loss_sum], device=_collective_device())
             torch.distributed.all_reduce(total)
             loss_sum = total.item()
+        scaler.unscale_(optimizer)  # a no-op unless fp16: EWC and clipping see true gradients
         if ewc is not None:
             ewc.add_gradient(model)
-        scaler.unscale_(optimizer)  # a no-op unless fp16: clipping and EWC see true gradients
         if recipe.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
         scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
