@@ -236,7 +236,7 @@ def _decrypt_rows(ctx: JobContext, keys: Any, pinned: Any) -> list[tuple[str, in
 def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str, Any]:
     from appliance.train.artifacts import ADAPTER, tensors_to_bytes
     from appliance.train.checkpoints import VaultCheckpoints
-    from appliance.train.jobs import _curve, _prepare, _ProgressReporter, checkpoint_object_id
+    from appliance.train.jobs import _curve, _prepare, _ProgressReporter, checkpoint_object_id, curve_saver
     from appliance.train.lm import Progress, train_lora
     from appliance.train.recipe import recipe_from_dict
 
@@ -269,11 +269,13 @@ def _retrain(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str
                loss=round(p.loss, 6), lr=p.lr, tokens_per_s=round(p.tokens_per_s, 1), eta_s=round(p.eta_s, 1))
 
     train_started = time.monotonic()
+    store_curves = curve_saver(ctx, keys, run.id)
     result = train_lora(base, data.train, data.val, recipe,
                         checkpoints=VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id)),
                         on_progress=on_progress, should_stop=ctx.should_stop,
                         init_adapter=parent_adapter if params["init"] == "production" else None,
-                        ewc_records=data.ewc)
+                        ewc_records=data.ewc, on_checkpoint=store_curves)
+    store_curves(result.curves)
     train_s = time.monotonic() - train_started
     metrics: dict[str, Any] = {
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,

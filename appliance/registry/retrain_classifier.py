@@ -75,7 +75,7 @@ def retrain_classifier(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -
     from appliance.train.artifacts import CLASSIFIER, LABELS, tensors_to_bytes
     from appliance.train.checkpoints import VaultCheckpoints
     from appliance.train.classifier import ClassifierRecipe, load_classifier, train_classifier
-    from appliance.train.jobs import _curve, _prepare, _ProgressReporter, checkpoint_object_id
+    from appliance.train.jobs import _curve, _prepare, _ProgressReporter, checkpoint_object_id, curve_saver
     from appliance.train.recipe import recipe_from_dict
     from appliance.vault.store import read_bytes
 
@@ -120,11 +120,13 @@ def retrain_classifier(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -
                loss=round(p["loss"], 6))
 
     train_started = time.monotonic()
+    store_curves = curve_saver(ctx, keys, run.id)
     result = train_classifier(base, train, val, recipe, labels=labels,
                               checkpoints=VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id)),
                               on_progress=on_progress, should_stop=ctx.should_stop,
                               init_state=parent_state if params["init"] == "production" else None,
-                              ewc_data=ewc_data)
+                              ewc_data=ewc_data, on_checkpoint=store_curves)
+    store_curves(result.curves)
     train_s = time.monotonic() - train_started
     metrics: dict[str, Any] = {
         "steps": result.steps, "total_steps": recipe.max_steps, "stopped_early": result.stopped_early,

@@ -23,7 +23,8 @@ from typing import Any
 
 from appliance.base_models import BaseModel
 from appliance.errors import AirlockError
-from appliance.train.lm import CheckpointStore
+from appliance.train.curves import Curves
+from appliance.train.lm import CheckpointStore, clip_or_measure
 from appliance.train.recipe import RecipeError
 
 
@@ -107,6 +108,8 @@ class ClassifierResult:
     test: ClassifierMetrics | None = None
     ewc: dict[str, Any] | None = None
     """EWC numbers (lambda, Fisher statistics, last penalty) when the recipe turned it on."""
+    curves: Curves = field(default_factory=Curves)
+    """train/loss, train/lr, train/grad_norm, val/auc, test/accuracy, test/auc for TensorBoard."""
     state_dict: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -226,8 +229,11 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
                      checkpoints: CheckpointStore | None = None,
                      on_progress: Callable[[dict[str, Any]], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, init_state: dict[str, Any] | None = None,
-                     ewc_data: tuple[Any, Any] | None = None) -> ClassifierResult:
+                     ewc_data: tuple[Any, Any] | None = None,
+                     on_checkpoint: Callable[[Curves], None] | None = None) -> ClassifierResult:
     """Train; checkpoint at every evaluation and when `should_stop()` turns true.
+
+    `on_checkpoint(curves)` runs after each checkpoint with the curves up to it (the job stores them).
 
     `init_state` (a state dict of the same model and classes) continues from an earlier classifier
     (incremental retraining); `ewc_data` (earlier images, labels) measures the EWC Fisher at it.
@@ -279,6 +285,7 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         generator.set_state(blob["generator"])
         best_state = blob.get("best_model")
         state, result.train_losses, result.val_aucs = blob["state"], blob["losses"], blob["val_aucs"]
+        result.curves = Curves.from_state(blob.get("curves"))
 
     def save() -> None:
         if checkpoints is not None:
@@ -286,8 +293,11 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "state": state,
                         "best_model": best_state,
-                        "losses": result.train_losses, "val_aucs": result.val_aucs}, buffer)
+                        "losses": result.train_losses, "val_aucs": result.val_aucs,
+                        "curves": result.curves.state()}, buffer)
             checkpoints.write_bytes("classifier.pt", buffer.getvalue())
+            if on_checkpoint:
+                on_checkpoint(result.curves)
 
     while state["step"] < recipe.max_steps:
         index = torch.randint(images.shape[0], (min(recipe.batch_size, images.shape[0]),), generator=generator)
@@ -299,16 +309,20 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         loss.backward()
         if ewc is not None:
             ewc.add_gradient(model)
+        grad_norm = float(clip_or_measure(list(model.parameters()), 0))  # measured only: no clipping here
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         result.train_losses.append(round(loss.item(), 6))
+        result.curves.add(state["step"], {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm})
         auc = None
         if state["step"] % recipe.eval_every == 0 or state["step"] == recipe.max_steps:
             if validate:
                 auc = classification_metrics(predict(model, val[0]), val[1], labels).roc_auc
                 result.val_aucs.append((state["step"], auc))
+                result.curves.add(state["step"], {"val/auc": _measured(auc)})
                 if state["best"] is None or auc > state["best"]:
                     state["best"], state["bad"] = auc, 0
                     if recipe.early_stopping_patience:
@@ -332,6 +346,8 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         model.load_state_dict(best_state)  # the weights whose validation AUC is reported
     if test is not None and test[0].shape[0] and finished:
         result.test = classification_metrics(predict(model, test[0]), test[1], labels)
+        result.curves.add(result.steps, {"test/accuracy": _measured(result.test.accuracy),
+                                         "test/auc": _measured(result.test.roc_auc)})
     result.ewc = ewc.summary() if ewc is not None else None
     result.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return result

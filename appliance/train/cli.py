@@ -6,6 +6,7 @@
     airlock train lm --base NAME --data qa --device cuda:0,1                          # one process per GPU (NCCL)
     airlock train lm --resume RUN [--wait]                                            # after kill -9 / cancel / failure
     airlock train runs [--json] / airlock train show RUN [--json]
+    airlock train export-curves RUN --out DIR                                         # TensorBoard event file
 
 A run always starts as a detached job (it survives the terminal closing); `--wait` follows its
 progress and exits 0 only when it succeeded. Ctrl-C while waiting leaves the job running.
@@ -315,6 +316,37 @@ def train_show(run_id: str, as_json: bool) -> None:
         rows.append(("metrics", _metric_text(run)))
     if run.artifact:
         rows.append(("weights", f"vault object {run.artifact} (encrypted)"))
+    from appliance.paths import airlock_home
+    from appliance.train.curves import EVENTS, curves_object_id
+    from appliance.vault.store import list_files
+
+    if EVENTS in list_files(airlock_home(), curves_object_id(run.id)):
+        rows.append(("curves", f"vault object {curves_object_id(run.id)} (encrypted): `airlock train export-curves "
+                               f"{run.id} --out DIR`, then `tensorboard --logdir DIR`"))
     if run.error or job.error:
         rows += [("error", run.error or job.error or ""), ("hint", job.hint or "")]
     echo_table(rows, ["field", "value"])
+
+
+@train.command("export-curves")
+@click.argument("run_id")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder to write into (the run gets its own subfolder there, which must be new or empty).")
+def train_export_curves(run_id: str, out: Path) -> None:
+    """Write a run's training curves (loss, lr, grad norm, eval metrics) as a TensorBoard event file. Audited.
+
+    Numbers only, never record contents. Works while the run trains (the curves as of its last
+    checkpoint) and after it ended. View with `tensorboard --logdir OUT` on any machine."""
+    from appliance.access import require
+    from appliance.paths import airlock_home
+    from appliance.train.curves import export_curves
+    from appliance.train.runs import get_run
+    from appliance.vault.lifecycle import keys_for
+
+    db = open_and_reconcile()
+    run = get_run(db, run_id)
+    keys = keys_for(db, airlock_home())
+    require(db, airlock_home(), "train.start")  # the training roles; auditors never decrypt
+    target = export_curves(db, keys, airlock_home(), run, out)
+    click.echo(f"wrote the training curves of run {run.id} ({run.state}) to {target}")
+    click.echo(f"view them with `tensorboard --logdir {out}`")

@@ -10,7 +10,9 @@ detached process, see appliance.jobs.runner). The job, `run_training`, top to bo
    (a resumed run refuses a base model whose files changed);
 3. decrypts the records into memory; token ids come from the vault-encrypted cache when an
    earlier run already tokenized this data with this tokenizer;
-4. trains with vault-encrypted checkpoints at every evaluation and on SIGTERM / `jobs cancel`;
+4. trains with vault-encrypted checkpoints at every evaluation and on SIGTERM / `jobs cancel`; the
+   training curves (loss, lr, grad norm, eval metrics) go with each checkpoint into the vault object
+   `curves-<run id>` as a TensorBoard event file (appliance.train.curves; `airlock train export-curves`);
 5. encrypts the adapter (or classifier) from memory into the vault object `run-<run id>`, records
    metrics and lineage in the run row, and shreds the checkpoint.
 
@@ -273,6 +275,13 @@ def peak_memory_mb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process rss"
 
 
+def curve_saver(ctx: JobContext, keys: Any, run_id: str) -> Any:
+    """`on_checkpoint` for the training loops: the curves so far, encrypted into `curves-<run id>`."""
+    from appliance.train.curves import save_curves
+
+    return lambda curves: save_curves(ctx.db, keys, ctx.home, run_id, curves)
+
+
 def _curve(points: list[tuple[int, float]]) -> list[list[float]]:
     """At most MAX_CURVE_POINTS (step, value) pairs, evenly thinned, always keeping the last one."""
     stride = max(1, -(-len(points) // MAX_CURVE_POINTS))
@@ -321,10 +330,14 @@ def _train_lm(ctx: JobContext, run: Run, *, rank: int | None = None) -> dict[str
 
     def on_progress(p: Progress) -> None:
         report(p.step, p.total_steps, {"val_loss": p.val_loss} if p.val_loss is not None else {},
-               loss=round(p.loss, 6), lr=p.lr, tokens_per_s=round(p.tokens_per_s, 1), eta_s=round(p.eta_s, 1))
+               loss=round(p.loss, 6), lr=p.lr, tokens_per_s=round(p.tokens_per_s, 1), eta_s=round(p.eta_s, 1),
+               grad_norm=p.grad_norm)
 
+    store_curves = curve_saver(ctx, keys, run.id)
     result = train_lora(base, data["train"], data["val"], recipe, test_records=data["test"], checkpoints=checkpoints,
-                        on_progress=on_progress, should_stop=ctx.should_stop, encode=cache)
+                        on_progress=on_progress, should_stop=ctx.should_stop, encode=cache,
+                        on_checkpoint=store_curves)
+    store_curves(result.curves)  # with the test metrics; a paused run's match its checkpoint
     ranked = {} if rank is None else {"rank": rank, "adapter_checksum": adapter_checksum(result.adapter_state)}
     ctx.log(f"tokenized data: {len(cache.hits)} split(s) from the encrypted cache, {len(cache.misses)} encoded")
     peak, where = peak_memory_mb()
@@ -393,9 +406,11 @@ def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:
                loss=round(p["loss"], 6), eta_s=round(eta, 1))
 
     test = data.splits["test"] if counts["test"] else None
+    store_curves = curve_saver(ctx, keys, run.id)
     result = train_classifier(base, data.splits["train"], data.splits["val"], recipe, labels=data.labels, test=test,
                               checkpoints=VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id)),
-                              on_progress=on_progress, should_stop=ctx.should_stop)
+                              on_progress=on_progress, should_stop=ctx.should_stop, on_checkpoint=store_curves)
+    store_curves(result.curves)
     peak, where = peak_memory_mb()
     metrics: dict[str, Any] = {
         "steps": result.steps, "total_steps": recipe.max_steps, "stopped_early": result.stopped_early,

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from appliance.base_models import BaseModel
 from appliance.errors import AirlockError
+from appliance.train.curves import Curves, lm_test_values
 from appliance.train.recipe import LoraRecipe
 from appliance.train.sft_data import Example, MicroBatch, encode_record, packed_batches, padded_batches
 from appliance.train.targets import select_targets
@@ -52,6 +53,8 @@ class Progress:
     tokens_per_s: float
     eta_s: float
     val_loss: float | None = None
+    grad_norm: float | None = None
+    """Total norm of the adapter's gradients before clipping (NaN/inf when fp16 overflowed)."""
 
 
 @dataclass
@@ -74,6 +77,8 @@ class TrainResult:
     """The memory plan this run was admitted with (train/memory_plan.py), None where not modelled."""
     micro_batches: dict[int, int] = field(default_factory=dict)
     """Micro-batches this process ran per epoch (equal on every rank under DDP)."""
+    curves: Curves = field(default_factory=Curves)
+    """train/loss, train/lr, train/grad_norm, val/loss, test/* for TensorBoard (train/curves.py)."""
     adapter_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -268,6 +273,16 @@ def _agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+def clip_or_measure(parameters: Sequence[Any], max_norm: float) -> Any:
+    """The gradients' total norm before clipping (what HF Trainer logs as grad_norm); clipped to
+    `max_norm` when it is set, else only measured (the gradients stay untouched)."""
+    import torch
+
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
 def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_records: Sequence[dict[str, Any]],
                recipe: LoraRecipe, *, test_records: Sequence[dict[str, Any]] = (),
                checkpoints: CheckpointStore | None = None,
@@ -275,8 +290,12 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
                should_stop: Callable[[], bool] | None = None,
                encode: Encoder = encode_records,
                init_adapter: dict[str, Any] | None = None,
-               ewc_records: Sequence[dict[str, Any]] = ()) -> TrainResult:
+               ewc_records: Sequence[dict[str, Any]] = (),
+               on_checkpoint: Callable[[Curves], None] | None = None) -> TrainResult:
     """Train; checkpoint at every evaluation and when `should_stop()` turns true (SIGTERM).
+
+    `on_checkpoint(curves)` runs on rank 0 after each checkpoint is written, with the curves up to
+    it: the job stores them, so they are exportable while the run trains and after a kill -9.
 
     `init_adapter` (a peft adapter state dict of the same LoRA structure) continues training from
     an earlier adapter instead of a fresh one: incremental retraining starts from the production
@@ -351,9 +370,11 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         best_adapter = blob.get("best_adapter")
         state = blob["state"]
         result.train_losses, result.val_losses = blob["train_losses"], blob["val_losses"]
+        result.curves = Curves.from_state(blob.get("curves"))
     elif val_batches:
         # Eval mode draws no random numbers: the training curve is the same with or without this.
         state["initial_val"] = evaluate_loss(model, val_batches, device, autocast_dtype)
+        result.curves.add(0, {"val/loss": state["initial_val"]})
 
     def save_checkpoint() -> None:
         if checkpoints is None or rank != 0:
@@ -363,8 +384,10 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **rng_states(),
                     "best_adapter": best_adapter, "state": state,
                     "train_losses": result.train_losses, "val_losses": result.val_losses,
-                    "recipe": recipe.to_dict()}, buffer)
+                    "curves": result.curves.state(), "recipe": recipe.to_dict()}, buffer)
         checkpoints.write_bytes(CHECKPOINT, buffer.getvalue())
+        if on_checkpoint:
+            on_checkpoint(result.curves)
 
     started, tokens_seen = time.perf_counter(), 0
     first_step = state["step"]
@@ -400,19 +423,21 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         scaler.unscale_(optimizer)  # a no-op unless fp16: EWC and clipping see true gradients
         if ewc is not None:
             ewc.add_gradient(model)
-        if recipe.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
+        grad_norm = float(clip_or_measure(trainable, recipe.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
         result.train_losses.append(round(loss_sum, 6))
+        result.curves.add(state["step"], {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm})
 
         val_loss = None
         if val_batches and (state["step"] % recipe.eval_every == 0 or state["step"] == total_steps):
             val_loss = evaluate_loss(model, val_batches, device, autocast_dtype)
             result.val_losses.append((state["step"], val_loss))
+            result.curves.add(state["step"], {"val/loss": val_loss})
             if state["best_val"] is None or val_loss < state["best_val"]:
                 state["best_val"], state["bad_evals"] = val_loss, 0
                 if recipe.early_stopping_patience:
@@ -426,7 +451,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             done = state["step"] - first_step
             on_progress(Progress(state["step"], total_steps, loss_sum, scheduler.get_last_lr()[0],
                                  tokens_seen / elapsed if elapsed else 0.0,
-                                 elapsed / done * (total_steps - state["step"]) if done else 0.0, val_loss))
+                                 elapsed / done * (total_steps - state["step"]) if done else 0.0, val_loss,
+                                 grad_norm))
         if recipe.early_stopping_patience and state["bad_evals"] >= recipe.early_stopping_patience:
             result.stopped_early = True
             break
@@ -443,6 +469,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         test_examples = encode(tokenizer, test_records, recipe.max_length, "test")
         test_batches = make_batches(test_examples, recipe, tokenizer.pad_token_id, order_seed=None)
         result.test = evaluate_lm(model, tokenizer, test_batches, [r for r in test_records if "messages" in r])
+        result.curves.add(state["step"], lm_test_values(result.test.metrics()))
         model.train()
     result.steps = state["step"]
     result.best_val_loss = state["best_val"]

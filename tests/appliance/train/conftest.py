@@ -58,3 +58,12 @@ def cli_json(*args: str) -> dict:
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard log folder, read by TensorBoard itself (all points kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
