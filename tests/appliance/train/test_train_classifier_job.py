@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalog import open_catalog
-from tests.appliance.train.conftest import cli_json
+from tests.appliance.train.conftest import cli_json, read_scalars
 from tests.conftest import run_cli
 
 SIZE = 32
@@ -64,8 +64,16 @@ def test_classifier_job_fails_locked_resumes_unlocked_and_reloads_exactly(unlock
     print(f"\nbest val AUC {metrics['best_val_auc']}, test {metrics['test']['roc_auc']}")
     assert metrics["labels"] == ["disc", "square"] and metrics["steps"] == 40
     assert metrics["best_val_auc"] > 0.8  # measured 1.0 with the fixed site secret (test AUC 0.978)
-    test = metrics["test"]
+    test = test_metrics = metrics["test"]
     assert sum(map(sum, test["confusion"])) == metrics["records"]["test"] > 0
+    # Its curves, exported as a TensorBoard event file: every step once, the validation AUC at each evaluation.
+    exported = run_cli("train", "export-curves", run.id, "--out", str(tmp_path / "tensorboard"))
+    assert exported.returncode == 0, exported.stderr
+    scalars = read_scalars(tmp_path / "tensorboard" / run.id)
+    assert set(scalars) == {"train/loss", "train/lr", "train/grad_norm", "val/auc", "test/accuracy", "test/auc"}
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in scalars["train/grad_norm"]] == list(range(1, 41))
+    assert [s for s, _ in scalars["val/auc"]] == [10, 20, 30, 40]
+    assert scalars["test/accuracy"] == [(40, pytest.approx(test_metrics["accuracy"], rel=1e-6))]
     wrong_kind = run_cli("train", "lm", "--resume", run.id)
     assert wrong_kind.returncode == 2 and "was started with `airlock train classifier`" in wrong_kind.stderr
     again = run_cli("train", "classifier", "--resume", run.id)
