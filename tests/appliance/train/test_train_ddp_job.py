@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalog import open_catalog
-from tests.appliance.train.conftest import cli_json
+from tests.appliance.train.conftest import cli_json, read_scalars
 from tests.conftest import needs_loopback, run_cli
 
 # 2 ranks x grad_accumulation 1 take the same micro-batches per step as 1 process x grad_accumulation 2;
@@ -108,6 +108,17 @@ def test_two_gloo_ranks_through_the_job_system_agree_and_match_one_process(qa_da
     logs = [r[0] for r in db.execute("SELECT message FROM job_events WHERE job_id = ? AND kind = 'log'", [job["id"]])]
     assert any("launching 2 training processes through torchrun (gloo on CPU)" in m for m in logs)
     assert any("2 of 2 ranks reported, in agreement" in m for m in logs)
+
+    # Rank 0 alone wrote the TensorBoard curves: every step once, and the gradient norm DDP measured after its
+    # all-reduce is the one process's (Adam's float noise moves it far less than the 1% allowed here).
+    for run_id in (run["id"], one["run"]["id"]):
+        assert run_cli("train", "export-curves", run_id, "--out", str(tmp_path / "tb")).returncode == 0
+    ddp_curves, one_curves = read_scalars(tmp_path / "tb" / run["id"]), read_scalars(tmp_path / "tb" / one["run"]["id"])
+    assert [s for s, _ in ddp_curves["train/grad_norm"]] == list(range(1, 7))
+    norms = [(a, b) for (_, a), (_, b) in zip(ddp_curves["train/grad_norm"], one_curves["train/grad_norm"],
+                                              strict=True)]
+    print(f"largest relative grad-norm difference: {max(abs(a - b) / b for a, b in norms):.2g}")
+    assert [a for a, _ in norms] == pytest.approx([b for _, b in norms], rel=1e-2)
 
 
 def _progress_steps(db, job_id: str, after: int = 0) -> list[tuple[int, dict]]:

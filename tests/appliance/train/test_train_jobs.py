@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalog import open_catalog
-from tests.appliance.train.conftest import cli_json, corpus_chats
+from tests.appliance.train.conftest import cli_json, corpus_chats, read_scalars
 from tests.conftest import run_cli
 
 # Resuming replays the same data order, optimizer, schedule and RNG state in a new process on the
@@ -106,7 +106,7 @@ def _wait_for_progress(db, job_id: str, after: int, predicate, timeout_s: float 
     raise AssertionError(f"no such progress event from {job_id} within {timeout_s} s")
 
 
-def test_kill_9_and_sigterm_then_resume_end_exactly_like_an_uninterrupted_run(qa_dataset, tiny_recipe):
+def test_kill_9_and_sigterm_then_resume_end_exactly_like_an_uninterrupted_run(qa_dataset, tiny_recipe, tmp_path):
     from appliance.jobs.runner import wait_for
 
     straight = _train(tiny_recipe, "--wait", "--json")["run"]
@@ -167,6 +167,15 @@ def test_kill_9_and_sigterm_then_resume_end_exactly_like_an_uninterrupted_run(qa
     actions = [r[0] for r in db.execute("SELECT action FROM audit_log WHERE object = ? ORDER BY seq", [run_id])]
     assert actions == ["train.create", "train.start", "train.interrupted", "train.resume", "train.cancel",
                        "train.resume", "train.finish"]
+    # The TensorBoard curves travelled in the checkpoints: every step once across kill -9, SIGTERM and two
+    # resumes, with the uninterrupted run's numbers.
+    exported = run_cli("train", "export-curves", run_id, "--out", str(tmp_path / "tensorboard"))
+    assert exported.returncode == 0, exported.stderr
+    scalars = read_scalars(tmp_path / "tensorboard" / run_id)
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 25))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([v for _, v in reference["train_losses"]],
+                                                                   rel=RESUME_REL_TOLERANCE, abs=1e-6)
+    assert [s for s, _ in scalars["val/loss"]] == [0, 4, 8, 12, 16, 20, 24]
     # The second run read the tokens the first one cached (encrypted) for the same data and tokenizer.
     messages = [r[0] for r in db.execute("SELECT message FROM job_events WHERE job_id = ? AND kind = 'log'",
                                          [job_id])]
