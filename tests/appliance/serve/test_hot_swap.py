@@ -177,7 +177,8 @@ def test_promotion_swaps_versions_with_zero_failed_requests(swap, appliance):
     assert stream_versions == ["swap@v1"] and stream_events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in stream_events[:-1]]
     assert {c["system_fingerprint"] for c in chunks} == {"v1"}
-    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")) > 0
+    assert sum(1 for c in chunks if c["choices"] and (c["choices"][0]["delta"].get("content")
+                                                      or c["choices"][0]["delta"].get("reasoning_content"))) > 0
 
     swaps = _audit_rows(appliance, "serve.swap")
     assert len(swaps) == swaps_before + 1  # one swap, audited once
@@ -210,14 +211,15 @@ def test_onnx_runtime_answers_exactly_like_pytorch(swap, appliance):
     for sampling in (Sampling(max_new_tokens=24, temperature=0.0), Sampling(max_new_tokens=24, temperature=0.8,
                                                                              top_p=0.9, seed=77)):
         expected = complete(local.backend, local.tokenizer, encode_chat(local.tokenizer, messages, limit=4096),
-                            sampling, stops=(), eos_ids=frozenset(), should_stop=lambda: False)
+                            sampling, stops=(), eos_ids=frozenset(), should_stop=lambda: False, reasoning=True)
         served = httpx.post(f"{swap.url}/v1/chat/completions", timeout=60, headers=swap.headers(),
                             json={"model": TASK, "messages": messages, "max_tokens": 24, "ignore_eos": True,
                                   "temperature": sampling.temperature, "top_p": sampling.top_p,
                                   "seed": sampling.seed})
         assert served.headers["X-Airlock-Model"] == f"{TASK}@v2"
         assert served.headers["X-Airlock-Backend"] == "ort-cpu"
-        assert served.json()["choices"][0]["message"]["content"] == expected.text
+        message = served.json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == (expected.reasoning, expected.text)
 
 
 def test_a_version_that_cannot_load_leaves_the_old_one_serving(swap, appliance):
