@@ -39,6 +39,8 @@ class Completion:
     seconds: float
     reasoning: str | None = None
     """The text up to `</think>` when the generation was split (`complete(..., reasoning=True)`); else None."""
+    reasoning_tokens: int = 0
+    """Generated tokens before the answer began (all of them when the thinking never closed)."""
 
 
 class GenerationTimeout(Exception):
@@ -250,7 +252,7 @@ def complete(backend: LMBackend, tokenizer: Any, prompt_ids: list[int], sampling
 
     def take(piece: str) -> None:
         emit(splitter.push(piece) if splitter else [("content", piece)])
-    count, finish_reason = 0, "length"
+    count, finish_reason, thinking = 0, "length", 0
     tokens = backend.generate(prompt_ids, sampling, stop_now)
     try:
         for token in tokens:
@@ -261,6 +263,8 @@ def complete(backend: LMBackend, tokenizer: Any, prompt_ids: list[int], sampling
             piece = stream.push(token)
             if piece:
                 take(piece)
+            if splitter and splitter.phase != "content":
+                thinking = count
             if stream.stopped:
                 finish_reason = "stop"
                 break
@@ -276,4 +280,4 @@ def complete(backend: LMBackend, tokenizer: Any, prompt_ids: list[int], sampling
     if splitter:
         emit(splitter.finish())
     return Completion("".join(parts), finish_reason, len(prompt_ids), count, time.monotonic() - started,
-                      reasoning="".join(thoughts) if splitter else None)
+                      reasoning="".join(thoughts) if splitter else None, reasoning_tokens=thinking)

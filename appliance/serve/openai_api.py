@@ -195,9 +195,14 @@ def parse_chat_request(payload: dict[str, Any], limits: ServeLimits) -> Generati
     return GenerationRequest(messages=tuple(parsed), **_common(payload, limits, chat=True))
 
 
-def usage(completion: Completion) -> dict[str, int]:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def usage(completion: Completion) -> dict[str, Any]:
+    """Token counts; a split (R1) generation adds `completion_tokens_details.reasoning_tokens` (OpenAI/DeepSeek)."""
+    counts: dict[str, Any] = {"prompt_tokens": completion.prompt_tokens,
+                              "completion_tokens": completion.completion_tokens,
+                              "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+    if completion.reasoning is not None:
+        counts["completion_tokens_details"] = {"reasoning_tokens": completion.reasoning_tokens}
+    return counts
 
 
 def completion_response(request_id: str, model: str, version: str, completion: Completion) -> dict[str, Any]:

@@ -120,6 +120,7 @@ def test_openai_client_gets_reasoning_content_streamed_and_not(server, appliance
     # Greedy decoding of the tiny model never writes </think> within 12 tokens: all of it is reasoning.
     assert message.reasoning_content and message.content == ""
     assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 12
+    assert chat.usage.completion_tokens_details.reasoning_tokens == 12
     reasoning, content = "", ""
     for chunk in client.chat.completions.create(**request, stream=True):
         if chunk.choices:
@@ -132,3 +133,36 @@ def test_openai_client_gets_reasoning_content_streamed_and_not(server, appliance
         completion.choices[0].reasoning_content is None  # /v1/completions: raw text, unchanged
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(**{**request, "max_tokens": 2047})
+
+
+class _Replay:
+    """A backend that replays known token ids (the model's part); everything after it is the real code."""
+
+    kind = "replay"
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def generate(self, prompt_ids, sampling, should_stop):
+        yield from self.ids[:sampling.max_new_tokens]
+
+
+@pytest.mark.parametrize(("max_new", "finish", "reasoning", "content", "thinking"), [
+    (64, "stop", "Valve V3 sticks.", "Clean valve V3.", 11),  # closed, then EOS
+    (6, "length", "Valve V3 s", "", 6),                         # cut inside the thinking: all reasoning
+])
+def test_complete_splits_a_known_generation(tokenizer, max_new, finish, reasoning, content, thinking):
+    from appliance.serve.backends import Sampling
+    from appliance.serve.decoding import complete
+
+    ids = tokenizer("Valve V3 sticks.\n</think>\n\nClean valve V3.", add_special_tokens=False)["input_ids"]
+    close = ids.index(tokenizer.convert_tokens_to_ids("</think>"))
+    assert close == 11  # the tiny tokenizer spells the thinking in 11 tokens: reasoning_tokens below
+    streamed = {"reasoning": "", "content": ""}
+    result = complete(_Replay([*ids, tokenizer.eos_token_id]), tokenizer, [0], Sampling(max_new_tokens=max_new),
+                      stops=(), eos_ids=frozenset({tokenizer.eos_token_id}), should_stop=lambda: False,
+                      reasoning=True, on_text=lambda t: streamed.__setitem__("content", streamed["content"] + t),
+                      on_reasoning=lambda t: streamed.__setitem__("reasoning", streamed["reasoning"] + t))
+    assert (result.reasoning, result.text, result.finish_reason) == (reasoning, content, finish)
+    assert streamed == {"reasoning": reasoning, "content": content}
+    assert result.reasoning_tokens == min(thinking, max_new)
