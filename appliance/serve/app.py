@@ -305,6 +305,9 @@ class _Api:
                                      "run": model.target.run_id}}
                 if model.kind == "classifier":
                     entry["airlock"]["labels"] = model.labels
+                else:  # as vLLM names it: prompt plus generated tokens the model takes
+                    entry["max_model_len"] = model.context_length
+                    entry["airlock"]["reasoning"] = model.reasoning
                 data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 

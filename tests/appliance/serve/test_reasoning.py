@@ -131,6 +131,8 @@ def test_openai_client_gets_reasoning_content_streamed_and_not(server, appliance
     completion = client.completions.create(model="qa", prompt="Pump P4:", max_tokens=4, temperature=0)
     assert not hasattr(completion.choices[0], "reasoning_content") or \
         completion.choices[0].reasoning_content is None  # /v1/completions: raw text, unchanged
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["qa"].max_model_len == 2048 and listed["qa"].airlock["reasoning"] is True
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(**{**request, "max_tokens": 2047})
 
