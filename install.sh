@@ -1,10 +1,12 @@
 #!/bin/sh
 # Airlock offline installer: sits at the root of every bundle.
 #
-#   sudo ./install.sh --trust FINGERPRINT [--prefix /opt/airlock] [--home /var/lib/airlock]
+#   sudo ./install.sh --trust FINGERPRINT [--prefix /opt/airlock] [--home /var/lib/airlock] [--user airlock]
 #                     [--python /usr/bin/python3.11] [--units-dir DIR] [--enable-services] [--allow-downgrade]
+#   ./install.sh --print-unit NAME [--prefix ..] [--home ..] [--user ..] [--gpu]   (review a unit; writes nothing)
 #
-# Order (nothing from the bundle but this script runs before step 2 passes):
+# Order (nothing from the bundle but this script runs before step 2 passes, and after it only the
+# verified staging copy is used):
 #   1. the signer key's fingerprint must equal --trust; MANIFEST.json's signature is checked with
 #      the system's openssl (ECDSA P-256 / SHA-256);
 #   2. every entry on the stick must be a regular file listed in the manifest, and every listed
@@ -12,14 +14,161 @@
 #      everything with one line naming the file;
 #   3. preflight table (free space, glibc, CPU arch, Python, NVIDIA driver, existing install and
 #      its sequence); any failed row stops before anything is written;
-#   4. copy to PREFIX/.staging.PID, reassemble split files and check the copy again (the stick may
-#      change under us), create PREFIX/releases/VERSION/venv at its final path, pip install from
-#      the staged wheels only (--no-index --require-hashes --no-deps), models into the store by
-#      hash, smoke test with `airlock doctor`, then switch PREFIX/current atomically.
+#   4. copy to PREFIX/.staging.PID (root's, 0700), reassemble split files and check the copy again
+#      (the stick may change under us); from here on only the copy is read. Create the service
+#      account (--user, default airlock) when absent, PREFIX/releases/VERSION/venv at its final
+#      path, pip install from the staged wheels only (--no-index --require-hashes --no-deps),
+#      models into the store by hash, AIRLOCK_HOME owned by the service account (0700), smoke test
+#      with `airlock doctor` as that account, then switch PREFIX/current atomically.
+#   5. sandboxed systemd units run as the service account (ADR 0010), written to --units-dir, or
+#      to /etc/systemd/system only for a root install into a system prefix (/opt, /usr/local, /srv).
+# Every Python run is isolated (-I: no working directory or script directory on sys.path, no
+# PYTHON* variables, no user site), with an empty environment, from a root-owned directory.
+# No file this script writes is a shell-expanded heredoc: units and wrappers are printf'd.
 # A failure at any step leaves the previous release serving; a killed install leaves a release
 # marked .incomplete that the next run removes.
 #
 # Before running this script, verify it (a script cannot vouch for itself): see README.md.
+
+SAFE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+isolated() {  # [NAME=VALUE ...] PROGRAM ARGS...: empty environment, from root's own directory PYDIR
+    (cd "$PYDIR" && env -i PATH="$SAFE_PATH" LC_ALL=C HOME="$PYDIR" "$@")
+}
+
+as_service() {  # PROGRAM ARGS...: as the service account, from its home, with this install's settings
+    if [ "$(id -u)" -eq 0 ]; then
+        (cd "$HOME_DIR" && env -i PATH="$SAFE_PATH" LC_ALL=C HOME="$HOME_DIR" AIRLOCK_HOME="$HOME_DIR" \
+            AIRLOCK_PREFIX="$PREFIX" setpriv --reuid="$SVC_USER" --regid="$SVC_GROUP" --init-groups \
+            --no-new-privs -- "$@")
+    else
+        (cd "$HOME_DIR" && env -i PATH="$SAFE_PATH" LC_ALL=C HOME="$HOME_DIR" AIRLOCK_HOME="$HOME_DIR" \
+            AIRLOCK_PREFIX="$PREFIX" "$@")
+    fi
+}
+
+ensure_service_user() {  # sets SVC_USER and SVC_GROUP; creates a system account when absent
+    if [ "$(id -u)" -ne 0 ]; then
+        # Not root: nothing can be created or handed over; everything runs as the invoking account.
+        SVC_USER=$(id -un) SVC_GROUP=$(id -gn)
+        return 0
+    fi
+    if id -u "$SVC_USER" >/dev/null 2>&1; then
+        say "service account: $SVC_USER (exists; reused)"
+    else
+        command -v useradd >/dev/null 2>&1 || die "cannot create the service account $SVC_USER: useradd is missing; create a system account without a login shell (home $HOME_DIR) and run again"
+        nologin=/usr/sbin/nologin
+        [ -x "$nologin" ] || nologin=/sbin/nologin
+        [ -x "$nologin" ] || nologin=/bin/false
+        useradd --system --user-group --no-create-home --home-dir "$HOME_DIR" --shell "$nologin" \
+            --comment "Airlock appliance services" "$SVC_USER" || die "useradd $SVC_USER failed (see above)"
+        say "service account: $SVC_USER (created: system account, no login shell)"
+    fi
+    [ "$(id -u "$SVC_USER")" -ne 0 ] || die "--user $SVC_USER is root; the services need an unprivileged account"
+    SVC_GROUP=$(id -gn "$SVC_USER")
+}
+
+write_wrapper() {  # PREFIX/bin/airlock; values are printf'd, the code is a quoted heredoc
+    cat <<'EOF'
+#!/bin/sh
+# Written by install.sh: runs the current release, isolated (python -I), with this install's state.
+# Run as root, every command but `upgrade` runs as the service account (ADR 0010), so that all it
+# writes under AIRLOCK_HOME stays that account's; `upgrade` installs software and stays root.
+EOF
+    printf 'AIRLOCK_HOME=${AIRLOCK_HOME:-%s} AIRLOCK_PREFIX=%s SERVICE_USER=%s SERVICE_GROUP=%s\n' \
+        "$HOME_DIR" "$PREFIX" "$SVC_USER" "$SVC_GROUP"
+    cat <<'EOF'
+export AIRLOCK_HOME AIRLOCK_PREFIX
+PY=$AIRLOCK_PREFIX/current/venv/bin/python
+if [ "$(id -u)" -eq 0 ] && [ "${1:-}" != upgrade ]; then
+    HOME=$AIRLOCK_HOME
+    export HOME
+    exec setpriv --reuid="$SERVICE_USER" --regid="$SERVICE_GROUP" --init-groups --no-new-privs -- \
+        "$PY" -I -m appliance.cli "$@"
+fi
+exec "$PY" -I -m appliance.cli "$@"
+EOF
+}
+
+nvidia_nodes() {  # the NVIDIA device nodes a GPU unit may use (the usual set when none exist here)
+    found=""
+    for node in /dev/nvidiactl /dev/nvidia-uvm /dev/nvidia-uvm-tools /dev/nvidia[0-9]*; do
+        [ ! -c "$node" ] || found="$found $node"
+    done
+    printf '%s\n' "${found:- /dev/nvidiactl /dev/nvidia-uvm /dev/nvidia-uvm-tools /dev/nvidia0}"
+}
+
+service_unit() {  # description, type, airlock arguments, restart policy, network: inet|none
+    printf '%s\n' '[Unit]' "Description=$1" 'After=network.target' '' '[Service]' "Type=$2" \
+        "User=$SVC_USER" \
+        "Environment=AIRLOCK_HOME=$HOME_DIR" "Environment=HOME=$HOME_DIR" \
+        "EnvironmentFile=-$PREFIX/etc/serve.env" \
+        '# Models are encrypted: without a logged-in agent the key comes from the machine key (a file' \
+        '# only the service account can read), if the site chose one at `vault init` (otherwise this' \
+        '# step fails, is ignored, and the command says why).' \
+        "ExecStartPre=-$PREFIX/bin/airlock vault unlock --machine-key" \
+        "ExecStart=$PREFIX/bin/airlock $3" \
+        "Restart=$4" 'RestartSec=30' \
+        '# Sandbox (ADR 0010): the service account, no capabilities, a read-only system, its own' \
+        '# /tmp and /dev, writes only to AIRLOCK_HOME. MemoryDenyWriteExecute is off: the JIT kernels' \
+        '# of oneDNN (PyTorch) and TensorRT need executable memory they write.' \
+        'UMask=0077' 'NoNewPrivileges=yes' 'CapabilityBoundingSet=' 'AmbientCapabilities=' \
+        'ProtectSystem=strict' "ReadWritePaths=$HOME_DIR" 'PrivateTmp=yes' 'PrivateDevices=yes' \
+        'DevicePolicy=closed'
+    # Users' homes are hidden; a prefix or AIRLOCK_HOME the site put under one is mounted back.
+    case "$HOME_DIR:$PREFIX" in
+        /home/*|/root/*|/run/user/*|*:/home/*|*:/root/*|*:/run/user/*)
+            printf '%s\n' 'ProtectHome=tmpfs' "BindPaths=$HOME_DIR" "BindReadOnlyPaths=$PREFIX" ;;
+        *) printf '%s\n' 'ProtectHome=yes' ;;
+    esac
+    if [ "$GPU" -eq 1 ]; then
+        printf '%s\n' '# The GPU: the NVIDIA device nodes only, into the private /dev.'
+        for node in $(nvidia_nodes); do
+            printf '%s\n' "DeviceAllow=$node rw" "BindPaths=-$node"
+        done
+    fi
+    printf '%s\n' 'PrivateUsers=yes' 'ProtectKernelTunables=yes' 'ProtectKernelModules=yes' \
+        'ProtectKernelLogs=yes' 'ProtectControlGroups=yes' 'ProtectClock=yes' 'ProtectHostname=yes' \
+        'ProtectProc=invisible' 'RestrictNamespaces=yes' 'RestrictRealtime=yes' 'RestrictSUIDSGID=yes' \
+        'LockPersonality=yes' 'RemoveIPC=yes' 'KeyringMode=private' 'SystemCallArchitectures=native' \
+        'SystemCallFilter=@system-service' 'SystemCallFilter=~@privileged' 'SystemCallErrorNumber=EPERM'
+    if [ "$5" = inet ]; then
+        # Clients reach the server over IP; the key agent is a unix socket.
+        printf '%s\n' 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6'
+    else
+        printf '%s\n' '# Retraining reads and writes local files only: no network at all.' \
+            'PrivateNetwork=yes' 'IPAddressDeny=any' 'RestrictAddressFamilies=AF_UNIX'
+    fi
+    printf '%s\n' '' '[Install]' 'WantedBy=multi-user.target'
+}
+
+unit_text() {  # the text of one unit, on stdout
+    case "$1" in
+        # $AIRLOCK_SERVE_ARGS is systemd's to expand (from serve.env), never this script's.
+        airlock-serve.service)
+            service_unit "Airlock inference server" simple 'serve $AIRLOCK_SERVE_ARGS' on-failure inet ;;
+        airlock-retrain.service)
+            service_unit "Airlock scheduled retraining" oneshot 'schedule run-due --machine-key' no none ;;
+        airlock-retrain.timer)
+            cat <<'EOF'
+[Unit]
+Description=Airlock nightly incremental retrain
+
+[Timer]
+OnCalendar=*-*-* 02:00:00
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+EOF
+            ;;
+        *) die "no unit '$1' (airlock-serve.service, airlock-retrain.service, airlock-retrain.timer)" ;;
+    esac
+}
+
+# The whole script is one function called on the last line: the shell reads it completely before
+# anything runs, so a copy rewritten while it runs (a stick, a network share) changes nothing.
+main() {
 set -eu
 umask 022
 LC_ALL=C
@@ -32,10 +181,11 @@ die() {
 say() { printf '%s\n' "$*"; }
 
 usage() {
-    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 TRUST="" PREFIX="/opt/airlock" HOME_DIR="/var/lib/airlock" UNITS_DIR="" ENABLE=0 ALLOW_DOWNGRADE=0 PY=""
+SVC_USER="" PRINT_UNIT="" GPU=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --trust) [ $# -ge 2 ] || die "--trust needs a value"; TRUST=$2; shift 2 ;;
@@ -43,21 +193,41 @@ while [ $# -gt 0 ]; do
         --home) [ $# -ge 2 ] || die "--home needs a value"; HOME_DIR=$2; shift 2 ;;
         --python) [ $# -ge 2 ] || die "--python needs a value"; PY=$2; shift 2 ;;
         --units-dir) [ $# -ge 2 ] || die "--units-dir needs a value"; UNITS_DIR=$2; shift 2 ;;
+        --user) [ $# -ge 2 ] || die "--user needs a value"; SVC_USER=$2; shift 2 ;;
+        --print-unit) [ $# -ge 2 ] || die "--print-unit needs a unit name"; PRINT_UNIT=$2; shift 2 ;;
+        --gpu) GPU=1; shift ;;
         --enable-services) ENABLE=1; shift ;;
         --allow-downgrade) ALLOW_DOWNGRADE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
+# Paths and the account name end up in units, env files and wrappers: a narrow alphabet means
+# nothing in them can be read as a systemd specifier, a shell word or a second line.
+for pair in "--prefix:$PREFIX" "--home:$HOME_DIR" "--units-dir:${UNITS_DIR:-/}"; do
+    value=${pair#*:}
+    printf '%s\n' "$value" | grep -Eq '^/[A-Za-z0-9._+/-]*$' \
+        || die "${pair%%:*} must be an absolute path of letters, digits and ._+-/ only (got '$value')"
+done
+if [ -z "$SVC_USER" ]; then
+    # An upgrade keeps the account the first install chose.
+    SVC_USER=$(cat "$PREFIX/etc/user" 2>/dev/null || printf 'airlock')
+fi
+printf '%s\n' "$SVC_USER" | grep -Eq '^[a-z_][a-z0-9_-]{0,30}$' \
+    || die "--user '$SVC_USER': an account name is lower-case letters, digits, _ and -, at most 31 characters"
+if [ -n "$PRINT_UNIT" ]; then
+    unit_text "$PRINT_UNIT"
+    exit 0
+fi
 [ -n "$TRUST" ] || die "--trust FINGERPRINT is required: the signing key fingerprint from the site's paper record"
-case "$PREFIX" in /*) ;; *) die "--prefix must be an absolute path" ;; esac
-case "$HOME_DIR" in /*) ;; *) die "--home must be an absolute path" ;; esac
 for tool in openssl sha256sum sed tr find sort comm wc cut df uname awk; do
     command -v "$tool" >/dev/null 2>&1 || die "the system tool '$tool' is missing; install it from the OS media"
 done
 
 BUNDLE=$(cd "$(dirname "$0")" && pwd -P)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/airlock-install.XXXXXX")
+# Python runs from here until the staging copy exists: root's, 0700, empty.
+PYDIR=$WORK
 REL="" STAGE="" DONE=0 LOCKED=0
 cleanup() {
     status=$?
@@ -179,7 +349,7 @@ MACHINE=$(uname -m)
 if [ "$MACHINE" = "$ARCH" ]; then s=ok; else s=FAIL; fi
 row "cpu arch" "$ARCH" "$MACHINE" "$s"
 [ -n "$PY" ] || PY=$(command -v "python$PYVER" 2>/dev/null || true)
-HAVE_PY=$("${PY:-false}" -c 'import sys, venv, ensurepip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+HAVE_PY=$(isolated "${PY:-false}" -I -c 'import sys, venv, ensurepip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
 if [ "$HAVE_PY" = "$PYVER" ]; then s=ok; else s=FAIL; fi
 row "python" "$PYVER with venv+ensurepip" "${HAVE_PY:-none}${PY:+ ($PY)}" "$s"
 if [ "$CUDA_MAJOR" -eq 0 ]; then
@@ -190,6 +360,7 @@ else
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "no NVIDIA GPU/driver: runs CPU-only" notice
     elif [ "${DRIVER%%.*}" -ge "$MIN_DRIVER" ]; then
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "$DRIVER" ok
+        GPU=1
     else
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "$DRIVER" FAIL
     fi
@@ -221,6 +392,10 @@ fi
 
 # ---------------------------------------------------------------- 4. install
 mkdir -p "$PREFIX/releases" "$PREFIX/etc" "$PREFIX/bin"
+# The staging copy is only as private as PREFIX: it must be ours and writable by no one else.
+[ -n "$(find "$PREFIX" -maxdepth 0 -user "$(id -u)" ! -perm /022)" ] \
+    || die "$PREFIX: must be owned by $(id -un) and not group- or world-writable (the staging copy lives there)"
+ensure_service_user
 mkdir -p "$HOME_DIR" && chmod 700 "$HOME_DIR"
 if ! mkdir "$PREFIX/.install.lock" 2>/dev/null; then
     OTHER=$(cat "$PREFIX/.install.lock/pid" 2>/dev/null || true)
@@ -242,7 +417,7 @@ done
 [ ! -e "$PREFIX/releases/$VERSION" ] || die "$PREFIX/releases/$VERSION already exists; a new bundle needs a new version"
 
 STAGE="$PREFIX/.staging.$$"
-mkdir "$STAGE"
+mkdir -m 700 "$STAGE"
 while read -r size sha path; do
     mkdir -p "$STAGE/$(dirname "$path")"
     cp "$BUNDLE/$path" "$STAGE/$path"
@@ -256,16 +431,18 @@ while read -r path sha size parts; do
     [ "$(wc -c < "$STAGE/$path" | tr -d ' ')" = "$size" ] || die "$path: reassembled parts are not $size bytes"
     [ "$(sha256sum < "$STAGE/$path" | cut -d' ' -f1)" = "$sha" ] || die "$path: reassembled parts do not match the manifest's SHA-256"
 done < "$WORK/split"
+# From here on nothing is read from the stick: the verified copy is the bundle.
+PYDIR=$STAGE
 
 REL="$PREFIX/releases/$VERSION"
 mkdir "$REL"
 : > "$REL/.incomplete"
 say "creating $REL/venv with $PY ..."
-"$PY" -m venv "$REL/venv"
+isolated "$PY" -I -m venv "$REL/venv" || die "$PY -m venv failed (see above)"
 say "installing wheels (offline, hash-locked) ..."
 # The machine's pip configuration (indexes, find-links, constraints) must not change what is installed.
-PIP_CONFIG_FILE=/dev/null PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    "$REL/venv/bin/python" -m pip install --quiet --no-index --find-links "$STAGE/wheels" --require-hashes \
+isolated PIP_CONFIG_FILE=/dev/null PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    "$REL/venv/bin/python" -I -m pip install --quiet --no-index --find-links "$STAGE/wheels" --require-hashes \
     --no-deps -r "$STAGE/wheels/requirements.lock" || die "pip install from the bundle's wheels failed (see above)"
 
 say "installing models into $HOME_DIR/models/store ..."
@@ -288,19 +465,20 @@ done < "$WORK/models"
 
 mkdir -p "$REL/bundle"
 cp "$M" "$WORK/MANIFEST.json.sig" "$WORK/signer.pub.pem" "$REL/bundle/"
+# The service account reads the release's record (the audit row, `airlock doctor`), whatever the
+# modes of the copy it came from.
+chmod 644 "$REL/bundle/MANIFEST.json" "$REL/bundle/MANIFEST.json.sig" "$REL/bundle/signer.pub.pem"
 
-cat > "$PREFIX/bin/.airlock.new" <<EOF
-#!/bin/sh
-# Written by install.sh: runs the current release with this install's state directory.
-AIRLOCK_HOME=\${AIRLOCK_HOME:-$HOME_DIR} AIRLOCK_PREFIX=$PREFIX
-export AIRLOCK_HOME AIRLOCK_PREFIX
-exec "$PREFIX/current/venv/bin/airlock" "\$@"
-EOF
+# The home is the service account's alone (ADR 0010); -h: links are changed, never followed.
+if [ "$(id -u)" -eq 0 ]; then chown -R -h "$SVC_USER:$SVC_GROUP" "$HOME_DIR"; fi
+chmod 700 "$HOME_DIR"
+
+write_wrapper > "$PREFIX/bin/.airlock.new"
 chmod 755 "$PREFIX/bin/.airlock.new"
 mv -f "$PREFIX/bin/.airlock.new" "$PREFIX/bin/airlock"
 
-say "smoke test: airlock doctor ..."
-if ! AIRLOCK_HOME="$HOME_DIR" AIRLOCK_PREFIX="$PREFIX" "$REL/venv/bin/airlock" doctor > "$WORK/doctor.txt" 2>&1; then
+say "smoke test: airlock doctor (as $SVC_USER) ..."
+if ! as_service "$REL/venv/bin/python" -I -m appliance.cli doctor > "$WORK/doctor.txt" 2>&1; then
     cat "$WORK/doctor.txt" >&2
     die "smoke test failed: airlock doctor of release $VERSION reports a failure (above); the previous release stays current"
 fi
@@ -308,7 +486,7 @@ fi
 ACTION=release.install
 [ -z "$CURRENT" ] || ACTION=release.upgrade
 [ "$DOWNGRADE" -eq 0 ] || ACTION=release.downgrade
-AIRLOCK_HOME="$HOME_DIR" AIRLOCK_PREFIX="$PREFIX" "$REL/venv/bin/airlock" upgrade --record "$REL" --action "$ACTION" \
+as_service "$REL/venv/bin/python" -I -m appliance.cli upgrade --record "$REL" --action "$ACTION" \
     || die "could not write the audit row for this install"
 
 rm -f "$REL/.incomplete"
@@ -317,68 +495,43 @@ if [ -n "$CURRENT" ]; then
     ln -s "$CURRENT" "$PREFIX/.previous.new"
 fi
 ln -s "releases/$VERSION" "$PREFIX/.current.new"
-"$PY" -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PREFIX/.current.new" "$PREFIX/current"
-[ -z "$CURRENT" ] || "$PY" -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PREFIX/.previous.new" "$PREFIX/previous"
+isolated "$PY" -I -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PREFIX/.current.new" "$PREFIX/current"
+[ -z "$CURRENT" ] || isolated "$PY" -I -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$PREFIX/.previous.new" "$PREFIX/previous"
 DONE=1
 
 # Trust and rollback state: root-owned files under PREFIX. The sequence only ever goes up.
-cp "$WORK/signer.pub.pem" "$PREFIX/etc/.trusted-key.pem.new" && mv -f "$PREFIX/etc/.trusted-key.pem.new" "$PREFIX/etc/trusted-key.pem"
+cp "$WORK/signer.pub.pem" "$PREFIX/etc/.trusted-key.pem.new" && chmod 644 "$PREFIX/etc/.trusted-key.pem.new" \
+    && mv -f "$PREFIX/etc/.trusted-key.pem.new" "$PREFIX/etc/trusted-key.pem"
 printf '%s\n' "$PRODUCT" > "$PREFIX/etc/.product.new" && mv -f "$PREFIX/etc/.product.new" "$PREFIX/etc/product"
 HIGH=$SEQUENCE
 [ "$HIGH" -gt "$INSTALLED_SEQ" ] || HIGH=$INSTALLED_SEQ
 printf '%s\n' "$HIGH" > "$PREFIX/etc/.sequence.new" && mv -f "$PREFIX/etc/.sequence.new" "$PREFIX/etc/sequence"
+printf '%s\n' "$SVC_USER" > "$PREFIX/etc/.user.new" && mv -f "$PREFIX/etc/.user.new" "$PREFIX/etc/user"
 rm -rf "$STAGE"
 
 if [ -z "$UNITS_DIR" ]; then
-    if [ "$(id -u)" -eq 0 ]; then UNITS_DIR=/etc/systemd/system; else UNITS_DIR="$PREFIX/systemd"; fi
+    # Only a root install into a system location touches the host's systemd; a test or staging
+    # install (any other prefix) keeps its units under PREFIX.
+    case "$PREFIX" in
+        /opt/*|/usr/local/*|/srv/*) [ "$(id -u)" -ne 0 ] || UNITS_DIR=/etc/systemd/system ;;
+    esac
+    [ -n "$UNITS_DIR" ] || UNITS_DIR="$PREFIX/systemd"
 fi
 mkdir -p "$UNITS_DIR"
 # `airlock upgrade` passes the same directory again.
 printf '%s\n' "$UNITS_DIR" > "$PREFIX/etc/.units-dir.new" && mv -f "$PREFIX/etc/.units-dir.new" "$PREFIX/etc/units-dir"
-unit() {  # name, description, service type, ExecStart arguments, restart policy
-    cat > "$UNITS_DIR/$1" <<EOF
-[Unit]
-Description=$2
-After=network.target
-
-[Service]
-Type=$3
-Environment=AIRLOCK_HOME=$HOME_DIR
-EnvironmentFile=-$PREFIX/etc/serve.env
-# Models are encrypted: without a logged-in agent the key comes from the machine key, if the site
-# chose one at `vault init` (otherwise this step fails, is ignored, and the command says why).
-ExecStartPre=-$PREFIX/bin/airlock vault unlock --machine-key
-ExecStart=$PREFIX/bin/airlock $4
-Restart=$5
-RestartSec=30
-NoNewPrivileges=yes
-PrivateTmp=yes
-
-[Install]
-WantedBy=multi-user.target
-EOF
-}
-# serve.args holds the site's `airlock serve` arguments (e.g. --task radiology-reports-lm --host ...).
-unit airlock-serve.service "Airlock inference server" simple "serve \$AIRLOCK_SERVE_ARGS" on-failure
-unit airlock-retrain.service "Airlock scheduled retraining" oneshot "schedule run-due --machine-key" no
-cat > "$UNITS_DIR/airlock-retrain.timer" <<EOF
-[Unit]
-Description=Airlock nightly incremental retrain
-
-[Timer]
-OnCalendar=*-*-* 02:00:00
-Persistent=true
-
-[Install]
-WantedBy=timers.target
-EOF
+for name in airlock-serve.service airlock-retrain.service airlock-retrain.timer; do
+    unit_text "$name" > "$UNITS_DIR/.$name.new"
+    chmod 644 "$UNITS_DIR/.$name.new"
+    mv -f "$UNITS_DIR/.$name.new" "$UNITS_DIR/$name"
+done
 # The units run `airlock serve` and `airlock schedule run-due`; a release that lacks one of those
 # commands gets its units written but never enabled.
 MISSING_CMD=""
 if [ "$ENABLE" -eq 1 ]; then
     for cmd in serve "schedule run-due"; do
         # Word splitting of "schedule run-due" is intended.
-        AIRLOCK_HOME="$HOME_DIR" "$REL/venv/bin/airlock" $cmd --help >/dev/null 2>&1 \
+        as_service "$REL/venv/bin/python" -I -m appliance.cli $cmd --help >/dev/null 2>&1 \
             || MISSING_CMD="${MISSING_CMD:-airlock $cmd}"
     done
 fi
@@ -395,4 +548,9 @@ fi
 
 say "installed $PRODUCT $VERSION (sequence $SEQUENCE) at $PREFIX/current; previous: ${CURRENT:-none}"
 say "systemd units written to $UNITS_DIR$([ "$ENABLE" -eq 1 ] || printf ' (not enabled; pass --enable-services)')"
+say "services run as the system account $SVC_USER; AIRLOCK_HOME $HOME_DIR is its own (0700)"
 say "next: $PREFIX/bin/airlock doctor"
+exit 0
+}
+
+main "$@"; exit

@@ -16,7 +16,6 @@ Roles (docs/adr/0006-accounts-and-roles.md):
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ _OPERATOR = frozenset({
 _AUDITOR = frozenset({"data.report", "audit.verify", "models.view", "vault.lock"})
 _ADMIN_ONLY = frozenset({
     "users.manage", "keys.manage", "models.promote", "schedules.manage", "release.upgrade", "vault.rotate",
-    "vault.add_slot", "data.delete", "vault.delete", "emergency.acknowledge", "models.delete", "models.policy",
+    "vault.add_slot", "vault.remove_slot", "vault.rekey", "data.delete", "vault.delete", "emergency.acknowledge",
+    "models.delete", "models.policy",
 })
 PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": _OPERATOR | _AUDITOR | _ADMIN_ONLY,
@@ -70,12 +70,15 @@ class Session:
 
 
 def origin() -> str:
-    """OS user, terminal and SSH client of this process, where known: 'os:alice tty:/dev/pts/1 ssh:10.0.0.5'."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    parts = [f"os:{user}"]
+    """OS user, terminal and SSH client of this process, where known:
+    'os:alice tty:/dev/pts/1 ssh-claimed:10.0.0.5'.
+
+    The OS user is the real uid's account (LOGNAME and USER are whatever the caller set). The SSH
+    client comes only from the environment, which any process can set, so it is labelled as a claim.
+    """
+    from appliance.audit import os_user
+
+    parts = [f"os:{os_user()}"]
     try:
         if sys.stdin is not None and sys.stdin.isatty():
             parts.append(f"tty:{os.ttyname(sys.stdin.fileno())}")
@@ -83,7 +86,7 @@ def origin() -> str:
         pass
     ssh = os.environ.get("SSH_CLIENT", "").split()
     if ssh:
-        parts.append(f"ssh:{ssh[0]}")
+        parts.append(f"ssh-claimed:{ssh[0][:64]}")
     return " ".join(parts)
 
 
@@ -141,7 +144,8 @@ def _describe(action: str) -> str:
     return {"data.delete": "deleting a dataset", "data.export": "exporting data", "data.import": "importing data",
             "data.report": "reading an import report", "users.manage": "managing accounts",
             "vault.rotate": "rotating the vault's keys", "vault.delete": "deleting a vault object",
-            "vault.add_slot": "adding a key slot", "vault.verify": "verifying the vault's files",
+            "vault.add_slot": "adding a key slot", "vault.remove_slot": "removing a key slot",
+            "vault.rekey": "re-keying the vault", "vault.verify": "verifying the vault's files",
             "jobs.control": "controlling jobs", "train.start": "training", "models.promote": "promoting a model",
             "models.register": "registering a model version", "models.delete": "deleting a model version",
             "models.policy": "changing a task's gates and auto-promotion", "schedules.manage": "changing schedules",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ModelNotFoundError
+from appliance.errors import AirlockError, ModelNotFoundError
 from appliance.paths import models_dirs
 
 DEMO_MODEL = "tiny-deepseek-r1"
@@ -67,8 +67,13 @@ def _describe(path: Path, config_file: Path) -> BaseModel:
     return BaseModel(path.name, path, architectures[0], has_weights)
 
 
-def load_causal_lm(model: BaseModel, *, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load (model, tokenizer) from local files only, in eval mode."""
+def load_causal_lm(model: BaseModel, *, dtype: str = "float32", nf4: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from local files only, in eval mode.
+
+    `dtype` is the torch dtype name of the weights ("float32", "bfloat16", "float16"): weights load
+    straight into it (a bf16 7B model never exists in fp32 in memory). `nf4` loads the linear layers
+    in 4-bit NF4 through bitsandbytes (QLoRA, CUDA only), computing in `dtype`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -80,10 +85,33 @@ def load_causal_lm(model: BaseModel, *, dtype: str = "float32") -> tuple[Any, An
     if not model.has_weights:
         raise ModelNotFoundError(f"{model.path} has a config but no *.safetensors weights",
                                  hint="stage the full model (config, tokenizer and weights) from a bundle")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unsupported weight dtype {dtype!r}")
     tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(model.path, local_files_only=True, dtype=getattr(torch, dtype))
+    extra: dict[str, Any] = {}
+    if nf4:
+        extra = {"quantization_config": _nf4_config(getattr(torch, dtype)),
+                 "device_map": {"": torch.cuda.current_device()}}
+    lm = AutoModelForCausalLM.from_pretrained(model.path, local_files_only=True, dtype=getattr(torch, dtype), **extra)
     lm.eval()
     return lm, tokenizer
+
+
+def _nf4_config(compute_dtype: Any) -> Any:
+    """QLoRA's base: 4-bit NF4 with double quantization (Dettmers et al. 2023), as transformers documents it."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise AirlockError("4-bit NF4 weights (QLoRA) need a CUDA GPU; this machine has none",
+                           hint='use quantization = "none"')
+    try:
+        import bitsandbytes  # noqa: F401  (the GPU bundle ships it)
+    except ImportError as exc:
+        raise AirlockError("4-bit NF4 weights (QLoRA) need bitsandbytes, which is not installed",
+                           hint="install the GPU bundle, or use quantization = \"none\"") from exc
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def generate_text(lm: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40, chat: bool = False,

@@ -385,10 +385,28 @@ def _migration_9(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE model_tasks ADD COLUMN {column}")
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    """The SHA-256 of each vault file's ciphertext as last written (see appliance.vault.store).
+
+    A file that is overwritten (an artifact rewritten by a retried job, an optimize stage) could
+    otherwise be swapped back for an older ciphertext of the same object and name: same key, same
+    associated data, so it authenticates. Reads check the ciphertext against this row.
+    """
+    db.execute("""
+        CREATE TABLE vault_files (
+            object_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            written_at TEXT NOT NULL,
+            PRIMARY KEY (object_id, name)
+        )""")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
                                                              _migration_5, _migration_6, _migration_7,
-                                                             _migration_8, _migration_9]
+                                                             _migration_8, _migration_9, _migration_10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -408,6 +426,9 @@ def open_catalog(home: Path | None = None, *, migrate: bool = True) -> sqlite_ut
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        # Deleted and overwritten cells are zeroed on every connection, not only the vault's:
+        # destroyed keys and removed rows must not linger in free space (crypto-shredding).
+        conn.execute("PRAGMA secure_delete=ON")
     except sqlite3.DatabaseError as exc:
         raise CatalogError(
             f"cannot open the catalog {path}: {exc}",
@@ -449,6 +470,19 @@ def migrate_catalog(db: sqlite_utils.Database, path: Path | str = "catalog") -> 
     return SCHEMA_VERSION
 
 
+# Work that must happen only once the transaction it belongs to has committed (the audit anchor's
+# line for a row: a rolled-back row must leave no anchor behind). Keyed by connection.
+_AFTER_COMMIT: dict[int, list[Callable[[], None]]] = {}
+
+
+def after_commit(db: sqlite_utils.Database, action: Callable[[], None]) -> None:
+    """Run `action` when the current `transaction(db)` commits (now, outside one); dropped on rollback."""
+    if not db.conn.in_transaction:
+        action()
+        return
+    _AFTER_COMMIT.setdefault(id(db.conn), []).append(action)
+
+
 @contextlib.contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     """All-or-nothing block holding the write lock. Reentrant: an inner block joins the outer."""
@@ -456,11 +490,15 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     if conn.in_transaction:
         yield db
         return
+    _AFTER_COMMIT.pop(id(conn), None)  # leftovers of a connection that was closed mid-transaction
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
     except BaseException:
+        _AFTER_COMMIT.pop(id(conn), None)
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    for action in _AFTER_COMMIT.pop(id(conn), []):
+        action()

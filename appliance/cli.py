@@ -26,6 +26,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     `airlock` alone, in a terminal, opens the operator UI (also `airlock tui`); every stage is
     also a command below. Start with `airlock doctor`.
     """
+    from appliance.vault.audit_seal import register
+
+    register()  # audit rows this command writes are sealed when the vault is unlocked
     if ctx.invoked_subcommand is None:
         import sys
 
@@ -139,9 +142,13 @@ def audit_verify(anchor: str | None, as_json: bool) -> int:
     elif report.ok:
         click.echo(f"audit chain intact: {report.rows_checked} rows")
         click.echo(f"head: {report.head_seq}:{report.head_hash}  (record this to detect truncation later)")
+        if report.anchor is not None:
+            click.echo(report.anchor.describe())
     else:
         where = f"first broken row: seq {report.first_broken_seq}: " if report.first_broken_seq else ""
         click.echo(f"audit chain BROKEN: {where}{report.reason}", err=True)
+        if report.anchor is not None:
+            click.echo(f"checked against {report.anchor.describe()}", err=True)
         click.echo("hint: preserve the catalog file as evidence and tell your security office", err=True)
     return 0 if report.ok else 1
 

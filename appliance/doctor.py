@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -151,6 +152,45 @@ def check_catalog(home: Path) -> list[Check]:
     return [catalog, audit]
 
 
+def check_key_slots(home: Path) -> list[Check]:
+    """Passphrase slots far below the default KDF cost (the test profile, a tiny --kdf-memory-mib) are
+    cheap to guess from a stolen catalog. A warning, not a failure: `install.sh` refuses a release
+    whose doctor fails, and an upgrade must never be blocked by the strength of someone's slot."""
+    import sqlite3
+
+    from appliance.catalog import CATALOG_FILENAME
+    from appliance.vault.keyslots import KdfParams, is_weak
+
+    path = home / CATALOG_FILENAME
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT slot_id, kdf FROM vault_key_slots WHERE kind = 'passphrase'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []  # no vault yet (check_catalog reports an unreadable catalog)
+    weak = []
+    for slot_id, kdf_text in rows:
+        try:
+            kdf = KdfParams.from_dict(json.loads(kdf_text))
+        except (ValueError, TypeError, KeyError):
+            weak.append(f"{slot_id} (unreadable parameters)")
+            continue
+        if is_weak(kdf):
+            weak.append(f"{slot_id} ({kdf.name}, {max(kdf.memory_kib, 128 * kdf.r * kdf.n // 1024) // 1024} MiB)")
+    if not rows:
+        return []
+    if not weak:
+        return [Check("key slots", "ok", f"{len(rows)} passphrase slot(s) at full KDF cost")]
+    return [Check("key slots", "warn",
+                  f"weak passphrase slots (cheap to guess from a stolen catalog): {', '.join(weak)}",
+                  "each person runs `airlock users passwd` without AIRLOCK_KDF_PROFILE and --kdf-memory-mib, "
+                  "or an admin runs `airlock vault rekey`")]
+
+
 def _has_default_route() -> bool | None:
     """True/False from /proc (IPv4 and IPv6), None where /proc/net is not available."""
     found = False
@@ -190,7 +230,7 @@ def check_network() -> list[Check]:
 def run_checks(home: Path | None = None) -> list[Check]:
     home = home or airlock_home()
     return [check_python(), check_airlock(), *check_torch(), check_tensorrt(), check_onnxruntime(),
-            check_disk(home), *check_catalog(home), *check_network()]
+            check_disk(home), *check_catalog(home), *check_key_slots(home), *check_network()]
 
 
 def worst_status(checks: list[Check]) -> str:

@@ -3,13 +3,15 @@
     airlock upgrade /media/usb/airlock-0.2.0      verify with the stored key, then install
     airlock upgrade --rollback                    switch PREFIX/current back to PREFIX/previous
 
-The installed (trusted) code verifies the new bundle before anything from it runs: the
-signature against PREFIX/etc/trusted-key.pem (or a key-rotation statement signed by it), every
-file's size and SHA-256, the product, the CPU architecture and the sequence (rollback
-protection; `--allow-downgrade` is audited). Only then does it run the bundle's own, now
-verified, install.sh, which checks again with openssl and sha256sum, stages, installs into
-PREFIX/releases/VERSION, smoke-tests and switches PREFIX/current atomically. A failure at any
-step leaves the current release serving.
+The installed (trusted) code first copies the bundle into a new root-owned directory
+PREFIX/.upgrade.XXXX (0700; symlinks and special files refused, never followed), then verifies
+that copy: the signature against PREFIX/etc/trusted-key.pem (or a key-rotation statement signed
+by it), every file's size and SHA-256, the product, the CPU architecture and the sequence
+(rollback protection; `--allow-downgrade` is audited). Only then does it run the copy's own, now
+verified, install.sh (from the copy, with an empty environment; the stick is never read again),
+which checks again with openssl and sha256sum, stages, installs into PREFIX/releases/VERSION,
+smoke-tests and switches PREFIX/current atomically. A failure at any step leaves the current
+release serving. See ADR 0010.
 
 Trust state lives in root-owned files under PREFIX, not in the catalog: etc/trusted-key.pem,
 etc/sequence (a high-water mark that never goes down) and etc/product.
@@ -19,8 +21,12 @@ from __future__ import annotations
 
 import os
 import platform
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -39,6 +45,8 @@ from bundler.manifest import (
 )
 
 DEFAULT_PREFIX = Path("/opt/airlock")
+# install.sh runs with this environment only: nothing from the caller's shell reaches it.
+_INSTALL_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
 def install_prefix() -> Path:
@@ -83,12 +91,66 @@ def verify_for_upgrade(bundle: Path, prefix: Path, *, allow_downgrade: bool) -> 
     return manifest
 
 
+def stage_bundle(bundle: Path, prefix: Path) -> Path:
+    """Copy `bundle` into a new private directory under `prefix`; the copy is what gets verified and run.
+
+    Only directories and regular files are copied: a symlink or special file is refused (and a
+    file swapped for a FIFO or link while we copy is caught by O_NOFOLLOW and fstat), so nothing
+    outside the bundle is read and nothing blocks.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=".upgrade.", dir=prefix))  # 0700, ours
+    try:
+        for root, dirs, files in os.walk(bundle):
+            rel = Path(root).relative_to(bundle)
+            for name in sorted(dirs):
+                if (Path(root) / name).is_symlink():
+                    raise BundleError(f"{rel / name}: is a symlink; bundles hold regular files only",
+                                      hint="copy the bundle again from the source")
+                (stage / rel / name).mkdir(mode=0o700)
+            for name in files:
+                _copy_regular(Path(root) / name, stage / rel / name, rel / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def _copy_regular(source: Path, dest: Path, shown: Path) -> None:
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BundleError(f"{shown}: cannot be read as a regular file ({exc.strerror})",
+                          hint="bundles hold regular files only; copy the bundle again from the source") from None
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise BundleError(f"{shown}: is a special file; bundles hold regular files only",
+                              hint="copy the bundle again from the source")
+        # 0644 like the stick's files: the directory (0700) keeps others out; install.sh copies them on.
+        with open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
 def _require_admin() -> None:
-    """Upgrades and rollbacks are an admin's: once a vault (and so accounts) exists, log in first."""
+    """Upgrades and rollbacks are an admin's: once a vault (and so accounts) exists, log in first.
+
+    Sessions live in the key agents of the service account that owns AIRLOCK_HOME (ADR 0010); root
+    (which an upgrade needs) asks through a copy of this check run as that account.
+    """
     from appliance.access import require
     from appliance.catalog import open_catalog
     from appliance.paths import airlock_home
 
+    home = airlock_home()
+    owner = home.stat().st_uid if home.exists() else os.geteuid()
+    if os.geteuid() == 0 and owner != 0:
+        account = pwd.getpwuid(owner)
+        check = subprocess.run(
+            ["setpriv", f"--reuid={owner}", f"--regid={account.pw_gid}", "--init-groups", "--no-new-privs", "--",
+             sys.executable, "-I", "-m", "appliance.cli", "upgrade", "--check-admin"],
+            env={**_INSTALL_ENV, "HOME": str(home), "AIRLOCK_HOME": str(home)}, cwd=home, check=False)
+        if check.returncode != 0:
+            raise SystemExit(check.returncode)  # the check printed its own error line
+        return
     db = open_catalog()
     try:
         require(db, airlock_home(), "release.upgrade", unless_no_vault=True)
@@ -158,16 +220,20 @@ def rollback(prefix: Path) -> tuple[str, str]:
               help="Install prefix (default: AIRLOCK_PREFIX or the running release's).")
 @click.option("--python", "python_exe", default=None, help="Python interpreter for the new release's venv.")
 @click.option("--record", type=click.Path(path_type=Path), hidden=True)
+@click.option("--check-admin", is_flag=True, hidden=True)
 @click.option("--action", type=click.Choice(["release.install", "release.upgrade", "release.downgrade"]),
               default="release.install", hidden=True)
 def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefix: Path | None,
-            python_exe: str | None, record: Path | None, action: str) -> None:
+            python_exe: str | None, record: Path | None, check_admin: bool, action: str) -> None:
     """Verify and install a newer bundle, or roll back to the previous release."""
     from appliance.paths import airlock_home
 
     prefix = (prefix or install_prefix()).absolute()
     if record is not None:
         record_install(record, action, prefix)
+        return
+    if check_admin:
+        _require_admin()
         return
     if do_rollback == (bundle is not None):
         raise AirlockError("give a bundle directory or --rollback (one of them)",
@@ -179,11 +245,20 @@ def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefi
         click.echo(f"rolled back: {prefix / 'current'} -> {new} (was {old})")
         return
     assert bundle is not None
-    manifest = verify_for_upgrade(bundle, prefix, allow_downgrade=allow_downgrade)
+    _read_state(prefix)  # a clear error before copying gigabytes when this is no install
+    stage = stage_bundle(bundle.absolute(), prefix)
+    try:
+        _verify_and_run(stage, prefix, airlock_home(), allow_downgrade=allow_downgrade, python_exe=python_exe)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _verify_and_run(stage: Path, prefix: Path, home: Path, *, allow_downgrade: bool, python_exe: str | None) -> None:
+    manifest = verify_for_upgrade(stage, prefix, allow_downgrade=allow_downgrade)
     click.echo(f"verified with the installed key: {manifest.product} {manifest.version} (sequence "
-               f"{manifest.sequence}); running its install.sh")
-    command = ["/bin/sh", str(bundle / "install.sh"), "--trust", manifest.signer, "--prefix", str(prefix),
-               "--home", str(airlock_home())]
+               f"{manifest.sequence}); running its install.sh from the verified copy {stage}")
+    command = ["/bin/sh", str(stage / "install.sh"), "--trust", manifest.signer, "--prefix", str(prefix),
+               "--home", str(home)]
     units_dir = prefix / "etc" / "units-dir"
     if units_dir.is_file():
         command += ["--units-dir", units_dir.read_text().strip()]
@@ -191,7 +266,7 @@ def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefi
         command.append("--allow-downgrade")
     if python_exe:
         command += ["--python", python_exe]
-    result = subprocess.run(command, check=False)
+    result = subprocess.run(command, check=False, cwd=stage, env=_INSTALL_ENV)
     if result.returncode != 0:
         raise AirlockError(f"install.sh of {manifest.version} failed (exit {result.returncode}); the current "
                            "release is unchanged", hint="read its REFUSED line above")

@@ -57,7 +57,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def recipe_fields(cls: type) -> list[RecipeField]:
     from appliance.train import recipe
 
-    choices = {"schedule": recipe.SCHEDULES, "precision": recipe.PRECISIONS}
+    choices = {"schedule": recipe.SCHEDULES, "precision": recipe.PRECISIONS, "quantization": recipe.QUANTIZATIONS}
     docs = field_docs(cls)
     out = []
     for f in dataclasses.fields(cls):

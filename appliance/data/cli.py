@@ -333,4 +333,11 @@ def data_delete(name: str, yes: bool) -> None:
         if typed != name:
             raise DataError("the name did not match; nothing was deleted", hint=f"type {name} exactly, or pass --yes")
     count = delete_dataset(db, airlock_home(), ds.name)
+    from appliance.vault.store import shred_pending_note
+
+    note = shred_pending_note(db)
+    if note:
+        click.echo(f"dataset {name!r}: {count} records removed from the catalog and its files removed", err=True)
+        click.echo(note, err=True)
+        raise SystemExit(3)
     click.echo(f"deleted dataset {name!r}: {count} records; its key is destroyed and its files removed")

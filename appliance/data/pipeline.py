@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from appliance.data.formats import TEXT_FORMATS, ParseOptions, RecordProblem, de
 from appliance.data.pii import scrub_text
 from appliance.data.report import FileOutcome, FileTally, ImportReport
 from appliance.data.splits import SplitSpec, assign_split, settle_splits
-from appliance.data.walk import InputFile, walk_inputs
+from appliance.data.walk import SYMLINK_REASON, InputFile, walk_inputs
 
 FORMATS = ("auto", "jsonl", "json", "csv", "txt", "dicom", "images")
 PROFILES = ("general", "medical")
@@ -262,6 +264,8 @@ def _import_one(number: int, item: InputFile, fmt: str, kind: str, ctx: ImportCo
         return FileOutcome(number, item.rel, item.size, fmt, "rejected",
                            f"larger than {ctx.options.max_image_file_mb} MiB (e.g. a long cine loop); export "
                            "single frames, or raise --max-image-mb")
+    if _replaced_by_a_link(item):
+        return FileOutcome(number, item.rel, item.size, fmt, "rejected", SYMLINK_REASON)
     try:
         if fmt in TEXT_FORMATS:
             return _import_text_file(number, item, fmt, ctx)
@@ -288,6 +292,14 @@ def _import_one(number: int, item: InputFile, fmt: str, kind: str, ctx: ImportCo
         return FileOutcome(number, item.rel, item.size, fmt, "rejected",
                            f"could not be read: internal error ({type(exc).__name__} at "
                            f"{Path(frame.filename).name}:{frame.lineno}); please report it")
+
+
+def _replaced_by_a_link(item: InputFile) -> bool:
+    """The listing saw a regular file; a link put in its place since then is not followed either."""
+    try:
+        return stat.S_ISLNK(os.lstat(item.path).st_mode)
+    except OSError:
+        return False  # gone: the reader says so in its own words
 
 
 def _import_text_file(number: int, item: InputFile, fmt: str, ctx: ImportContext) -> FileOutcome:

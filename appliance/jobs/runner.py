@@ -108,7 +108,7 @@ def launch(job: Job) -> None:
     log_path = jobs_dir(home) / f"{job.id}.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        subprocess.Popen([sys.executable, "-m", "appliance.cli", "jobs", "run", job.id], stdin=subprocess.DEVNULL,
+        subprocess.Popen([sys.executable, "-I", "-m", "appliance.cli", "jobs", "run", job.id], stdin=subprocess.DEVNULL,
                          stdout=fd, stderr=fd, start_new_session=True, close_fds=True,
                          env={**os.environ, "AIRLOCK_HOME": str(home)})
     finally:

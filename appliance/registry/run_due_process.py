@@ -26,7 +26,7 @@ TIMEOUT_S = 3600
 def run_due_in_process(home: Path, *, task: str | None = None, force: bool = False,
                        timeout_s: float = TIMEOUT_S) -> list[DueRun]:
     """Run due schedules (or `task`'s, `force`d) in a child process; its error comes back as an AirlockError."""
-    command = [sys.executable, "-m", "appliance.cli", "schedule", "run-due", "--json"]
+    command = [sys.executable, "-I", "-m", "appliance.cli", "schedule", "run-due", "--json"]
     if task:
         command += ["--task", task]
     if force:

@@ -9,7 +9,8 @@
 
 Every request passes, in this order: API key (401 / revoked 401) -> body size (413) and time (408)
 -> JSON (400) -> model (404, 403 for a key limited to other tasks) -> admission (429 for the key,
-503 for the server, both with Retry-After) -> a worker thread. Responses name the model version
+503 for the server, both with Retry-After) -> a worker thread. `/v1/classify` takes its model from
+the query, so it checks model and admission before it reads (and buffers) the upload. Responses name the model version
 and backend (X-Airlock-Model: name@version, X-Airlock-Backend). Each request leaves one JSON log
 line: id, key name, endpoint, status, bytes in and out, tokens, latency. Never prompt or output
 text, never file contents: they may be patient data.
@@ -288,10 +289,10 @@ class _Api:
     # -- endpoints --------------------------------------------------------------------------------
 
     async def metrics(self, request: Request, exchange: Exchange) -> Response:
-        self._authenticate(request, exchange)
+        key = self._authenticate(request, exchange)
         admission = self.state.admission
         text = self.state.metrics.render(self.state.table.all(), admission.admitted if admission else 0,
-                                         admission.running if admission else 0)
+                                         admission.running if admission else 0, allows=key.allows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request, exchange: Exchange) -> Response:
@@ -436,9 +437,15 @@ class _Api:
     async def classify(self, request: Request, exchange: Exchange) -> Response:
         key = self._authenticate(request, exchange)
         name = request.query_params.get("model")
-        body = await self._read_body(request, exchange, self.limits.max_classify_body_bytes)
+        # Model and admission before the body: a client without a slot never gets to make the
+        # server buffer an upload (up to max_classify_body_bytes) while it waits.
         model = self._model(key, name, "classifier", exchange)
         ticket = await self._start(key)
+        try:
+            body = await self._read_body(request, exchange, self.limits.max_classify_body_bytes)
+        except BaseException:
+            ticket.release()
+            raise
 
         def run() -> tuple[list[float], str]:
             pixels, kind = decode_upload(body, size=model.image_size, channels=model.backend.channels,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -60,8 +60,12 @@ class Metrics:
         with self._lock:
             self.loads[(model, "ok" if ok else "failed")] += 1
 
-    def render(self, models: Iterable[Any], inflight: int, running: int) -> str:
+    def render(self, models: Iterable[Any], inflight: int, running: int, *,
+               allows: Callable[[str], bool] = lambda name: True) -> str:
+        """Prometheus text. `allows(model name)`: per-model series only for models the asking key may
+        use (a key limited to one task learns nothing about the others)."""
         lines: list[str] = []
+        models = [m for m in models if allows(m.name)]
 
         def family(name: str, kind: str, help_text: str) -> None:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
@@ -85,9 +89,13 @@ class Metrics:
                 lines.append(f"airlock_request_duration_seconds_count{_labels(endpoint=endpoint)} {count}")
             family("airlock_tokens_total", "counter", "Tokens processed, by model and type (prompt/completion).")
             for (model, kind), n in sorted(self.tokens.items()):
+                if not allows(model):
+                    continue
                 lines.append(f"airlock_tokens_total{_labels(model=model, type=kind)} {n}")
             family("airlock_model_loads_total", "counter", "Model loads while serving (hot swap), by result.")
             for (model, result), n in sorted(self.loads.items()):
+                if not allows(model):
+                    continue
                 lines.append(f"airlock_model_loads_total{_labels(model=model, result=result)} {n}")
         family("airlock_model_info", "gauge", "The version and backend serving each model (value 1).")
         for m in sorted(models, key=lambda m: m.name):

@@ -8,7 +8,9 @@ augmentation (flip, small rotation, intensity) runs on the fly with a seeded gen
 stopping watches the validation ROC AUC. Metrics: accuracy, per-class sensitivity/specificity,
 ROC AUC (one-vs-rest, macro), confusion matrix. A metric a split cannot give (AUC on images of one
 class, anything on an empty split) is "not measured": NaN inside, None in `to_dict`, and a
-validation split that gives no AUC turns early stopping off rather than stopping on noise.
+validation split that gives no AUC turns early stopping off rather than stopping on noise. With
+early stopping on, the weights returned are those of the best validation AUC, not the last.
+Trains on the GPU when the job sees one, else on the CPU.
 """
 
 from __future__ import annotations
@@ -209,11 +211,12 @@ def predict(model: Any, images: Any, batch_size: int = 64) -> Any:
 
     model.eval()
     channels = model.config.num_channels
+    device = next(model.parameters()).device
     outputs = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            chunk = _fit_channels(images[start:start + batch_size].float(), channels)
-            outputs.append(model(pixel_values=chunk).logits.softmax(-1))
+            chunk = _fit_channels(images[start:start + batch_size].float(), channels).to(device)
+            outputs.append(model(pixel_values=chunk).logits.float().softmax(-1).cpu())
     model.train()
     return torch.cat(outputs)
 
@@ -234,12 +237,15 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
     images, targets = train
     if images.shape[0] == 0:
         raise AirlockError("the training split is empty", hint="import more images or check the dataset's splits")
+    # On a GPU when the job sees one (the job narrowed CUDA_VISIBLE_DEVICES to its device); images
+    # stay in host memory and are augmented there, one batch at a time goes to the GPU.
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model = load_classifier(base, len(labels), recipe.seed)
     if init_state is not None:
         model.load_state_dict(init_state)
-    model.train()
+    model.to(device).train()
     counts = torch.bincount(targets, minlength=len(labels)).float()
-    weight = (counts.sum() / (len(labels) * counts.clamp(min=1))) if recipe.class_weighting else None
+    weight = (counts.sum() / (len(labels) * counts.clamp(min=1))).to(device) if recipe.class_weighting else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     ewc = None
     if recipe.ewc_lambda:
@@ -252,13 +258,15 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         chunks = [(old_images[i:i + recipe.batch_size], old_targets[i:i + recipe.batch_size])
                   for i in range(0, old_images.shape[0], recipe.batch_size)]
         ewc = estimate_ewc(model, recipe.ewc_lambda, chunks, lambda c: torch.nn.functional.cross_entropy(
-            model(pixel_values=_fit_channels(c[0].float(), model.config.num_channels)).logits, c[1]))
+            model(pixel_values=_fit_channels(c[0].float(), model.config.num_channels).to(device)).logits,
+            c[1].to(device)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, recipe.max_steps) / recipe.max_steps)))
     generator = torch.Generator().manual_seed(recipe.seed)
     result = ClassifierResult(steps=0)
     state = {"step": 0, "best": None, "bad": 0}
+    best_state: dict[str, Any] | None = None  # early stopping ships these weights, not the last ones
     # No validation AUC (no images, or one class only): train the full schedule without early stopping.
     validate = val[0].shape[0] > 0 and auc_measurable(val[1], len(labels))
 
@@ -269,6 +277,7 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         generator.set_state(blob["generator"])
+        best_state = blob.get("best_model")
         state, result.train_losses, result.val_aucs = blob["state"], blob["losses"], blob["val_aucs"]
 
     def save() -> None:
@@ -276,6 +285,7 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
             buffer = io.BytesIO()
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "state": state,
+                        "best_model": best_state,
                         "losses": result.train_losses, "val_aucs": result.val_aucs}, buffer)
             checkpoints.write_bytes("classifier.pt", buffer.getvalue())
 
@@ -284,8 +294,8 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
         batch = images[index].float()
         if recipe.augment:
             batch = augment(batch, generator, recipe.max_rotation_deg)
-        logits = model(pixel_values=_fit_channels(batch, model.config.num_channels)).logits
-        loss = loss_fn(logits, targets[index])
+        logits = model(pixel_values=_fit_channels(batch, model.config.num_channels).to(device)).logits
+        loss = loss_fn(logits, targets[index].to(device))
         loss.backward()
         if ewc is not None:
             ewc.add_gradient(model)
@@ -301,6 +311,8 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
                 result.val_aucs.append((state["step"], auc))
                 if state["best"] is None or auc > state["best"]:
                     state["best"], state["bad"] = auc, 0
+                    if recipe.early_stopping_patience:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 else:
                     state["bad"] += 1
             save()
@@ -315,7 +327,10 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
             break
     result.steps = state["step"]
     result.best_val_auc = state["best"]
-    if test is not None and test[0].shape[0] and (result.steps >= recipe.max_steps or result.stopped_early):
+    finished = result.steps >= recipe.max_steps or result.stopped_early  # not paused by a stop request
+    if finished and best_state is not None:
+        model.load_state_dict(best_state)  # the weights whose validation AUC is reported
+    if test is not None and test[0].shape[0] and finished:
         result.test = classification_metrics(predict(model, test[0]), test[1], labels)
     result.ewc = ewc.summary() if ewc is not None else None
     result.state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}

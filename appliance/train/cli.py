@@ -71,10 +71,48 @@ def _start_options(func):
 
 @train.command("lm")
 @_start_options
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the memory plan (weights, adapter, optimizer, activations, logits vs free memory) and "
+                   "exit: 0 if it fits, 2 if not. Reads only the base model's config.json.")
 def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
-             nproc: int | None, wait: bool, task: str | None, as_json: bool) -> int:
+             nproc: int | None, wait: bool, task: str | None, as_json: bool, plan_only: bool) -> int:
     """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
+    if plan_only:
+        return _print_plan(base, recipe_path, device, nproc, as_json)
     return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc)
+
+
+def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: int | None, as_json: bool) -> int:
+    from appliance.base_models import resolve_base_model
+    from appliance.train import runs
+    from appliance.train.memory_plan import plan_for
+    from appliance.train.recipe import load_recipe
+
+    if not base:
+        raise runs.RunError("`airlock train lm --plan` needs --base",
+                            hint="e.g. airlock train lm --plan --base tiny-deepseek-r1 --recipe recipe.toml")
+    if not _valid_device(device):
+        raise runs.RunError(f"--device {device!r} is not auto, cpu or cuda:N", hint="e.g. --device cuda:0")
+    model = resolve_base_model(base)
+    recipe = load_recipe(recipe_path)
+    if device == "auto":
+        import torch
+
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    world = nproc or (len(device.split(",")) if device.startswith("cuda:") else 1)
+    device = device.split(",")[0]  # every rank holds the same: plan the first
+    plan = plan_for(model, recipe, device=device, world=world)
+    if plan is None:
+        click.echo(f"no memory plan for {model.architecture} (the planner models dense Qwen2/Llama decoders)")
+        return 0
+    if as_json:
+        echo_json({"base": model.name, "world": world, **plan.to_dict()})
+    else:
+        click.echo(f"memory plan: {model.name}, {recipe.batch_size} x {recipe.max_length} tokens per micro-batch, "
+                   f"precision {recipe.precision}, quantization {recipe.quantization}, per process ({world})")
+        for line in plan.lines():
+            click.echo(f"  {line}")
+    return 0 if plan.fits else 2
 
 
 @train.command("classifier")

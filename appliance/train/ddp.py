@@ -90,7 +90,7 @@ def supervise_ranks(ctx: JobContext, run: Run, nproc: int) -> dict[str, Any]:
     me = os.getpid()
     env = {**os.environ, "AIRLOCK_HOME": str(ctx.home), SUPERVISOR_ENV: f"{me}:{process_start_time(me)}"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores, shared
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+    command = [sys.executable, "-I", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", ctx.job.id,
                "--max-restarts", "0", "--log-dir", str(ranks_dir / "torchrun"),
                "-m", RANK_MODULE, ctx.job.id, str(ranks_dir)]
@@ -99,7 +99,9 @@ def supervise_ranks(ctx: JobContext, run: Run, nproc: int) -> dict[str, Any]:
     sys.stdout.flush()
     sys.stderr.flush()
     # stdout and stderr stay the job's log (0600): torchrun's and the ranks' lines land there.
-    torchrun = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+    # cwd: the ranks are `python -u -m` children of torchrun (not -I), so they start in the job's own 0700 folder,
+    # never in a directory someone could plant an `appliance/` package in.
+    torchrun = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env, cwd=ranks_dir, start_new_session=True,
                                 preexec_fn=_die_with_parent)  # the supervisor runs no threads
     signalled: set[int] = set()
     try:

@@ -337,6 +337,7 @@ def _train_lm(ctx: JobContext, run: Run, *, rank: int | None = None) -> dict[str
         "train_losses": _curve([(i + 1, v) for i, v in enumerate(result.train_losses)]),
         "truncated_examples": result.truncated_examples, "records": counts,
         "peak_memory_mb": round(peak, 1), "memory": where,
+        "planned_memory_mb": round(result.memory_plan["total"] / 2**20, 1) if result.memory_plan else None,
         "test": result.test.metrics() if result.test is not None else None}
     if result.steps < result.total_steps and not result.stopped_early:
         # A rank 0 whose supervising job process died (kill -9) leaves the run `running`: the catalog's

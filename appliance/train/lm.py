@@ -3,14 +3,22 @@
     result = train_lora(resolve_base_model("tiny-deepseek-r1"), train_records, val_records, LoraRecipe())
 
 The job runner wraps this (process, progress events, vault-backed checkpoints); this module
-only needs records, a recipe and somewhere to put checkpoints. Runs on CPU in fp32, on GPUs in
-bf16 autocast where supported. Resuming from a checkpoint continues exactly: the data order
-is a pure function of (seed, epoch) and the checkpoint holds the step, optimizer, scheduler
-and RNG states.
+only needs records, a recipe and somewhere to put checkpoints.
+
+Precision (`precision_of`): the frozen base weights load in bf16 on GPUs (fp16 with a gradient
+scaler where bf16 is unsupported; 4-bit NF4 with `quantization = "nf4"`), in fp32 on CPU unless the
+recipe asks for bf16; LoRA weights and AdamW state are always fp32. A memory plan
+(train/memory_plan.py) is checked before anything loads.
+
+Resuming from a checkpoint continues exactly: the data order is a pure function of (seed, epoch)
+and the checkpoint holds the step, optimizer, scheduler, gradient scaler and RNG states (CPU and
+CUDA). With early stopping on, the adapter returned is the best-validation one, and the test split
+is evaluated whenever training ended (finished or stopped early), never skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
@@ -62,6 +70,10 @@ class TrainResult:
     """EWC numbers (lambda, Fisher statistics, last penalty) when the recipe turned it on."""
     test: Any = None
     """EvalReport on the test split, when test records were given."""
+    memory_plan: dict[str, Any] | None = None
+    """The memory plan this run was admitted with (train/memory_plan.py), None where not modelled."""
+    micro_batches: dict[int, int] = field(default_factory=dict)
+    """Micro-batches this process ran per epoch (equal on every rank under DDP)."""
     adapter_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -86,6 +98,21 @@ def make_batches(examples: list[Example], recipe: LoraRecipe, pad_id: int, order
     return list(padded_batches(examples, recipe.batch_size, pad_id))
 
 
+def epoch_batches(examples: list[Example], recipe: LoraRecipe, pad_id: int, epoch: int, count: int) -> list[MicroBatch]:
+    """Exactly `count` micro-batches for `epoch` (shuffled by seed and epoch).
+
+    Packing a shuffled order can give a few rows more or fewer than the unshuffled packing that
+    fixed the steps per epoch: extra rows wait for the next epoch's shuffle, and a short epoch
+    repeats its first rows. Every epoch then has the same number of full steps, so under DDP every
+    rank runs the same number of forward/backward passes (a rank with one fewer would hang the
+    others' all-reduce).
+    """
+    batches = make_batches(examples, recipe, pad_id, order_seed=recipe.seed * 1000 + epoch)
+    if len(batches) >= count:
+        return batches[:count]
+    return [batches[i % len(batches)] for i in range(count)]
+
+
 def lr_multiplier(step: int, total: int, recipe: LoraRecipe) -> float:
     warmup = int(total * recipe.warmup_ratio)
     if step < warmup:
@@ -96,21 +123,51 @@ def lr_multiplier(step: int, total: int, recipe: LoraRecipe) -> float:
     return max(0.0, 1.0 - progress) if recipe.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _device_and_dtype(recipe: LoraRecipe) -> tuple[str, Any]:
+@dataclass(frozen=True)
+class Precision:
+    """How one run computes: where, the frozen base weights' dtype, autocast, loss scaling, 4-bit."""
+
+    device: str
+    weights: str
+    """torch dtype name of the frozen base weights: float32, bfloat16 or float16."""
+    autocast: Any
+    """torch dtype for autocast, or None (plain fp32)."""
+    grad_scaler: bool
+    """fp16: scale the loss so small gradients do not underflow (torch.amp.GradScaler)."""
+    nf4: bool = False
+
+
+def precision_of(recipe: LoraRecipe, cuda: bool | None = None, bf16_supported: bool | None = None) -> Precision:
+    """The recipe's precision on this machine (or on the one described by `cuda`/`bf16_supported`)."""
     import torch
 
-    if not torch.cuda.is_available():
-        if recipe.precision in ("bf16", "fp16"):
-            raise AirlockError(f"precision {recipe.precision} needs a GPU; this machine has none",
-                               hint="use precision = \"auto\" or \"fp32\" on CPU")
-        return "cpu", None
-    if recipe.precision == "fp16":
-        return "cuda", torch.float16
-    if recipe.precision in ("bf16", "auto") and torch.cuda.is_bf16_supported():
-        return "cuda", torch.bfloat16
-    if recipe.precision == "bf16":
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        if recipe.quantization == "nf4":
+            raise AirlockError("QLoRA (quantization = \"nf4\") needs a CUDA GPU; this machine has none",
+                               hint="on CPU use quantization = \"none\" (with precision = \"bf16\" to halve memory)")
+        if recipe.precision == "fp16":
+            raise AirlockError("precision fp16 needs a GPU; this machine has none",
+                               hint="use precision = \"auto\", \"bf16\" or \"fp32\" on CPU")
+        if recipe.precision == "bf16":
+            return Precision("cpu", "bfloat16", torch.bfloat16, False)
+        return Precision("cpu", "float32", None, False)  # auto: CPUs without bf16 units are slower in bf16
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    nf4 = recipe.quantization == "nf4"
+    if recipe.precision == "fp32":
+        return Precision("cuda", "float32", None, False)
+    if recipe.precision == "bf16" and not bf16_supported:
         raise AirlockError("this GPU does not support bf16", hint="use precision = \"auto\" or \"fp16\"")
-    return "cuda", None
+    if recipe.precision == "fp16" or not bf16_supported:
+        return Precision("cuda", "float16", torch.float16, True, nf4)
+    return Precision("cuda", "bfloat16", torch.bfloat16, False, nf4)
+
+
+def _device_and_dtype(recipe: LoraRecipe) -> tuple[str, Any]:
+    precision = precision_of(recipe)
+    return precision.device, precision.autocast
 
 
 def evaluate_loss(model: Any, batches: list[MicroBatch], device: str, autocast_dtype: Any) -> float:
@@ -138,17 +195,46 @@ def build_lora_model(base: BaseModel, recipe: LoraRecipe) -> tuple[Any, Any]:
 
     from appliance.base_models import load_causal_lm
 
+    precision = precision_of(recipe)
     torch.manual_seed(recipe.seed)
-    lm, tokenizer = load_causal_lm(base)
+    lm, tokenizer = load_causal_lm(base, dtype=precision.weights, nf4=precision.nf4)
+    if precision.nf4:
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=recipe.gradient_checkpointing,
+                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = select_targets(lm, recipe)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
                         target_modules=list(targets.modules), target_parameters=list(targets.parameters) or None,
                         bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(lm, config)
+    model = get_peft_model(lm, config, autocast_adapter_dtype=True)
+    for parameter in model.parameters():  # LoRA weights (and so AdamW's state) in fp32, whatever the base
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
     if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def rng_states() -> dict[str, Any]:
+    """The RNG states a checkpoint needs for an exact resume: CPU always, every CUDA device when present."""
+    import torch
+
+    states: dict[str, Any] = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(blob: dict[str, Any]) -> None:
+    """Put back what `rng_states` saved; CUDA states only where this machine has the same GPUs."""
+    import torch
+
+    torch.set_rng_state(blob["rng"])
+    cuda_states = blob.get("cuda_rng")
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _distributed() -> tuple[int, int]:
@@ -160,6 +246,16 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device() -> Any:
+    """Where the process group's tensors must live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _agree(flag: bool) -> bool:
     """Under torchrun every rank must stop at the same step: stop if any rank wants to."""
     import torch
@@ -167,7 +263,7 @@ def _agree(flag: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    value = torch.tensor([1 if flag else 0])
+    value = torch.tensor([1 if flag else 0], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
@@ -194,16 +290,22 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     rank, world = _distributed()
-    device, autocast_dtype = _device_and_dtype(recipe)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{rank % torch.cuda.device_count()}"
+    precision = precision_of(recipe)
+    device, autocast_dtype = precision.device, precision.autocast
+    if device == "cuda":
+        device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda:0"
+    from appliance.train.memory_plan import check_plan
+
+    plan = check_plan(base, recipe, device=device, world=world)  # refuses before any weight is loaded
     model, tokenizer = build_lora_model(base, recipe)
     if init_adapter is not None:
         loaded = set_peft_model_state_dict(model, init_adapter)
         if getattr(loaded, "unexpected_keys", None):
             raise AirlockError("the adapter to continue from does not fit this recipe's LoRA structure",
                                hint="keep rank, alpha and target_modules of the parent run, or train fresh")
-    model.to(device).train()
+    if not precision.nf4:  # bitsandbytes placed the 4-bit weights already
+        model.to(device)
+    model.train()
     ewc = None
     if recipe.ewc_lambda:  # before DDP wraps the model: the Fisher's backward passes are local to each rank
         from appliance.train.ewc import estimate_ewc, lm_batch_loss
@@ -230,9 +332,12 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, recipe))
-    result = TrainResult(steps=0, total_steps=total_steps, truncated_examples=sum(e.truncated for e in train_examples))
+    result = TrainResult(steps=0, total_steps=total_steps, truncated_examples=sum(e.truncated for e in train_examples),
+                         memory_plan=plan.to_dict() if plan is not None else None)
     state = {"step": 0, "best_val": None, "bad_evals": 0}
+    best_adapter: dict[str, Any] | None = None  # early stopping ships these weights, not the last ones
 
     saved = checkpoints.read_bytes(CHECKPOINT) if checkpoints else None
     if saved is not None:
@@ -240,7 +345,10 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         set_peft_model_state_dict(model, blob["adapter"])
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["rng"])
+        if blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
+        restore_rng(blob)
+        best_adapter = blob.get("best_adapter")
         state = blob["state"]
         result.train_losses, result.val_losses = blob["train_losses"], blob["val_losses"]
     elif val_batches:
@@ -252,39 +360,50 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             return
         buffer = io.BytesIO()
         torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "state": state,
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **rng_states(),
+                    "best_adapter": best_adapter, "state": state,
                     "train_losses": result.train_losses, "val_losses": result.val_losses,
                     "recipe": recipe.to_dict()}, buffer)
         checkpoints.write_bytes(CHECKPOINT, buffer.getvalue())
 
     started, tokens_seen = time.perf_counter(), 0
     first_step = state["step"]
+    epoch_cache: dict[int, list[MicroBatch]] = {}
     while state["step"] < total_steps:
         step = state["step"]
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        batches = make_batches(train_examples, recipe, tokenizer.pad_token_id, order_seed=recipe.seed * 1000 + epoch)
-        group = batches[index_in_epoch * per_step:(index_in_epoch + 1) * per_step]
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: epoch_batches(train_examples, recipe, tokenizer.pad_token_id, epoch,
+                                                steps_per_epoch * per_step)}
+        group = epoch_cache[epoch][index_in_epoch * per_step:(index_in_epoch + 1) * per_step]
         step_tokens = sum(b.label_tokens for b in group) or 1
         loss_sum = 0.0
         device_type = "cuda" if device.startswith("cuda") else "cpu"
+        mine = group[rank::world]
+        result.micro_batches[epoch] = result.micro_batches.get(epoch, 0) + len(mine)
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            for batch in group[rank::world]:
+            for index, batch in enumerate(mine):
                 inputs = {k: v.to(device) for k, v in batch.tensors().items()}
-                # Token-weighted over the whole step (all ranks), not a mean of micro-batch means;
-                # DDP averages gradients over ranks, hence the x world.
-                loss = forward(**inputs, use_cache=False).loss * (batch.label_tokens / step_tokens * world)
-                loss.backward()
+                # Gradients are all-reduced once per step, on the rank's last micro-batch, not on each.
+                last = index == len(mine) - 1
+                with contextlib.nullcontext() if world == 1 or last else forward.no_sync():
+                    # Token-weighted over the whole step (all ranks), not a mean of micro-batch means;
+                    # DDP averages gradients over ranks, hence the x world.
+                    loss = forward(**inputs, use_cache=False).loss * (batch.label_tokens / step_tokens * world)
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item() / world
                 tokens_seen += batch.real_tokens
         if world > 1:
-            total = torch.tensor([loss_sum])
+            total = torch.tensor([loss_sum], device=_collective_device())
             torch.distributed.all_reduce(total)
             loss_sum = total.item()
+        scaler.unscale_(optimizer)  # a no-op unless fp16: EWC and clipping see true gradients
         if ewc is not None:
             ewc.add_gradient(model)
         if recipe.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
@@ -296,6 +415,9 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             result.val_losses.append((state["step"], val_loss))
             if state["best_val"] is None or val_loss < state["best_val"]:
                 state["best_val"], state["bad_evals"] = val_loss, 0
+                if recipe.early_stopping_patience:
+                    best_adapter = {k: v.detach().to("cpu", copy=True)
+                                    for k, v in get_peft_model_state_dict(model).items()}
             else:
                 state["bad_evals"] += 1
             save_checkpoint()
@@ -312,7 +434,10 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             save_checkpoint()
             break
 
-    if test_records and state["step"] >= total_steps and rank == 0:
+    finished = state["step"] >= total_steps or result.stopped_early  # not paused by a stop request
+    if finished and best_adapter is not None:
+        set_peft_model_state_dict(model, best_adapter)  # the weights whose validation loss is reported
+    if test_records and finished and rank == 0:
         from appliance.train.evaluate import evaluate_lm
 
         test_examples = encode(tokenizer, test_records, recipe.max_length, "test")

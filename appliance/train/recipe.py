@@ -6,9 +6,10 @@
     lr = 2e-4
     max_steps = 200
 
-Defaults train the tiny demo model on two CPU cores in about a minute and are sane for a 7B
-model on one 80 GB GPU (raise `batch_size`/`max_length` there). Unknown keys are refused:
-a typo must not silently fall back to a default.
+Defaults are sane for DeepSeek-R1-Distill models on one GPU: rows of 4,096 tokens (R1 reasoning
+traces are long), bf16 base weights on GPUs, fp32 LoRA weights and optimizer state. The memory
+plan (train/memory_plan.py) checks them against the device before anything loads. Unknown keys
+are refused: a typo must not silently fall back to a default.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from appliance.errors import AirlockError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+QUANTIZATIONS = ("none", "nf4")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -50,16 +52,21 @@ class LoraRecipe:
     """Passes over the training split; `max_steps` wins when set."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (1-1,000,000); None = use `epochs`."""
-    batch_size: int = 4
+    batch_size: int = 1
     """Packed rows per micro-batch (1-1024)."""
     grad_accumulation: int = 1
     """Micro-batches per optimizer step (1-1024)."""
-    max_length: int = 512
-    """Tokens per packed row; longer examples are truncated and counted (16-131072)."""
+    max_length: int = 4096
+    """Tokens per packed row (16-131072); a longer example loses its oldest turns, then the start of
+    its prompt, never its final answer, and is counted."""
     packing: bool = True
     """Padding-free packing: examples concatenated, attention kept within each example."""
     precision: str = "auto"
-    """auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32."""
+    """Dtype of the frozen base weights and of autocast: auto (GPU: bf16, or fp16 with loss scaling
+    where bf16 is unsupported; CPU: fp32), bf16, fp16 (GPU only, with a gradient scaler) or fp32.
+    LoRA weights and optimizer state are always fp32."""
+    quantization: str = "none"
+    """none, or nf4: QLoRA, the base weights in 4-bit NF4 through bitsandbytes (CUDA GPUs only)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory on large models."""
     eval_every: int = 50
@@ -99,6 +106,12 @@ class LoraRecipe:
         if self.precision not in PRECISIONS:
             raise RecipeError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}",
                               hint="use auto: bf16 where the GPU supports it, fp32 on CPU")
+        if self.quantization not in QUANTIZATIONS:
+            raise RecipeError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}",
+                              hint="use none, or nf4 for QLoRA on a CUDA GPU")
+        if self.quantization == "nf4" and self.precision == "fp32":
+            raise RecipeError("quantization nf4 computes in bf16 or fp16, not fp32",
+                              hint='use precision = "auto" with quantization = "nf4"')
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != "auto":

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 KIND = "token-cache"
 # Bump when encode_record's output for the same input changes: old caches are then simply not found.
-ENCODER_VERSION = "sft-encode/v1"
+ENCODER_VERSION = "sft-encode/v2"  # v2: the last reply keeps its reasoning; truncation keeps the answer
 
 
 def cache_object_id(dataset_id: str, version_hashes: Sequence[str], tokenizer_hash: str, max_length: int) -> str:

@@ -10,6 +10,16 @@ Any key request restarts the idle timer; at expiry, on `lock` or on SIGTERM it w
 removes the socket and exits: the process exit is what really clears the memory. Core dumps are
 disabled before the key is read.
 
+Before answering `status` or a key request the agent checks, in the catalog, that its session
+still stands (ADR 0012): the account is active, the slot it was opened with still exists, and its
+root key still opens the active KEK (after `vault rekey` it does not); it also checks every
+REVOCATION_POLL_S seconds while idle. If not, it refuses, wipes the key and exits: disabling an
+account or removing a slot ends its sessions within seconds, whichever OS user runs them.
+
+One agent per vault and OS user: the agent holds an exclusive lock on `agent-<hash>.lock` for its
+whole life, and `vault unlock` holds `agent-<hash>.unlock` while it replaces an agent, so two
+unlocks racing cannot leave an unreachable agent holding the key.
+
 The socket lives in $XDG_RUNTIME_DIR/airlock or /tmp/airlock-<uid>, named after a hash of
 AIRLOCK_HOME: short enough for the 107-byte sun_path limit wherever AIRLOCK_HOME lies, and one
 agent per vault.
@@ -20,12 +30,14 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import select
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -40,6 +52,10 @@ from appliance.vault.keys import LocalKeys, disable_core_dumps
 MAX_MESSAGE = 64 * 1024
 CLIENT_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 15.0
+LOCK_WAIT_S = 5.0
+REVOCATION_POLL_S = 2.0
+UNKNOWN = ""
+"""`session_revoked`'s answer when the catalog cannot be read just now."""
 DEFAULT_IDLE_TIMEOUT_S = 15 * 60
 KEY_OPS = ("new_kek", "new_dek", "unwrap_dek", "rewrap_dek")
 
@@ -67,6 +83,8 @@ class Identity:
     role: str
     session: str = "normal"
     origin: str = ""
+    slot_id: str = ""
+    """The key slot the unlock opened: the session ends when that slot is removed."""
 
 
 def runtime_dir() -> Path:
@@ -87,8 +105,42 @@ def runtime_dir() -> Path:
 
 
 def socket_path(home: Path) -> Path:
-    digest = hashlib.sha256(str(home.resolve()).encode("utf-8")).hexdigest()[:16]
-    return runtime_dir() / f"agent-{digest}.sock"
+    return runtime_dir() / f"agent-{_digest(home)}.sock"
+
+
+def _digest(home: Path) -> str:
+    return hashlib.sha256(str(home.resolve()).encode("utf-8")).hexdigest()[:16]
+
+
+def _lock_file(home: Path, suffix: str) -> int:
+    fd = os.open(runtime_dir() / f"agent-{_digest(home)}.{suffix}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _flock(fd: int, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def unlock_serialized(home: Path):
+    """Held by `vault unlock` while it checks, replaces and starts the agent: unlocks run one at a time."""
+    fd = _lock_file(home, "unlock")
+    try:
+        if not _flock(fd, START_TIMEOUT_S + LOCK_WAIT_S):
+            raise VaultError("another `airlock vault unlock` is still running for this vault",
+                             hint="wait for it to finish, then try again")
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- client side
@@ -121,6 +173,8 @@ class AgentClient:
         except ValueError:
             raise VaultError(f"the key agent at {self.path} sent a malformed reply",
                              hint="run `airlock vault lock`, then `airlock vault unlock`") from None
+        if answer.get("revoked"):  # the agent ended its session (and exits): the vault is locked for us
+            raise VaultLockedError(str(answer.get("error", "vault is locked")), hint=str(answer.get("hint", "")))
         if not answer.get("ok"):
             raise VaultError(str(answer.get("error", "the key agent refused")), hint=str(answer.get("hint", "")))
         return answer
@@ -163,13 +217,12 @@ def agent_status(home: Path) -> AgentStatus | None:
 def start_agent(home: Path, root_key: bytes, vault_id: str, idle_timeout_s: int,
                 identity: Identity | None = None) -> AgentStatus:
     """Start a detached agent holding `root_key` (and who unlocked it) and wait until it listens."""
-    path = socket_path(home)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a killed agent (callers checked that none answers)
+    path = socket_path(home)  # the agent replaces a stale socket once it holds the instance lock
     identity = identity or Identity("", "")
-    command = [sys.executable, "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
+    command = [sys.executable, "-I", "-m", "appliance.vault.agent", "--home", str(home), "--socket", str(path),
                "--vault-id", vault_id, "--idle-timeout", str(idle_timeout_s), "--account", identity.account,
-               "--role", identity.role, "--session", identity.session, "--origin", identity.origin]
+               "--role", identity.role, "--session", identity.session, "--origin", identity.origin,
+               "--slot-id", identity.slot_id]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True, cwd="/")
     assert proc.stdin is not None
@@ -198,6 +251,11 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
           identity: Identity | None = None) -> str:
     """Answer requests until idle timeout or `lock`. Returns why it stopped."""
     keys = LocalKeys(root_key)
+    identity = identity or Identity("", "")
+    # Only the holder of the instance lock (main) gets here: a socket left at `path` is a killed
+    # agent's. Unlinking it earlier, before the lock, could cut a live agent off from its clients.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
     old_umask = os.umask(0o177)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -217,19 +275,28 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            server.settimeout(remaining)
+            server.settimeout(min(remaining, REVOCATION_POLL_S))
             try:
                 conn, _ = server.accept()
             except TimeoutError:
+                # Also without requests: a disabled account's agent (maybe another OS user's, out
+                # of the admin's reach) notices within REVOCATION_POLL_S and wipes its key.
+                why = session_revoked(home, keys, identity)
+                if why:  # None: still valid; UNKNOWN: ask again at the next poll or request
+                    reason = f"session_revoked: {why}"
+                    break
                 continue
             with conn:
-                op, reply = _handle(conn, keys, vault_id, idle_timeout_s, deadline, identity or Identity("", ""))
+                op, reply = _handle(conn, keys, vault_id, idle_timeout_s, deadline, identity, home)
                 if op in KEY_OPS and reply.get("ok"):
                     deadline = time.monotonic() + idle_timeout_s
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(reply).encode("utf-8") + b"\n")
             if op == "lock":
                 reason = "locked"
+                break
+            if op == "revoked":
+                reason = f"session_revoked: {reply['why']}"
                 break
     except SystemExit:
         reason = "terminated"
@@ -242,8 +309,51 @@ def serve(home: Path, path: Path, vault_id: str, idle_timeout_s: int, root_key: 
     return reason
 
 
+def session_revoked(home: Path, keys: LocalKeys, identity: Identity) -> str | None:
+    """Why this agent's session no longer stands, or None. Read straight from the catalog (read-only).
+
+    An account that was disabled, a slot that was removed, a vault that was re-keyed, a catalog
+    that is gone: each ends the session. A catalog that cannot be read just now (an I/O error, a
+    lock) returns UNKNOWN: the request is refused (fail closed) but the session is not ended, so
+    a passing hiccup does not log out a training job.
+    """
+    from appliance.catalog import CATALOG_FILENAME
+    from appliance.vault.keys import kek_aad, unwrap_key
+
+    path = home / CATALOG_FILENAME
+    if not path.is_file():
+        return "the catalog is gone"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return UNKNOWN
+    try:
+        if identity.session == "normal" and identity.account:
+            row = conn.execute("SELECT state, slot_id FROM users WHERE name = ?", [identity.account]).fetchone()
+            if row is None or row[0] != "active":
+                return f"the account {identity.account} was disabled"
+            if identity.slot_id and row[1] != identity.slot_id:
+                return f"the key slot of {identity.account} was replaced"
+        if identity.slot_id and conn.execute("SELECT 1 FROM vault_key_slots WHERE slot_id = ?",
+                                             [identity.slot_id]).fetchone() is None:
+            return f"the key slot {identity.slot_id} was removed"
+        kek = conn.execute("SELECT version, wrapped_kek FROM vault_keks WHERE state = 'active'"
+                           " ORDER BY version DESC LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return UNKNOWN
+    finally:
+        conn.close()
+    if kek is None:
+        return "the vault has no active KEK"
+    try:
+        unwrap_key(keys._root_key(), bytes(kek[1]), kek_aad(int(kek[0])), "the active KEK")
+    except VaultError:
+        return "the vault was re-keyed"
+    return None
+
+
 def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s: int,
-            deadline: float, identity: Identity) -> tuple[str, dict]:
+            deadline: float, identity: Identity, home: Path) -> tuple[str, dict]:
     conn.settimeout(CLIENT_TIMEOUT_S)
     _pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     if uid != os.getuid():
@@ -251,6 +361,16 @@ def _handle(conn: socket.socket, keys: LocalKeys, vault_id: str, idle_timeout_s:
     try:
         request = json.loads(_read_line(conn))
         op = str(request.get("op"))
+        if op in ("status", *KEY_OPS):
+            why = session_revoked(home, keys, identity)
+            if why == UNKNOWN:
+                return "error", {"ok": False, "error": "the key agent cannot read the catalog to check the session",
+                                 "hint": "check the catalog's file and disk (`airlock doctor`), then retry"}
+            if why is not None:
+                who = identity.account or "this agent"
+                return "revoked", {"ok": False, "revoked": True, "why": why,
+                                   "error": f"vault is locked: the session of {who} ended ({why})",
+                                   "hint": "log in again with `airlock vault unlock --user NAME`"}
         if op == "status":
             return op, {"ok": True, "vault_id": vault_id, "idle_timeout_s": idle_timeout_s, "pid": os.getpid(),
                         "seconds_left": max(0, round(deadline - time.monotonic())), "account": identity.account,
@@ -324,17 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", default="")
     parser.add_argument("--session", default="normal")
     parser.add_argument("--origin", default="")
+    parser.add_argument("--slot-id", default="")
     args = parser.parse_args(argv)
     root_key = sys.stdin.buffer.read(32)
     if len(root_key) != 32:
         return 2
+    # One agent per vault and OS user, held until this process exits (the kernel drops the lock).
+    # An agent told to lock may take a moment to exit: wait for it, never run beside it.
+    instance = _lock_file(args.home, "lock")
+    if not _flock(instance, LOCK_WAIT_S):
+        return 3
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reason = serve(args.home, args.socket, args.vault_id, max(1, args.idle_timeout), root_key,
-                   Identity(args.account, args.role, args.session, args.origin))
+                   Identity(args.account, args.role, args.session, args.origin, args.slot_id))
     del root_key
     if reason != "locked":  # `vault lock` writes its own row, with the operator as actor
         _audit_idle_lock(args.home, reason, args.account)
+    os.close(instance)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`airlock vault ...`: init, unlock/lock/status, passwd, add-slot, rotate, verify, delete.
+"""`airlock vault ...`: init, unlock/lock/status, passwd, add-slot, remove-slot, rekey, rotate, verify, delete.
 
 Kept light like appliance.cli: the crypto and catalog modules load inside the commands, so that
 `airlock --help` stays fast.
@@ -129,7 +129,12 @@ def vault_status(as_json: bool) -> None:
     agent = agent_status(home) if vault_id else None
     if agent is not None and agent.vault_id != vault_id:
         agent = None
-    counts = dict(db.execute("SELECT state, COUNT(*) FROM vault_deks GROUP BY state").fetchall())
+    from appliance.vault.store import finish_pending_shreds
+
+    # Shreds whose WAL checkpoint a reader blocked complete here once it has let go.
+    shreds_pending = finish_pending_shreds(db) if vault_id else []
+    # Data objects only: the audit anchor's seal key (kind 'audit') is the vault's own.
+    counts = dict(db.execute("SELECT state, COUNT(*) FROM vault_deks WHERE kind != 'audit' GROUP BY state").fetchall())
     kek = db.execute("SELECT MAX(version) FROM vault_keks WHERE state = 'active'").fetchone()[0]
     doc = {
         "initialized": vault_id is not None,
@@ -141,6 +146,7 @@ def vault_status(as_json: bool) -> None:
         "kek_version": kek,
         "slots": records.slot_summaries(db),
         "objects": {"active": counts.get("active", 0), "deleted": counts.get("shredded", 0)},
+        "shreds_pending": shreds_pending,
         "unlock_failures": records.unlock_failures(db)[0],
         "account": agent.account if agent else None,
         "role": agent.role if agent else None,
@@ -162,6 +168,10 @@ def vault_status(as_json: bool) -> None:
         click.echo(f"EMERGENCY ACCESS #{pending['id']} at {pending['started_at']} ({pending['origin']}) is not yet "
                    "acknowledged by an admin (`airlock users ack-emergency ID`)")
     click.echo(f"KEK version: {kek}; objects: {doc['objects']['active']} ({doc['objects']['deleted']} deleted)")
+    if shreds_pending:
+        from appliance.vault.store import shred_pending_note
+
+        click.echo(shred_pending_note(db))
     if doc["unlock_failures"]:
         click.echo(f"failed unlock attempts since the last success: {doc['unlock_failures']}")
     echo_table([(s["slot_id"], s["kind"], s["created_at"], s["created_by"]) for s in doc["slots"]],
@@ -225,6 +235,71 @@ def vault_add_slot(kind: str, passphrase_file: Path | None, recovery_key_file: P
         _print_recovery_key(recovery_text)
 
 
+@vault.command("remove-slot")
+@click.argument("slot_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def vault_remove_slot(slot_id: str, yes: bool) -> None:
+    """Destroy a key slot (recovery, machine, or an account's: that disables the account). Admin only.
+
+    The secret opens nothing in the current catalog afterwards; older catalog backups still hold
+    the slot: run `airlock vault rekey` so that they open nothing current either."""
+    from appliance.access import require
+    from appliance.catalog import open_catalog
+    from appliance.paths import ensure_home
+    from appliance.vault.revocation import remove_slot
+
+    home = ensure_home()
+    db = open_catalog()
+    session = require(db, home, "vault.remove_slot")
+    assert session is not None
+    if not yes:
+        click.confirm(f"destroy key slot {slot_id} for good?", abort=True)
+    what = remove_slot(db, home, session, slot_id)
+    click.echo(f"removed {what}; sessions opened with it have ended")
+    click.echo("next: `airlock vault rekey`, so that catalog backups taken before now open nothing current")
+
+
+@vault.command("rekey")
+@_passphrase_file
+@_machine_file
+@_kdf_memory
+@click.option("--idle-timeout", type=click.IntRange(min=1, max=7 * 24 * 3600), default=900, show_default=True,
+              help="Idle timeout of your session, which continues under the new root key.")
+def vault_rekey(passphrase_file: Path | None, machine_key_file: Path | None, kdf_memory_mib: int | None,
+                idle_timeout: int) -> None:
+    """New root key and KEK, every data key re-wrapped, every slot re-created (admin, own passphrase).
+
+    Old catalog backups and removed or leaked secrets open nothing written from now on. Prints a
+    new recovery key and a one-time passphrase per other account, once (ADR 0012)."""
+    from appliance.access import require
+    from appliance.catalog import open_catalog
+    from appliance.paths import ensure_home
+    from appliance.vault.keyslots import passphrase_kdf
+    from appliance.vault.lifecycle import default_machine_key_path
+    from appliance.vault.revocation import rekey
+
+    home = ensure_home()
+    db = open_catalog()
+    session = require(db, home, "vault.rekey")
+    assert session is not None
+    credential = _credential(home, passphrase_file, None, False, None)
+    result = rekey(db, home, session, credential, passphrase_kdf(memory_mib=kdf_memory_mib),
+                   machine_key_file=machine_key_file or default_machine_key_path(home), idle_timeout_s=idle_timeout)
+    click.echo(f"vault re-keyed: new root key, KEK version {result.kek_version}, {result.deks_rewrapped} data keys "
+               f"re-wrapped; slots: {', '.join(result.slot_ids)}")
+    if result.machine_key_file:
+        click.echo(f"new machine key file (the old one opens nothing now): {result.machine_key_file}")
+    if result.handover:
+        click.echo("\nONE-TIME PASSPHRASES (shown once; hand each to its person, who changes it at once with "
+                   "`airlock vault unlock --user NAME` and `airlock users passwd`):\n")
+        for name, text in sorted(result.handover.items()):
+            click.echo(f"    {name}: {text}")
+    _print_recovery_key(result.recovery_key)
+    click.echo("The old recovery key, machine key and everyone's old passphrase open nothing current.")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
 @vault.command("rotate")
 def vault_rotate() -> None:
     """New KEK version; every data key re-wrapped under it; data files untouched. Needs an unlocked vault."""
@@ -284,6 +359,13 @@ def vault_delete(object_id: str, yes: bool) -> None:
     db = open_catalog()
     require(db, ensure_home(), "vault.delete")
     removed = delete_object(db, ensure_home(), object_id)
+    from appliance.vault.store import shred_pending_note
+
+    note = shred_pending_note(db)
+    if object_id in note:
+        click.echo(f"object {object_id}: key destroyed in the catalog, {removed} files removed", err=True)
+        click.echo(note, err=True)
+        raise SystemExit(3)
     click.echo(f"object {object_id} deleted: key destroyed, {removed} files removed")
 
 

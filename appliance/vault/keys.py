@@ -94,6 +94,10 @@ class LocalKeys:
         dek = self.unwrap_dek(old_version, old_wrapped_kek, object_id, wrapped_dek)
         return wrap_key(self._kek(new_version, new_wrapped_kek), dek, dek_aad(object_id, new_version))
 
+    def wrap_dek(self, kek_version: int, wrapped_kek: bytes, object_id: str, dek: bytes) -> bytes:
+        """Wrap a DEK that came from elsewhere (`vault rekey`: a DEK unwrapped under the old root key)."""
+        return wrap_key(self._kek(kek_version, wrapped_kek), dek, dek_aad(object_id, kek_version))
+
     def wipe(self) -> None:
         for i in range(len(self._root)):
             self._root[i] = 0

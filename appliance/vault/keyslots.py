@@ -36,7 +36,7 @@ SLOT_FORMAT = "airlock-slot-1"
 SLOT_KINDS = ("passphrase", "recovery", "machine")
 KEY_SIZE = 32
 NONCE_SIZE = 12
-KDF_PROFILE_ENV = "AIRLOCK_KDF_PROFILE"  # "test" = tiny parameters; for the test suite only
+KDF_PROFILE_ENV = "AIRLOCK_KDF_PROFILE"  # "test" = tiny parameters; test suite in a source checkout only
 
 # Defaults for a passphrase slot. Memory starts here and doubles (up to the max) while a derive
 # stays under half the target; then iterations fill the target time. See tune_argon2id.
@@ -47,6 +47,7 @@ TARGET_UNLOCK_SECONDS = 1.0
 SCRYPT_DEFAULT = {"n": 1 << 18, "r": 8, "p": 1}  # 256 MiB
 TEST_ARGON2 = {"memory_kib": 8 * 1024, "iterations": 1, "lanes": 1}
 TEST_SCRYPT = {"n": 1 << 10, "r": 8, "p": 1}
+WEAK_BELOW_MEMORY_KIB = 64 * 1024  # OWASP's floor for Argon2id is 19-46 MiB; our defaults start at 256 MiB
 
 # Caps on parameters read from a slot (an edited slot must not exhaust the machine).
 _CAPS = {"memory_kib": 4 * 1024 * 1024, "iterations": 64, "lanes": 64, "n": 1 << 22, "r": 32, "p": 16}
@@ -115,11 +116,12 @@ def passphrase_kdf(*, memory_mib: int | None = None, kdf: str | None = None) -> 
 
     Default: Argon2id tuned to about TARGET_UNLOCK_SECONDS on this machine (256 MiB - 1 GiB).
     `memory_mib` fixes the memory (1 iteration, 1 lane below 64 MiB). AIRLOCK_KDF_PROFILE=test
-    selects tiny parameters and is for the test suite only: it makes a passphrase cheap to guess.
+    selects tiny parameters and is for the test suite only: it makes a passphrase cheap to guess,
+    so it is refused outside a source checkout (see `test_profile_requested`).
     """
     salt = os.urandom(16)
     name = kdf or ("argon2id" if argon2id_available() else "scrypt")
-    test_profile = os.environ.get(KDF_PROFILE_ENV) == "test"
+    test_profile = test_profile_requested()
     if name == "scrypt":
         params = TEST_SCRYPT if test_profile else SCRYPT_DEFAULT
         if memory_mib is not None:
@@ -132,6 +134,39 @@ def passphrase_kdf(*, memory_mib: int | None = None, kdf: str | None = None) -> 
     if test_profile:
         return KdfParams("argon2id", salt, **TEST_ARGON2)
     return tune_argon2id(salt)
+
+
+def test_profile_requested() -> bool:
+    """True when AIRLOCK_KDF_PROFILE=test asks for the tiny test parameters *and* that is allowed.
+
+    Allowed only where the test suite runs: a source checkout, with AIRLOCK_HOME elsewhere than the
+    installed /var/lib/airlock. On an installed appliance the variable is refused (fail closed): a
+    stray export in a service unit or shell profile must not give the site 8 MiB passphrase slots.
+    Any other value is refused too, rather than silently ignored.
+    """
+    from appliance.paths import INSTALLED_HOME, airlock_home, source_checkout
+
+    value = os.environ.get(KDF_PROFILE_ENV)
+    if value is None or value == "":
+        return False
+    if value != "test":
+        raise VaultError(f"{KDF_PROFILE_ENV}={value!r} is not a KDF profile",
+                         hint=f"unset {KDF_PROFILE_ENV}: the default parameters are tuned to this machine")
+    if source_checkout() is None or airlock_home() == INSTALLED_HOME:
+        raise VaultError(f"{KDF_PROFILE_ENV}=test (tiny, guessable KDF parameters for the test suite) is refused on "
+                         "an installed appliance",
+                         hint=f"unset {KDF_PROFILE_ENV} (check the shell profile and service units) and run the "
+                              "command again")
+    return True
+
+
+def is_weak(kdf: KdfParams) -> bool:
+    """A passphrase slot far below the defaults (the test profile, or a tiny --kdf-memory-mib): `doctor` flags it."""
+    if kdf.name == "argon2id":
+        return kdf.memory_kib < WEAK_BELOW_MEMORY_KIB
+    if kdf.name == "scrypt":
+        return 128 * kdf.r * kdf.n < WEAK_BELOW_MEMORY_KIB * 1024
+    return False  # hkdf: slots of 256-bit random secrets
 
 
 def tune_argon2id(salt: bytes, target_s: float = TARGET_UNLOCK_SECONDS) -> KdfParams:

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 from appliance.audit import append_audit, current_actor
 from appliance.catalog import transaction
 from appliance.vault import records
-from appliance.vault.agent import AgentClient, AgentStatus, Identity, agent_status, start_agent
+from appliance.vault.agent import (
+    AgentClient,
+    AgentStatus,
+    Identity,
+    agent_status,
+    start_agent,
+    unlock_serialized,
+)
 from appliance.vault.errors import UnlockError, VaultError, VaultLockedError
 from appliance.vault.keys import KeyOps, LocalKeys, disable_core_dumps
 from appliance.vault.keyslots import (
@@ -171,21 +178,18 @@ def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, 
 
     A passphrase logs in its account (with its role); the recovery key is break-glass access
     (admin for this session, flagged until an admin acknowledges it); the machine key is the
-    `scheduler`. An agent already running for this vault is replaced only when someone else
-    logs in: the same account unlocking again keeps it, and a machine-key unlock never ends a
-    person's session.
+    `scheduler`. The credential is always checked, even when a session is already running (a
+    running session is no proof of who types now). An agent already running for this vault is
+    replaced only when someone else logs in: the same account unlocking again keeps it, and a
+    machine-key unlock never ends a person's session. Unlocks of one vault run one at a time
+    (`unlock_serialized`), so two racing unlocks cannot orphan an agent that holds the key.
     """
     from appliance.access import origin
     from appliance.vault import accounts
 
     vault_id = records.require_initialized(db)
-    running = agent_status(home)
     if credential.kind == "passphrase":
         account = accounts.resolve_name(db, account)
-        if running is not None and running.vault_id == vault_id and running.account == account:
-            return running
-    if credential.kind == "machine" and running is not None and running.vault_id == vault_id:
-        return running  # unattended jobs use whoever is logged in; they never end a person's session
     slot_id, root_key = open_root(db, credential, account=account if credential.kind == "passphrase" else None)
     where = origin()
     if credential.kind == "passphrase":
@@ -193,15 +197,23 @@ def unlock_vault(db: sqlite_utils.Database, home: Path, credential: Credential, 
         if owner is None:
             raise UnlockError("this passphrase slot belongs to no account",
                               hint="an admin adds your account with `airlock users add`")
-        identity = Identity(owner.name, owner.role, "normal", where)
+        identity = Identity(owner.name, owner.role, "normal", where, slot_id)
     elif credential.kind == "recovery":
-        identity = Identity("break-glass", "admin", "emergency", where)
+        identity = Identity("break-glass", "admin", "emergency", where, slot_id)
     else:
-        identity = Identity("scheduler", "scheduler", "scheduler", where)
-    if running is not None:  # someone else's session, or another vault's agent: end it, do not orphan it
-        with contextlib.suppress(VaultError):
-            AgentClient(home).lock()
-    status = start_agent(home, root_key, vault_id, idle_timeout_s, identity)
+        identity = Identity("scheduler", "scheduler", "scheduler", where, slot_id)
+    with unlock_serialized(home):
+        running = agent_status(home)
+        if running is not None and running.vault_id == vault_id and (
+                credential.kind == "machine" or (identity.session == "normal" and running.account == identity.account)):
+            # The same person again, or unattended jobs (they use whoever is logged in and never
+            # end a person's session): keep the running agent. The credential was checked above.
+            del root_key
+            return running
+        if running is not None:  # someone else's session, or another vault's agent: end it, do not orphan it
+            with contextlib.suppress(VaultError):
+                AgentClient(home).lock()
+        status = start_agent(home, root_key, vault_id, idle_timeout_s, identity)
     del root_key
     actor = identity.account if identity.session == "normal" else f"{identity.account} [{identity.session}]"
     with transaction(db):

@@ -6,6 +6,7 @@ caller's `catalog.transaction(db)`, next to the audit row that records the chang
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,8 +92,25 @@ def slot_summaries(db: sqlite_utils.Database) -> list[dict]:
 
 
 def next_slot_id(db: sqlite_utils.Database, kind: str) -> str:
-    count = db.execute("SELECT COUNT(*) FROM vault_key_slots WHERE kind = ?", [kind]).fetchone()[0]
-    return f"{kind}-{count + 1}"
+    """`<kind>-<n>`, n above every id this vault ever used for the kind (slots are removable since
+    ADR 0012: a removed slot's id is never handed out again, so no session or audit row is confused)."""
+    used = [r[0] for r in db.execute("SELECT slot_id FROM vault_key_slots WHERE kind = ?", [kind])]
+    used += [r[0] for r in db.execute("SELECT object FROM audit_log WHERE action IN ('vault.add_slot', "
+                                      "'vault.remove_slot') AND object LIKE ?", [f"{kind}-%"])]
+    for (details,) in db.execute("SELECT details FROM audit_log WHERE action IN ('vault.init', 'vault.rekey')"):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            used += [s for s in json.loads(details).get("slots", []) if isinstance(s, str)]
+    numbers = [int(s.rsplit("-", 1)[1]) for s in used if s.startswith(f"{kind}-") and s.rsplit("-", 1)[1].isdigit()]
+    return f"{kind}-{max(numbers, default=0) + 1}"
+
+
+def delete_slot(db: sqlite_utils.Database, slot_id: str) -> None:
+    """Destroy a slot row (call with `secure_delete` on, then `checkpoint`: the wrapped root must not linger)."""
+    db.execute("DELETE FROM vault_key_slots WHERE slot_id = ?", [slot_id])
+
+
+def max_kek_version(db: sqlite_utils.Database) -> int:
+    return db.execute("SELECT COALESCE(MAX(version), 0) FROM vault_keks").fetchone()[0]
 
 
 def active_kek(db: sqlite_utils.Database) -> Kek:
@@ -175,6 +193,66 @@ def secure_delete(db: sqlite_utils.Database) -> None:
     db.execute("PRAGMA secure_delete=ON")
 
 
-def checkpoint(db: sqlite_utils.Database) -> None:
-    """Fold the WAL into the database and truncate it, so old page images (old wrapped keys) go too."""
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+def checkpoint(db: sqlite_utils.Database, *, attempts: int = 3, busy_ms: int = 200) -> bool:
+    """Fold the WAL into the database and truncate it, so old page images (old wrapped keys) go too.
+
+    True only when SQLite says the checkpoint completed (busy flag 0): a reader holding an older
+    snapshot (the server, the TUI, a job) keeps those frames alive and the WAL untruncated, and
+    then this returns False after `attempts` tries of `busy_ms` each. Never raises on busy.
+    """
+    import sqlite3
+    import time
+
+    previous = db.execute("PRAGMA busy_timeout").fetchone()[0]
+    db.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+    try:
+        for attempt in range(attempts):
+            try:
+                busy, _log, _done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.OperationalError:  # a writer holds the lock: same as busy
+                busy = 1
+            if busy == 0:
+                return True
+            if attempt + 1 < attempts:
+                time.sleep(busy_ms / 1000)
+        return False
+    finally:
+        db.execute(f"PRAGMA busy_timeout={int(previous)}")
+
+
+PENDING_SHREDS_KEY = "vault.shreds_pending"
+
+
+def pending_shreds(db: sqlite_utils.Database) -> list[str]:
+    """Objects whose destroyed key may still sit in an old WAL frame or page (checkpoint blocked)."""
+    row = db.execute("SELECT value FROM settings WHERE key = ?", [PENDING_SHREDS_KEY]).fetchone()
+    try:
+        found = json.loads(row[0]) if row else []
+    except ValueError:
+        found = []
+    return sorted(str(x) for x in found) if isinstance(found, list) else []
+
+
+def set_pending_shreds(db: sqlite_utils.Database, object_ids: list[str]) -> None:
+    if object_ids:
+        db.execute("INSERT INTO settings (key, value) VALUES (?, ?)"
+                   " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                   [PENDING_SHREDS_KEY, json.dumps(sorted(set(object_ids)))])
+    else:
+        db.execute("DELETE FROM settings WHERE key = ?", [PENDING_SHREDS_KEY])
+
+
+def record_file(db: sqlite_utils.Database, object_id: str, name: str, sha256: str, size: int) -> None:
+    db.execute("INSERT INTO vault_files (object_id, name, sha256, bytes, written_at) VALUES (?, ?, ?, ?, ?)"
+               " ON CONFLICT(object_id, name) DO UPDATE SET sha256 = excluded.sha256, bytes = excluded.bytes,"
+               " written_at = excluded.written_at", [object_id, name, sha256, size, now()])
+
+
+def file_digest(db: sqlite_utils.Database, object_id: str, name: str) -> str | None:
+    """The SHA-256 of the file's ciphertext as last written, or None (written before digests were kept)."""
+    row = db.execute("SELECT sha256 FROM vault_files WHERE object_id = ? AND name = ?", [object_id, name]).fetchone()
+    return row[0] if row else None
+
+
+def forget_files(db: sqlite_utils.Database, object_id: str) -> None:
+    db.execute("DELETE FROM vault_files WHERE object_id = ?", [object_id])

@@ -13,6 +13,8 @@ Deleting an object destroys its wrapped DEK first (crypto-shredding), then its f
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import io
 import os
 import re
@@ -102,11 +104,16 @@ def write_file(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: s
     temp = final.with_name(f".{final.name}{TEMP_MARKER}{secrets.token_hex(6)}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out:
-            size = encrypt_stream(src, out, dek=dek, dek_id=bytes.fromhex(record.dek_id),
+        with os.fdopen(fd, "wb") as raw:
+            out = _Hashing(raw)
+            size = encrypt_stream(src, out, dek=dek, dek_id=bytes.fromhex(record.dek_id),  # type: ignore[arg-type]
                                   object_id=f"{object_id}/{name}", segment_size=segment_size)
-            out.flush()
-            os.fsync(out.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
+        # The digest is recorded before the file takes its name: a crash in between leaves the old
+        # file under a digest it does not match, which reads refuse (fail closed) until rewritten.
+        with transaction(db):
+            records.record_file(db, object_id, name, out.hexdigest(), out.count)
         os.replace(temp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -114,7 +121,7 @@ def write_file(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: s
         raise
     _fsync_dir(final.parent)
     with transaction(db):
-        append_audit(db, "vault.write", object_id, {"file": name, "bytes": size})
+        append_audit(db, "vault.write", object_id, {"file": name, "bytes": size, "sha256": out.hexdigest()})
     return final
 
 
@@ -136,8 +143,7 @@ def read_into(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: st
                           hint="list the object's files, or restore the file from a backup") from None
     try:
         with src:
-            size = decrypt_stream(src, dst, dek=dek, object_id=f"{object_id}/{name}", label=str(path),
-                                  expected_dek_id=bytes.fromhex(record.dek_id))
+            size = _decrypt_checked(db, src, dst, dek, record, object_id, name, path)
     except StreamError:
         # A file that fails authentication is a security event, not just an I/O error: record it.
         with transaction(db):
@@ -168,23 +174,68 @@ def list_files(home: Path, object_id: str) -> list[str]:
 
 def delete_object(db: sqlite_utils.Database, home: Path, object_id: str) -> int:
     """Crypto-shred: destroy the wrapped DEK (committed, then checkpointed out of the WAL), then the
-    files. Returns how many files were removed. Needs no key: shredding works while locked."""
+    files. Returns how many files were removed. Needs no key: shredding works while locked.
+
+    The shred is complete only when the WAL checkpoint completes: until then an old frame or page
+    can still hold the wrapped DEK. When another process's read snapshot blocks it, the object is
+    recorded as pending (`records.pending_shreds`, in the same transaction as the shred) and
+    `finish_pending_shreds` completes it later; callers tell the operator (`shred_pending_note`).
+    """
     record = records.dek(db, object_id)
     if record.state == "shredded":
         raise ObjectError(f"object {object_id} was already deleted", hint="nothing to do")
+    if record.kind == "audit":
+        raise ObjectError(f"object {object_id} holds the audit anchor's seal key and is never deleted",
+                          hint="it protects the audit log; it contains no data")
     folder = objects_dir(home) / object_id
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     records.secure_delete(db)
     with transaction(db):
         records.shred_dek(db, object_id)
+        records.forget_files(db, object_id)
+        # Pending until proven otherwise: a crash before the checkpoint leaves it listed, not lost.
+        records.set_pending_shreds(db, [*records.pending_shreds(db), object_id])
         append_audit(db, "vault.delete", object_id, {"kind": record.kind, "dek_id": record.dek_id,
                                                      "files": len(files)})
-    records.checkpoint(db)
     for path in files:
         path.unlink()
     with contextlib.suppress(OSError):
         folder.rmdir()
+    finish_pending_shreds(db, quietly=object_id)
     return len(files)
+
+
+def finish_pending_shreds(db: sqlite_utils.Database, *, quietly: str = "") -> list[str]:
+    """Checkpoint again for every pending shred; returns those still pending (a reader still holds
+    an old snapshot). A completion that comes later than its `vault.delete` row is audited
+    (`vault.shred_complete`); `quietly` names the object shredded just now, whose row needs no
+    sequel when it completes at once. Needs no key."""
+    pending = records.pending_shreds(db)
+    if not pending:
+        return []
+    records.secure_delete(db)
+    if not records.checkpoint(db):
+        return pending
+    with transaction(db):
+        # Re-read under the write lock: a shred committed after our checkpoint stays pending.
+        now_pending = records.pending_shreds(db)
+        done = [o for o in pending if o in now_pending]
+        records.set_pending_shreds(db, [o for o in now_pending if o not in done])
+        late = [o for o in done if o != quietly]
+        if late:
+            append_audit(db, "vault.shred_complete", ",".join(late)[:200],
+                         {"objects": late, "wal_checkpoint": "complete"})
+    return [o for o in now_pending if o not in done]
+
+
+def shred_pending_note(db: sqlite_utils.Database) -> str:
+    """One line for the operator when shreds are pending, else ''."""
+    pending = records.pending_shreds(db)
+    if not pending:
+        return ""
+    return (f"NOT YET COMPLETE: the destroyed key of {', '.join(pending)} may still be on disk in the catalog's "
+            "write-ahead log, because another process (the server, the UI, a job) holds an old read snapshot; "
+            "it is wiped when that process lets go: close it, then run `airlock vault status`")
 
 
 def verify_files(db: sqlite_utils.Database, keys: KeyOps, home: Path, *, sample: int | None = None) -> VerifyReport:
@@ -203,8 +254,7 @@ def verify_files(db: sqlite_utils.Database, keys: KeyOps, home: Path, *, sample:
         try:
             record, dek = _dek(db, keys, object_id)
             with path.open("rb") as src:
-                size = decrypt_stream(src, _Discard(), dek=dek, object_id=f"{object_id}/{name}", label=str(path),
-                                      expected_dek_id=bytes.fromhex(record.dek_id))
+                size = _decrypt_checked(db, src, _Discard(), dek, record, object_id, name, path)
             checks.append(FileCheck(object_id, name, str(path), True, size, ""))
         except (StreamError, ObjectError, OSError) as exc:
             checks.append(FileCheck(object_id, name, str(path), False, 0, getattr(exc, "message", str(exc))))
@@ -240,6 +290,46 @@ def _dek(db: sqlite_utils.Database, keys: KeyOps, object_id: str) -> tuple[recor
         raise
     except VaultError as exc:
         raise ObjectError(f"object {object_id}: {exc.message}", hint=exc.hint) from None
+
+
+def _decrypt_checked(db: sqlite_utils.Database, src: BinaryIO, dst: BinaryIO, dek: bytes,
+                     record: records.DekRecord, object_id: str, name: str, path: Path) -> int:
+    """Decrypt, then hold the ciphertext to the digest recorded when the file was last written: an
+    older ciphertext of the same object and name authenticates (same key, same associated data),
+    but it is not the file the vault wrote last. On a mismatch `dst` holds plaintext to discard."""
+    hashing = _Hashing(src)
+    size = decrypt_stream(hashing, dst, dek=dek, object_id=f"{object_id}/{name}", label=str(path),  # type: ignore[arg-type]
+                          expected_dek_id=bytes.fromhex(record.dek_id))
+    while hashing.read(1 << 20):  # trailing bytes count too
+        pass
+    expected = records.file_digest(db, object_id, name)
+    if expected is not None and not hmac.compare_digest(expected, hashing.hexdigest()):
+        raise StreamError(f"{path} is not the file the vault last wrote for {object_id}/{name} "
+                          "(an older or foreign copy put in its place)",
+                          hint="treat it as tampering: run `airlock vault verify` and `airlock audit verify`, "
+                               "then restore the file from a backup or rebuild it")
+    return size
+
+
+class _Hashing:
+    """A file wrapper that hashes every byte read or written through it."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner, self._hash, self.count = inner, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._hash.update(data)
+        self.count += len(data)
+        return data
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.count += len(data)
+        return self._inner.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def _check_id(value: str, what: str) -> None:

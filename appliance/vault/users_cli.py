@@ -105,7 +105,16 @@ def users_disable(name: str) -> None:
     db, home = _context()
     session = require(db, home, "users.manage")
     disable_user(db, session, name)
-    click.echo(f"account {name} disabled: its key slot is destroyed; nobody else's passphrase changed")
+    from appliance.vault.agent import agent_status
+    from appliance.vault.errors import VaultError
+
+    try:  # this OS user's agent checks the account on every request: a session of `name` ends now
+        agent_status(home)
+    except VaultError:
+        pass
+    click.echo(f"account {name} disabled: its key slot is destroyed and its sessions have ended; nobody else's "
+               "passphrase changed")
+    click.echo("next: `airlock vault rekey`, so that catalog backups taken before now open nothing current")
 
 
 @users.command("passwd")

@@ -71,6 +71,11 @@ def test_recomputed_hash_still_breaks_the_next_link(airlock_home):
     db.close()
     _tamper(airlock_home, f"UPDATE audit_log SET actor = 'os:mallory', entry_hash = '{forged}' WHERE seq = 2;")
     report = verify_chain(open_catalog())
+    # The anchor file outside the catalog recorded row 2's real hash ...
+    assert (report.ok, report.first_broken_seq) == (False, 2) and "anchor file recorded" in report.reason
+    # ... and without it the next link still breaks.
+    (airlock_home / "audit-anchor.log").unlink()
+    report = verify_chain(open_catalog())
     assert (report.ok, report.first_broken_seq) == (False, 3)
 
 
@@ -97,8 +102,10 @@ def test_truncation_is_caught_by_an_anchor(airlock_home):
             "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'x'); END; "
             "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'x'); END;")
     db = open_catalog()
-    assert verify_chain(db).ok  # a shorter chain is self-consistent ...
-    report = verify_chain(db, anchor=anchor)  # ... but not with what the auditor wrote down
+    report = verify_chain(db, anchor=anchor)  # what the auditor wrote down off the machine
+    assert not report.ok and "cut off" in report.reason and report.first_broken_seq == 4
+    (airlock_home / "audit-anchor.log").unlink()  # (the anchor file catches it too: test_audit_anchor)
+    report = verify_chain(db, anchor=anchor)
     assert not report.ok and "cut off" in report.reason and report.first_broken_seq == 4
 
 

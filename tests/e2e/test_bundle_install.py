@@ -6,23 +6,63 @@ prefix inside `unshare -n`: first install with install.sh, the installed `airloc
 refusals that must change nothing (lower sequence, another product), `airlock upgrade` to the
 second bundle with a killed earlier install to clean up, and `airlock upgrade --rollback`. On the
 way: a tampered bundle's install.sh never runs, and a release failing its smoke test is dropped.
-About three minutes on two cores: two venv installs of ~300 MB of wheels dominate.
+The first install and the upgrade run under attack (ADR 0010): modules planted in the operator's
+working directory (the stick) and in PYTHON* variables, and the stick's install.sh rewritten while
+it runs; nothing planted runs, the service account owns AIRLOCK_HOME (0700), the units (run as
+that account) go under the prefix, and nothing is written outside prefix and home but the
+account itself.
+Two venv installs of ~300 MB of wheels dominate: about three minutes on two idle cores before ADR
+0010 added two copies of the bundle; 13:44 measured with five other test runs sharing the two cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.bundler.bundles import build, make_key, require_wheelhouse, write_spec
+from tests.bundler.test_install_script import attacker_python, plant
 from tests.conftest import needs_unshare
 
-pytestmark = [needs_unshare, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [needs_unshare, pytest.mark.slow, pytest.mark.timeout(900),
+              pytest.mark.skipif(os.geteuid() != 0, reason="installs as root (creates the service account)")]
+SERVICE_USER = "airlock-test"
+# What an install may change outside its prefix, home and units directory: the account it creates.
+ACCOUNT_FILES = {"/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow", "/etc/passwd-", "/etc/group-",
+                 "/etc/shadow-", "/etc/gshadow-", "/etc/.pwd.lock", "/etc/subuid", "/etc/subgid"}
+SYSTEM_DIRS = ("/etc", "/usr", "/opt", "/srv", "/var/lib", "/lib")
+
+
+@pytest.fixture
+def site() -> Path:
+    """Where the test installs: like /opt and /var/lib, others may traverse it (pytest's tmp_path
+    is 0700, which the service account could not enter)."""
+    root = Path(tempfile.mkdtemp(prefix="airlock-e2e-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def written_since(stamp: Path) -> list[str]:
+    """Files under the system directories changed after `stamp`, but the account files."""
+    found = subprocess.run(["find", *SYSTEM_DIRS, "-xdev", "-newer", str(stamp), "!", "-type", "d"],
+                           capture_output=True, text=True, check=False).stdout.split()
+    # The package manager's own state may change under another process; an install never writes there.
+    return sorted(path for path in set(found) - ACCOUNT_FILES
+                  if not path.startswith(("/var/lib/apt/", "/var/lib/dpkg/", "/var/lib/ucf/")))
+
+
+def units_listing() -> list[tuple[str, int]]:
+    units = Path("/etc/systemd/system")
+    return sorted((str(p), p.lstat().st_mtime_ns) for p in units.rglob("*")) if units.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +92,33 @@ def _run(*command: str | Path, env: dict[str, str] | None = None, timeout: int =
                           check=False, env={**os.environ, **(env or {})})
 
 
-def test_install_doctor_upgrade_rollback(bundles, tmp_path):
-    prefix, home, units = tmp_path / "opt-airlock", tmp_path / "var-lib-airlock", tmp_path / "units"
+def test_install_doctor_upgrade_rollback(bundles, tmp_path, site):
+    prefix, home = site / "opt-airlock", site / "var-lib-airlock"
+    # No --units-dir and a prefix outside /opt, /usr/local and /srv: the units go under the prefix.
+    units = prefix / "systemd"
     # The installed appliance must find its state through its own wrapper, not this test's settings.
     env = {"AIRLOCK_HOME": str(home)}
 
-    first = _run(bundles["v1"] / "install.sh", "--trust", bundles["fp"], "--prefix", prefix, "--home", home,
-                 "--units-dir", units, "--enable-services", env=env)
+    # The operator stands in the stick's directory; PYTHON* variables point at planted code; while
+    # the install runs, the attacker plants venv.py, pip/ and ensurepip/ on the stick and rewrites
+    # its install.sh (see attacker_python).
+    stick = shutil.copytree(bundles["v1"], tmp_path / "stick-v1")
+    marker = tmp_path / "planted-code-ran"
+    (tmp_path / "attacker").mkdir()
+    python = attacker_python(tmp_path / "attacker" / "python3.11", stick, marker)
+    plant(tmp_path / "pythonpath", marker)
+    attack_env = {**env, "PYTHONPATH": str(tmp_path / "pythonpath"), "PYTHONUSERBASE": str(tmp_path / "pythonpath")}
+    units_before = units_listing()
+    stamp = tmp_path / "stamp"
+    stamp.touch()
+    first = subprocess.run(["unshare", "-n", "sh", str(stick / "install.sh"), "--trust", bundles["fp"], "--prefix",
+                            str(prefix), "--home", str(home), "--python", str(python), "--user", SERVICE_USER,
+                            "--enable-services"], cwd=stick, capture_output=True, text=True, timeout=600,
+                           check=False, env={**os.environ, **attack_env})
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "touch" in (stick / "install.sh").read_text() and (stick / "venv.py").exists()  # the attack happened
+    assert not marker.exists(), marker.read_text()  # and nothing planted ran
+    assert first.stderr == "", first.stderr  # no shell error (once: `vault: not found`)
     # Units are written; enabling them needs root with systemctl and the real units directory.
     assert "services not enabled (needs root, systemctl and units in /etc/systemd/system)" in first.stdout
     assert "free space" in first.stdout and "glibc" in first.stdout  # the preflight table
@@ -67,6 +126,15 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path):
     assert (prefix / "etc" / "sequence").read_text().strip() == "1"
     assert sorted(p.name for p in units.iterdir()) == ["airlock-retrain.service", "airlock-retrain.timer",
                                                        "airlock-serve.service"]
+    # The service account exists and owns the home, 0700; the units run as it.
+    account = pwd.getpwnam(SERVICE_USER)
+    info = home.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (account.pw_uid, 0o700)
+    assert all(p.lstat().st_uid == account.pw_uid for p in home.rglob("*"))
+    assert f"User={SERVICE_USER}" in (units / "airlock-serve.service").read_text().splitlines()
+    # Nothing outside prefix, home and units: /etc/systemd/system untouched, no system file changed.
+    assert units_listing() == units_before
+    assert written_since(stamp) == []
     airlock = prefix / "bin" / "airlock"
     doctor = _run(airlock, "doctor", "--json", env=env)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
@@ -116,9 +184,17 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path):
     (prefix / "releases" / "0.1.5" / ".incomplete").touch()
     (prefix / ".staging.99999").mkdir()
 
-    upgraded = _run(airlock, "upgrade", bundles["v2"], env=env)
+    # The upgrade runs install.sh from its verified copy: the stick, rewritten while the install
+    # runs, is never read again.
+    stick = shutil.copytree(bundles["v2"], tmp_path / "stick-v2")
+    (tmp_path / "attacker-2").mkdir()
+    python = attacker_python(tmp_path / "attacker-2" / "python3.11", stick, marker)
+    upgraded = _run(airlock, "upgrade", stick, "--python", python, env=attack_env)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert "verified with the installed key" in upgraded.stdout
+    assert "touch" in (stick / "install.sh").read_text() and not marker.exists()
+    assert not list(prefix.glob(".upgrade.*"))  # the verified copy is removed
+    assert units_listing() == units_before
     assert os.readlink(prefix / "current") == "releases/0.2.0"
     assert os.readlink(prefix / "previous") == "releases/0.1.0"
     assert not (prefix / "releases" / "0.1.5").exists() and not (prefix / ".staging.99999").exists()

@@ -89,7 +89,8 @@ async def test_audit_filter_verify_and_the_palette_has_no_screenshot(unlocked):
         await pilot.press("escape")  # leaves the filter's focus; the filter stays
         app.screen.query_one("#audit").focus()
         await pilot.press("v")
-        await wait_for_text(pilot, "#verify-result", "Chain intact", "record it to detect truncation later")
+        await wait_for_text(pilot, "#verify-result", "Chain intact", "record it to detect truncation later",
+                            "audit-anchor.log")
 
         titles = [command.title for command in app.get_system_commands(app.screen)]
         assert "Verify audit chain" in titles and "Go to Data" in titles

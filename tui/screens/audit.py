@@ -116,13 +116,15 @@ The filter matches action (e.g. `vault.` or `data.import`), actor or object.
         report = message.report
         result = self.query_one("#verify-result", Static)
         if report.ok:
+            anchor = f"\n{report.anchor.describe()}" if report.anchor is not None else ""
             result.update(f"Chain intact: {report.rows_checked} rows. Head {report.head_seq}:{report.head_hash[:16]}… "
-                          "(record it to detect truncation later)")
+                          f"(record it to detect truncation later){anchor}")
             result.set_class(False, "-bad")
         else:
             where = f"first broken row: seq {report.first_broken_seq}: " if report.first_broken_seq else ""
-            result.update(f"Chain BROKEN: {where}{report.reason}\nhint: preserve the catalog file as evidence and "
-                          "tell your security office")
+            anchor = f"\nchecked against {report.anchor.describe()}" if report.anchor is not None else ""
+            result.update(f"Chain BROKEN: {where}{report.reason}{anchor}\nhint: preserve the catalog file as evidence "
+                          "and tell your security office")
             result.set_class(True, "-bad")
         self.load()
 

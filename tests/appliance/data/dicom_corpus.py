@@ -33,12 +33,19 @@ def corpus_files() -> list[tuple[str, Path]]:
 
 
 def link_corpus(root: Path) -> dict[str, Path]:
-    """Symlink every corpus file under `root`; returns relative name -> source path."""
+    """Hard-link (or, across filesystems, copy) every corpus file under `root`; returns relative name -> source
+    path. Not symbolic links: an import never follows them (they are reported and rejected)."""
+    import os
+    import shutil
+
     files = dict(corpus_files())
     for rel, source in files.items():
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(source)
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem
+            shutil.copy2(source, target)
     return files
 
 

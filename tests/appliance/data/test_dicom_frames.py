@@ -3,6 +3,7 @@ with every record of a file in its patient's split."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def enhanced_ct(tmp_path: Path) -> Path:
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1" and int(ds.NumberOfFrames) == 2
     root = tmp_path / "ect"
     (root / "abnormal").mkdir(parents=True)
-    (root / "abnormal" / "ect.dcm").symlink_to(source)
+    shutil.copy2(source, root / "abnormal" / "ect.dcm")  # not a symbolic link: an import never follows one
     return root
 
 

@@ -306,3 +306,25 @@ def test_cli_import_report_export_delete(vault_init, unlock, airlock_home: Path,
     actions = [e["action"] for e in json.loads(run_cli("audit", "show", "--action", "data.", "--json").stdout)
                ["entries"]]
     assert actions == ["data.delete", "data.export", "data.import", "data.create"]
+
+
+def test_a_link_to_a_secret_outside_the_root_never_reaches_the_store(vault, tmp_path: Path) -> None:
+    """Attack (issue 20, item 6): a stick carries `x.txt -> a file outside the import root`."""
+    db, keys, home = vault
+    secret = b"SECRET-TLS-KEY-7f3a9c outside the import root"
+    outside = tmp_path / "etc-ssl-private" / "tls.key"
+    outside.parent.mkdir()
+    outside.write_bytes(secret + b"\n")
+    src = write_jsonl(tmp_path / "stick" / "qa.jsonl", 0, 5)
+    os.symlink(outside, src.parent / "x.txt")
+    os.symlink(outside.parent, src.parent / "more")
+    result = _import(vault, src.parent)
+    files = {f.rel: f for f in result.report.files}
+    assert (files["x.txt"].bucket, files["more"].bucket) == ("rejected", "rejected")
+    assert "symbolic link, not followed" in files["x.txt"].reason
+    assert result.report.records_imported == 5
+    stored = list(iter_records(db, keys, home, datasets.get(db, "logs")))
+    assert all(b"SECRET-TLS-KEY" not in json.dumps(r.json()).encode() for r in stored) and len(stored) == 5
+    for path in home.rglob("*"):  # nor in the catalog, the report or any file under AIRLOCK_HOME
+        if path.is_file():
+            assert b"SECRET-TLS-KEY" not in path.read_bytes(), path

@@ -17,7 +17,7 @@ from appliance.data.errors import DataError
 from appliance.data.formats import ParseOptions, parse_csv_columns
 from appliance.data.pipeline import AcceptedRecord, ImportOptions, Progress, plan_inputs, run_import
 from appliance.data.report import MAX_ISSUES_PER_FILE, ImportReport
-from appliance.data.walk import walk_inputs
+from appliance.data.walk import SYMLINK_REASON, walk_inputs
 
 MiB = 1024 * 1024
 
@@ -88,7 +88,7 @@ def test_a_mixed_folder_lands_every_file_in_one_bucket(tmp_path: Path):
     assert files["empty.txt"].reason == "the file is empty"
     assert files["manual.docx"].reason.startswith("unsupported file type '.docx'")
     assert files[".DS_Store"].reason == "operating-system metadata, not data"
-    assert "no such file or directory" in files["dangling.jsonl"].reason
+    assert files["dangling.jsonl"].reason == SYMLINK_REASON
 
     payloads = [json.loads(r.payload) for r in records]
     assert len(records) == 7 and {r.kind for r in records} == {"text"} and report.kind == "text"
@@ -226,9 +226,22 @@ def test_symlink_loops_and_dangling_links_are_rejected_and_counted(tmp_path: Pat
     report, records = run(root)
     files = by_name(report)
     assert files["sub/a.jsonl"].bucket == "imported" and len(records) == 1
-    assert files["sub/parent"].reason.startswith("symlink loop")
-    assert files["gone.txt"].reason == "broken or looping symlink (no such file or directory)"
-    assert files["self.txt"].reason == "broken or looping symlink (too many levels of symbolic links)"
+    assert files["sub/parent"].reason == files["gone.txt"].reason == files["self.txt"].reason == SYMLINK_REASON
+
+
+def test_a_file_replaced_by_a_link_after_listing_is_not_followed(tmp_path: Path):
+    root = tmp_path / "in"
+    write(root / "a.jsonl", jsonl({"text": "kept"}))
+    write(root / "b.jsonl", jsonl({"text": "listed as a file"}))
+    outside = write(tmp_path / "outside.jsonl", jsonl({"text": "SECRET-OUTSIDE-THE-ROOT"}))
+    plan = plan_inputs(root, "auto")
+    (root / "b.jsonl").unlink()
+    os.symlink(outside, root / "b.jsonl")  # swapped in between listing and reading
+    records: list[AcceptedRecord] = []
+    report = run_import(root, ImportOptions(), secret=b"x" * 32, split_seed="seed", plan=plan, sink=records.append)
+    assert (report.files[1].bucket, report.files[1].reason) == ("rejected", SYMLINK_REASON)
+    assert b"SECRET-OUTSIDE" not in b"".join(r.payload.encode() if isinstance(r.payload, str) else r.payload
+                                             for r in records)
 
 
 def test_a_file_gone_between_listing_and_reading_is_rejected(tmp_path: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.data.walk import InputFile, walk_inputs
+from appliance.data.walk import SYMLINK_REASON, InputFile, walk_inputs
 
 as_root = os.geteuid() == 0
 
@@ -38,6 +38,13 @@ def test_a_single_file_root_is_listed_by_its_name(tmp_path: Path):
     assert list(walk_inputs(path)) == [InputFile(path, "one.jsonl", 1)]
 
 
+def test_a_single_file_root_that_is_a_link_is_not_followed(tmp_path: Path):
+    secret = touch(tmp_path / "outside" / "tls.key", b"SECRET")
+    os.symlink(secret, tmp_path / "x.txt")
+    [entry] = walk_inputs(tmp_path / "x.txt")
+    assert (entry.rel, entry.size, entry.skip_reason) == ("x.txt", 0, SYMLINK_REASON)
+
+
 def test_a_missing_root_is_one_entry_with_a_reason(tmp_path: Path):
     [entry] = walk_inputs(tmp_path / "nope")
     assert entry.skip_reason == "cannot open the import path (no such file or directory)"
@@ -50,31 +57,31 @@ def test_symlink_loops_are_reported_once_and_never_followed(tmp_path: Path):
     os.symlink("loop", tmp_path / "loop")            # a link to itself
     entries = listing(tmp_path)
     assert entries["d/f.txt"] == ""
-    assert "symlink loop" in entries["d/up"] and "symlink loop" in entries["d/self"]
-    assert entries["loop"] == "broken or looping symlink (too many levels of symbolic links)"
+    assert entries["d/up"] == entries["d/self"] == entries["loop"] == SYMLINK_REASON
     assert len(entries) == 4
 
 
 def test_dangling_symlinks_are_reported(tmp_path: Path):
     os.symlink(tmp_path / "gone.jsonl", tmp_path / "link.jsonl")
-    assert listing(tmp_path) == {"link.jsonl": "broken or looping symlink (no such file or directory)"}
+    assert listing(tmp_path) == {"link.jsonl": SYMLINK_REASON}
 
 
 @pytest.mark.parametrize("link_name", ["a_link", "z_link"])  # before and after the real folder
-def test_a_folder_reached_twice_lists_its_files_once(tmp_path: Path, link_name: str):
+def test_a_folder_linked_inside_the_root_is_read_once_through_its_real_path(tmp_path: Path, link_name: str):
     touch(tmp_path / "m_real" / "x.txt")
     os.symlink("m_real", tmp_path / link_name)
     entries = listing(tmp_path)
-    assert sum(rel.endswith("/x.txt") for rel in entries) == 1
-    assert sum(1 for reason in entries.values() if reason) == 1
+    assert entries == {"m_real/x.txt": "", link_name: SYMLINK_REASON}
 
 
-def test_symlinks_to_files_are_followed(tmp_path: Path):
+def test_symlinks_out_of_the_root_are_reported_never_followed(tmp_path: Path):
+    """Attack: a stick carries `x.txt -> a file outside the import root` (a TLS key, say)."""
     touch(tmp_path / "outside" / "data.jsonl", b"abc")
+    touch(tmp_path / "outside" / "dir" / "key.pem", b"abc")
     (tmp_path / "in").mkdir()
     os.symlink(tmp_path / "outside" / "data.jsonl", tmp_path / "in" / "linked.jsonl")
-    [entry] = walk_inputs(tmp_path / "in")
-    assert (entry.rel, entry.size, entry.skip_reason) == ("linked.jsonl", 3, "")
+    os.symlink(tmp_path / "outside" / "dir", tmp_path / "in" / "linked_dir")
+    assert listing(tmp_path / "in") == {"linked.jsonl": SYMLINK_REASON, "linked_dir": SYMLINK_REASON}
 
 
 def test_os_litter_is_listed_as_metadata_so_that_counts_add_up(tmp_path: Path):
@@ -88,9 +95,21 @@ def test_os_litter_is_listed_as_metadata_so_that_counts_add_up(tmp_path: Path):
     assert set(entries.values()) == {"operating-system metadata, not data"}
 
 
-def test_pipes_are_not_opened(tmp_path: Path):
+def test_pipes_sockets_and_devices_are_reported_by_kind_and_never_opened(tmp_path: Path):
+    import socket
+
     os.mkfifo(tmp_path / "pipe.jsonl")
-    assert listing(tmp_path) == {"pipe.jsonl": "not a regular file (device, pipe or socket)"}
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "sock.txt"))
+    expected = {"pipe.jsonl": "not a regular file (a named pipe): never opened",
+                "sock.txt": "not a regular file (a socket): never opened"}
+    if as_root:  # only root may create device nodes; /dev/zero's numbers (1, 5) are fixed on Linux
+        os.mknod(tmp_path / "zero.txt", 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 5))
+        expected["zero.txt"] = "not a regular file (a character device): never opened"
+    try:
+        assert listing(tmp_path) == expected
+    finally:
+        server.close()
 
 
 def _unreadable_tree(base: Path) -> Path:

@@ -98,3 +98,30 @@ def test_cli_list_show_logs_json(airlock_home):
     assert [e["kind"] for e in logs["events"]] == ["state", "progress"]
     missing = run_cli("jobs", "show", "nope")
     assert missing.returncode == 2 and "no job 'nope'" in missing.stderr
+
+
+def test_code_planted_in_the_working_directory_never_runs_in_the_agent_or_a_job(airlock_home, monkeypatch,
+                                                                               tmp_path):
+    """The key agent and each job are `python -I -m ...` children: an `appliance/` package in the directory the
+    operator (or the service) stands in is not on their sys.path. Without -I both would import it first."""
+    from tests.conftest import BIN
+
+    monkeypatch.setenv("AIRLOCK_KDF_PROFILE", "test")
+    planted = tmp_path / "stick"
+    marker = tmp_path / "planted-code-ran"
+    (planted / "appliance").mkdir(parents=True)
+    (planted / "appliance" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    secret = tmp_path / "pass.txt"
+    secret.write_text(PASSPHRASE)
+    assert run_cli("vault", "init", "--passphrase-file", str(secret)).returncode == 0
+    unlocked = subprocess.run([str(BIN / "airlock"), "vault", "unlock", "--passphrase-file", str(secret)],
+                              cwd=planted, capture_output=True, text=True, timeout=120, check=False)
+    try:
+        assert unlocked.returncode == 0, unlocked.stderr
+        monkeypatch.chdir(planted)  # the job's process starts here
+        db = open_catalog()
+        job = wait_for(db, start_job(db, "vault_verify", {}).id, timeout_s=120)
+        assert job.state == "succeeded", (job.error, job.hint)
+        assert not marker.exists()
+    finally:
+        run_cli("vault", "lock")

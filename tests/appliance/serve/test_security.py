@@ -198,3 +198,38 @@ def test_binding_beyond_loopback_without_tls_warns(appliance):
     assert lines[0].startswith(f"warning: serving on {host} without TLS")
     assert lines[1].startswith("hint: pass --tls-cert and --tls-key")
     assert "error: cannot serve no-such-run" in result.stderr and "no training run" in result.stderr
+
+
+def test_metrics_list_only_the_models_a_key_may_use(server, appliance):
+    """Attack (issue 20, item 7): a key limited to one task reads /metrics to learn the other models."""
+    def metrics(key: str) -> str:
+        response = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {appliance.keys[key]}"},
+                             timeout=10)
+        assert response.status_code == 200
+        return response.text
+
+    limited = metrics("xray-only")
+    assert 'model="xray"' in limited and 'model="qa"' not in limited
+    assert 'airlock_model_info{model="qa"' in metrics("client")
+
+
+def test_classify_refuses_before_it_reads_the_body(server, appliance):
+    """Attack (issue 20, item 7): uploads buffered before the model and admission checks. The client
+    declares a large body and sends none of it: the refusal must come at once, not after the
+    server waited for (and would have buffered) the body."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        conn.sendall((f"POST /v1/classify?model=qa HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                      f"Authorization: Bearer {appliance.keys['xray-only']}\r\n"
+                      "Content-Type: application/octet-stream\r\nContent-Length: 4000000\r\n\r\n").encode())
+        started = time.monotonic()
+        head = ""
+        while "model_not_allowed" not in head and time.monotonic() - started < 10:
+            chunk = conn.recv(4096).decode("latin-1")
+            if not chunk:
+                break
+            head += chunk
+    assert head.startswith("HTTP/1.1 403") and "model_not_allowed" in head
+    assert time.monotonic() - started < 5  # the body timeout is far longer; margin: answered in ms here

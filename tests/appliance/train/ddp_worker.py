@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-RECIPE_FIELDS = dict(max_steps=4, eval_every=4, batch_size=1, max_length=96, lr=3e-3, dropout=0.0, seed=5)
+# 8 chats packed into rows of 192 tokens: 4 rows unshuffled (2 steps of 2 ranks per epoch), but epoch 2's
+# shuffle packs into 3 rows, so 6 steps cross a short epoch (tests/appliance/train/test_ddp.py).
+RECIPE_FIELDS = dict(max_steps=6, eval_every=6, batch_size=1, max_length=192, lr=3e-3, dropout=0.0, seed=5)
 
 
 def corpus_chats() -> tuple[list[dict], list[dict]]:
     lines = (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
     chats = [r for r in map(json.loads, lines) if "messages" in r]
-    return chats[:32], chats[32:40]
+    return chats[:8], chats[32:40]
 
 
 def adapter_checksum(adapter_state: dict) -> float:
@@ -37,8 +39,11 @@ def main() -> None:
     result = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, LoraRecipe(**RECIPE_FIELDS))
     checksums = [None] * dist.get_world_size()
     dist.all_gather_object(checksums, adapter_checksum(result.adapter_state))
+    micro_batches = [None] * dist.get_world_size()
+    dist.all_gather_object(micro_batches, result.micro_batches)
     if dist.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps({"losses": result.train_losses, "checksums": checksums}))
+        Path(sys.argv[1]).write_text(json.dumps({"losses": result.train_losses, "checksums": checksums,
+                                                 "micro_batches": micro_batches}))
     dist.destroy_process_group()
 
 

@@ -90,3 +90,23 @@ def test_training_separates_two_phantom_classes():
     assert result.test is not None and result.test.accuracy > 0.8
     assert sum(map(sum, result.test.confusion)) == 32
     assert set(result.test.sensitivity) == set(LABELS)
+
+
+@pytest.mark.slow  # ~20 real steps and 7 evaluations: 15-60 s on two shared cores
+def test_early_stopping_ships_the_best_validation_weights_and_measures_test():
+    from appliance.train.classifier import load_classifier, predict
+
+    train, val, test = phantoms(64, seed=1), phantoms(32, seed=2), phantoms(16, seed=3)
+    val = (val[0], 1 - val[1])  # the opposite mapping: once training learns its split, val AUC falls
+    recipe = ClassifierRecipe(max_steps=60, batch_size=16, eval_every=3, lr=3e-3, seed=0, early_stopping_patience=2)
+    base = resolve_base_model("tiny-resnet-cls")
+    result = train_classifier(base, train, val, recipe, labels=LABELS, test=test)
+    assert result.stopped_early and result.steps < 60
+    # Measured: best 0.62 (step 15), last 0.54 (step 21).
+    assert result.val_aucs[-1][1] < result.best_val_auc - 0.04
+    assert result.test is not None  # measured although it stopped early
+
+    shipped = load_classifier(base, len(LABELS), seed=99)
+    shipped.load_state_dict(result.state_dict)
+    assert classification_metrics(predict(shipped, val[0]), val[1], LABELS).roc_auc == pytest.approx(
+        result.best_val_auc, abs=1e-6)

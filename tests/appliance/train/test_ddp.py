@@ -30,12 +30,33 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path):
     assert run.returncode == 0, run.stderr[-3000:]
     ddp = json.loads(out.read_text())
     assert ddp["checksums"][0] == pytest.approx(ddp["checksums"][1], rel=1e-6)  # ranks hold the same adapter
+    # Equal forward/backward counts on every rank in every epoch, the short epoch 2 included.
+    assert ddp["micro_batches"] == [{"0": 2, "1": 2, "2": 2}] * 2
 
     train, val = corpus_chats()
     single = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val,
                         LoraRecipe(**RECIPE_FIELDS, grad_accumulation=2))
     assert ddp["losses"] == pytest.approx(single.train_losses, rel=1e-4, abs=1e-5)
     assert ddp["checksums"][0] == pytest.approx(adapter_checksum(single.adapter_state), rel=1e-4)
+
+
+def test_every_epoch_has_the_same_number_of_micro_batches():
+    """Epoch 2's shuffle of the worker's data packs into 3 rows, not 4: it repeats its first row."""
+    from transformers import AutoTokenizer
+
+    from appliance.base_models import resolve_base_model
+    from appliance.train.lm import encode_records, epoch_batches, make_batches
+    from appliance.train.recipe import LoraRecipe
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("tiny-deepseek-r1").path, local_files_only=True)
+    recipe = LoraRecipe(**RECIPE_FIELDS)
+    examples = encode_records(tokenizer, corpus_chats()[0], recipe.max_length, "train")
+    assert len(make_batches(examples, recipe, tokenizer.pad_token_id, order_seed=None)) == 4
+    shuffled = make_batches(examples, recipe, tokenizer.pad_token_id, order_seed=recipe.seed * 1000 + 2)
+    assert len(shuffled) == 3
+    epochs = [epoch_batches(examples, recipe, tokenizer.pad_token_id, epoch, 4) for epoch in range(4)]
+    assert [len(batches) for batches in epochs] == [4, 4, 4, 4]
+    assert epochs[2] == [*shuffled, shuffled[0]]
 
 
 def _free_port() -> int:

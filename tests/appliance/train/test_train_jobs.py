@@ -46,6 +46,7 @@ def test_train_lm_job_learns_records_lineage_and_stores_only_ciphertext(qa_datas
     assert metrics["val_loss"] < metrics["initial_val_loss"]      # ... and than the untouched base model
     assert [s for s, _ in metrics["val_losses"]] == [4, 8, 12, 16, 20, 24]
     assert metrics["test"]["label_tokens"] > 0 and metrics["records"]["train"] > 0
+    assert metrics["planned_memory_mb"] > 0 and metrics["peak_memory_mb"] > 0  # planned beside measured
 
     # Lineage: the pinned dataset version's content hash, the base model's and the recipe's hashes.
     shown = cli_json("data", "show", "qa", "--json")

@@ -107,3 +107,63 @@ def test_dek_is_bound_to_object_and_kek_version():
     keys.wipe()
     with pytest.raises(VaultError, match="wiped"):
         keys.new_kek(3)
+
+
+def _installed_copy(tmp_path):
+    """The packages as an installed appliance has them: no pyproject.toml beside them (not a checkout)."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    root = tmp_path / "site-packages"
+    for package in ("appliance", "bundler"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_the_test_kdf_profile_is_refused_on_an_installed_appliance(tmp_path, airlock_home):
+    """AIRLOCK_KDF_PROFILE=test left in an installed appliance's environment must not give 8 MiB slots."""
+    import subprocess
+    import sys
+
+    root = _installed_copy(tmp_path)
+    secret = tmp_path / "passphrase.txt"
+    secret.write_text("correct horse battery staple\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "AIRLOCK_KDF_PROFILE": "test", "AIRLOCK_HOME": str(airlock_home)}
+    init = subprocess.run([sys.executable, "-c", "import sys; from appliance.cli import main; sys.exit(main())",
+                           "vault", "init", "--passphrase-file", str(secret)],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=120, check=False)
+    assert init.returncode == 2, init.stdout + init.stderr
+    assert "AIRLOCK_KDF_PROFILE=test (tiny, guessable KDF parameters for the test suite) is refused" in init.stderr
+    assert "hint: unset AIRLOCK_KDF_PROFILE" in init.stderr
+    from appliance.catalog import open_catalog
+    from appliance.vault.records import vault_id
+
+    assert not (airlock_home / "catalog.db").exists() or vault_id(open_catalog(airlock_home)) is None
+
+
+def test_the_test_kdf_profile_is_honoured_only_in_a_checkout_and_only_as_test(monkeypatch):
+    assert keyslots.test_profile_requested()  # this checkout, the fixture's AIRLOCK_KDF_PROFILE=test
+    monkeypatch.setenv("AIRLOCK_KDF_PROFILE", "fast")
+    with pytest.raises(VaultError, match="'fast' is not a KDF profile"):
+        passphrase_kdf()
+    monkeypatch.setenv("AIRLOCK_HOME", "/var/lib/airlock")
+    monkeypatch.setenv("AIRLOCK_KDF_PROFILE", "test")
+    with pytest.raises(VaultError, match="refused on an installed appliance"):
+        passphrase_kdf()
+
+
+def test_doctor_flags_weak_passphrase_slots(airlock_home):
+    """A vault made with the test profile: doctor names the weak slot (a warning: it must not block upgrades)."""
+    from appliance.catalog import open_catalog
+    from appliance.doctor import check_key_slots
+    from appliance.vault.lifecycle import init_vault
+
+    airlock_home.mkdir()
+    init_vault(open_catalog(airlock_home), "correct horse battery staple", passphrase_kdf())
+    (weak,) = check_key_slots(airlock_home)
+    assert weak.status == "warn" and "passphrase-1 (argon2id, 8 MiB)" in weak.detail
+    assert "airlock users passwd" in weak.hint
+    strong = dataclasses.replace(passphrase_kdf(), memory_kib=256 * 1024)
+    assert not keyslots.is_weak(strong) and keyslots.is_weak(passphrase_kdf(memory_mib=16))
+    assert not keyslots.is_weak(dataclasses.replace(passphrase_kdf(kdf="scrypt"), n=1 << 18))

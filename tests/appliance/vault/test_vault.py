@@ -76,7 +76,8 @@ def test_init_unlock_store_rotate_delete_end_to_end(airlock_home, vault_init, un
     before = records.dek(db, "dataset-1")
     rotated = run_cli("vault", "rotate")
     assert rotated.returncode == 0, rotated.stderr
-    assert "version 2: 1 data keys re-wrapped" in rotated.stdout
+    # 2: dataset-1 and the audit anchor's seal key (a DEK too, created by the first unlocked command)
+    assert "version 2: 2 data keys re-wrapped" in rotated.stdout
     after = records.dek(db, "dataset-1")
     assert (after.kek_version, before.kek_version) == (2, 1) and after.wrapped_dek != before.wrapped_dek
     assert path.read_bytes() == ciphertext  # rotation never touches data files
@@ -200,7 +201,7 @@ def test_status_json_keys_and_lock(airlock_home, vault_init, unlock, agents):
     status = json.loads(run_cli("vault", "status", "--json").stdout)
     assert set(status) == {"initialized", "vault_id", "state", "seconds_left", "idle_timeout_s", "agent_pid",
                            "kek_version", "slots", "objects", "unlock_failures", "account", "role", "session",
-                           "emergencies_pending"}
+                           "emergencies_pending", "shreds_pending"}
     assert (status["account"], status["role"], status["session"]) == ("admin", "admin", "normal")
     assert status["state"] == "unlocked" and 590 <= status["seconds_left"] <= 600
     assert status["idle_timeout_s"] == 600 and status["objects"] == {"active": 0, "deleted": 0}

@@ -1,0 +1,103 @@
+"""The memory plan: pure arithmetic from a config, checked before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.base_models import resolve_base_model
+from appliance.train.memory_plan import (
+    GIB,
+    R1_DISTILL_QWEN_1_5B,
+    R1_DISTILL_QWEN_7B,
+    MemoryPlanError,
+    ModelShape,
+    check_plan,
+    plan_memory,
+)
+from appliance.train.recipe import LoraRecipe
+
+
+def test_parameter_counts_match_the_published_models():
+    assert R1_DISTILL_QWEN_1_5B.params == 1_777_088_000  # DeepSeek-R1-Distill-Qwen-1.5B (untied embeddings)
+    assert R1_DISTILL_QWEN_7B.params == 7_615_616_512    # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-7B's shape)
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
+              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+              "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": False}
+    assert ModelShape.from_config(config) == R1_DISTILL_QWEN_1_5B
+
+
+def test_7b_in_fp32_on_a_24_gb_gpu_is_refused_with_the_numbers_and_a_change_that_fits(tmp_path: Path):
+    recipe = LoraRecipe(precision="fp32")
+    plan = plan_memory(R1_DISTILL_QWEN_7B, recipe, device="cuda:0", available=24 * GIB)
+    assert plan.weights == 7_615_616_512 * 4 and not plan.fits
+    assert plan.total > 100 * GIB  # 28.4 GiB of weights alone, plus fp32 activations of 4096 tokens
+    assert "quantization = \"nf4\"" in plan.suggestion and plan.suggestion.startswith("would fit with")
+
+    model = tmp_path / "r1-distill-qwen-7b"  # a config, no weights: nothing could be loaded
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+        "tie_word_embeddings": False}))
+    with pytest.raises(MemoryPlanError) as caught:
+        check_plan(resolve_base_model(str(model)), recipe, device="cuda:0", available=24 * GIB)
+    message = caught.value.message
+    assert message.startswith("r1-distill-qwen-7b with this recipe needs 108.7 GiB (weights 28.4 GiB")
+    assert "cuda:0 has 24.0 GiB free" in message
+    assert caught.value.hint == plan.suggestion
+
+
+def test_what_fits_a_24_gb_gpu():
+    def total(shape, **fields):
+        plan = plan_memory(shape, LoraRecipe(**fields), device="cuda:0", available=24 * GIB)
+        return plan.fits, plan.total / GIB
+
+    # 1.5B in bf16 at 4096 tokens: too much without checkpointing (activations), fits with it.
+    assert total(R1_DISTILL_QWEN_1_5B) == (False, pytest.approx(28.4, abs=0.1))
+    assert total(R1_DISTILL_QWEN_1_5B, gradient_checkpointing=True) == (True, pytest.approx(11.4, abs=0.1))
+    # 7B: bf16 weights alone are 14.2 GiB; with checkpointing just over 90% of 24 GiB; QLoRA fits.
+    assert total(R1_DISTILL_QWEN_7B, gradient_checkpointing=True) == (False, pytest.approx(23.8, abs=0.1))
+    assert total(R1_DISTILL_QWEN_7B, gradient_checkpointing=True, quantization="nf4") == (
+        True, pytest.approx(14.7, abs=0.1))
+
+
+def test_checkpointing_keeps_one_input_per_layer_and_logits_scale_with_the_vocabulary():
+    recipe = LoraRecipe(batch_size=2, max_length=1024)
+    plan = plan_memory(R1_DISTILL_QWEN_1_5B, recipe, device="cuda:0", available=80 * GIB)
+    assert plan.tokens == 2048 and plan.fits
+    assert plan.activations == plan.activations_without_checkpointing
+    assert plan.activations_with_checkpointing < plan.activations_without_checkpointing / 10
+    assert plan.logits == 2048 * 151936 * (2 + 8)  # bf16 logits, their fp32 upcast in the loss, its gradient
+    assert plan.adapter == plan.optimizer == 8 * 28 * 16 * sum(a + b for a, b in
+                                                               R1_DISTILL_QWEN_1_5B.linear_shapes().values())
+
+
+def test_the_tiny_model_fits_on_this_machine_and_moe_is_not_modelled():
+    tiny = check_plan(resolve_base_model("tiny-deepseek-r1"), LoraRecipe(), device="cpu")
+    assert tiny is not None and tiny.fits and tiny.available > 0
+    assert check_plan(resolve_base_model("tiny-deepseek-v3"), LoraRecipe(), device="cpu") is None
+
+
+def test_airlock_train_lm_plan_prints_the_plan_and_exits_2_when_it_does_not_fit(tmp_path: Path, airlock_home):
+    from tests.conftest import run_cli
+
+    fits = run_cli("train", "lm", "--plan", "--base", "tiny-deepseek-r1", "--device", "cpu")
+    assert fits.returncode == 0, fits.stderr
+    assert "memory plan: tiny-deepseek-r1, 1 x 4096 tokens per micro-batch" in fits.stdout
+    assert "  fits" in fits.stdout and "with gradient checkpointing" in fits.stdout
+
+    model = tmp_path / "r1-distill-qwen-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064}))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("precision = \"fp32\"\nmax_length = 131072\nbatch_size = 1024\n")
+    refused = run_cli("train", "lm", "--plan", "--base", str(model), "--recipe", str(recipe), "--device", "cpu",
+                      "--json")
+    assert refused.returncode == 2, refused.stderr
+    plan = json.loads(refused.stdout)
+    assert plan["fits"] is False and plan["weights"] == 7_615_616_512 * 4 and plan["tokens"] == 131072 * 1024
