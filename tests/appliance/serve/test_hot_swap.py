@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.appliance.serve.conftest import Appliance, Server
+from tests.appliance.serve.conftest import SWAP_TASK, Appliance, Server
 from tests.appliance.serve.test_security import CHAT
 
-TASK = "swap"
+TASK = SWAP_TASK
 SWAP_CHAT = {**CHAT, "model": TASK}
 
 
@@ -52,21 +52,13 @@ class SwapServer:
 
 
 @pytest.fixture(scope="module")
-def swap(appliance: Appliance, tmp_path_factory: pytest.TempPathFactory) -> SwapServer:
-    """Task `swap` with v1 (run qa3) in production and v2 (run qa2, optimized) a candidate, and a server of its own."""
+def swap(appliance: Appliance, swap_task: str, tmp_path_factory: pytest.TempPathFactory) -> SwapServer:
+    """Task `swap` (v1: run qa3, v2: run qa2, optimized; see `swap_task`) and a server of its own."""
     from appliance.catalog import open_catalog
-    from appliance.registry.promotion import promote
-    from appliance.registry.versions import register_run
     from appliance.serve.api_keys import create_key
-    from appliance.train.runs import get_run
-    from appliance.vault.lifecycle import keys_for
 
     db = open_catalog(appliance.home)
     try:
-        vault_keys = keys_for(db, appliance.home)
-        for name in ("qa3", "qa2"):
-            register_run(db, vault_keys, appliance.home, get_run(db, appliance.runs[name]), TASK, actor="test")
-        promote(db, f"{TASK}-v1", actor="test", reason="hot-swap tests start here")
         api = {name: create_key(db, f"swap-{name}", (), actor="test")[1] for name in ("client", "stream")}
     finally:
         db.close()
