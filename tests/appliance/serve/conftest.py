@@ -155,6 +155,31 @@ def _register(app: Appliance) -> None:
     db.close()
 
 
+SWAP_TASK = "swap"
+
+
+@pytest.fixture(scope="session")
+def swap_task(appliance: Appliance) -> str:
+    """Task `swap` in the shared appliance: run qa3 as v1 (PyTorch), promoted, and run qa2 as v2 (its ONNX export), a
+    candidate. Registered once per session (a run is registered once per catalog); the tests that promote within it
+    (hot swap) bring it to the version they start from, the sandbox test works on a copy of the home."""
+    from appliance.catalog import open_catalog
+    from appliance.registry.promotion import promote
+    from appliance.registry.versions import register_run
+    from appliance.train.runs import get_run
+    from appliance.vault.lifecycle import keys_for
+
+    db = open_catalog(appliance.home)
+    try:
+        vault_keys = keys_for(db, appliance.home)
+        for name in ("qa3", "qa2"):
+            register_run(db, vault_keys, appliance.home, get_run(db, appliance.runs[name]), SWAP_TASK, actor="test")
+        promote(db, f"{SWAP_TASK}-v1", actor="test", reason="the swap task starts here")
+    finally:
+        db.close()
+    return SWAP_TASK
+
+
 @pytest.fixture(autouse=True)
 def _appliance_home(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, airlock_home: Path) -> None:
     """Tests that use the shared appliance run their in-process catalog calls against its home."""
