@@ -95,7 +95,9 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Appliance:
     app = Appliance(home, env, {}, root / "passphrase")
     try:
         assert app.cli("vault", "init", "--passphrase-file", str(root / "passphrase")).returncode == 0
-        unlocked = app.cli("vault", "unlock", "--passphrase-file", str(root / "passphrase"))
+        # A day, not the default 15 minutes without key use: this agent serves the whole session, and in a random
+        # order the last serving test may come half an hour after the one before it.
+        unlocked = app.cli("vault", "unlock", "--passphrase-file", str(root / "passphrase"), "--idle-timeout", "86400")
         assert unlocked.returncode == 0, unlocked.stderr
         fix_site_secret(home)  # the same splits on every run
         chats = [line for line in (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8")
