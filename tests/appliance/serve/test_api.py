@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.appliance.serve.conftest import MARKER
+from tests.conftest import files_holding
 
 QUESTION = f"The compressor C2 of line {MARKER} shows intermittent stop. What should I check first?"
 
@@ -197,6 +198,4 @@ def test_classify_png_jpeg_and_dicom_in_memory(server, appliance):
         assert body["label"] == body["predictions"][0]["label"]
     assert implicit.status_code == 200 and implicit.json()["predictions"] == answers["png"].json()["predictions"]
     # Nothing of an upload is stored: no file under the appliance home holds the DICOM's patient name.
-    for path in appliance.home.rglob("*"):
-        if path.is_file():
-            assert MARKER.encode() not in path.read_bytes(), path
+    assert files_holding(appliance.home, MARKER.encode()) == []
