@@ -292,7 +292,7 @@ class _Api:
         key = self._authenticate(request, exchange)
         admission = self.state.admission
         text = self.state.metrics.render(self.state.table.all(), admission.admitted if admission else 0,
-                                         admission.running if admission else 0, allows=key.allows)
+                                         admission.running if admission else 0, allows=key.sees_metrics_of)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request, exchange: Exchange) -> Response:
