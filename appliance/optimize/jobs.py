@@ -494,7 +494,9 @@ def _summarize(validation: dict[str, Any]) -> dict[str, Any]:
     summary = dict(validation)
     parity = dict(summary.get("parity", {}))
     if "greedy" in parity:
-        parity["greedy"] = [{"equal": g["equal"], "tokens": len(g["onnx"])} for g in parity["greedy"]]
+        parity["greedy"] = [{"equal": g["equal"], "tokens": len(g["onnx"]),
+                             **({"first_difference": g["first_difference"]} if "first_difference" in g else {})}
+                            for g in parity["greedy"]]
     summary["parity"] = parity
     return runs.finite(summary)
 
