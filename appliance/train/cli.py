@@ -262,7 +262,9 @@ def _metric_text(run) -> str:
     op = test.get("operating_point") or {}
     if op:
         ci = op.get("sensitivity_ci")
-        text += f", sensitivity at the operating point {_num(op.get('sensitivity'), 3)}" + (
+        where = "the operating point" if op.get("site_chosen") else \
+            f"the default threshold {op['threshold']:g}" if op.get("threshold") is not None else "an operating point"
+        text += f", sensitivity at {where} {_num(op.get('sensitivity'), 3)}" + (
             f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci and op.get("sensitivity") is not None else "")
     if "ece" in test:
         text += f", ECE {_num(test.get('ece'), 3)}"

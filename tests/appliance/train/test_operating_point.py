@@ -107,3 +107,17 @@ def test_expected_calibration_error():
     assert expected_calibration_error(calibrated, _targets([1, 1, 1, 0])) == pytest.approx(0.0, abs=1e-6)
     empty = _probs([])
     assert expected_calibration_error(empty.reshape(0, 2), _targets([])) is None
+
+
+def test_cli_run_line_says_not_measured_and_never_none():
+    from types import SimpleNamespace
+
+    from appliance.train.cli import _metric_text
+
+    one_class = classification_metrics(_probs([0.1, 0.2]), _targets([0, 0]), LABELS).to_dict()
+    text = _metric_text(SimpleNamespace(kind="classifier", metrics={"val_auc": None, "test": one_class}))
+    assert "sensitivity at the default threshold 0.5 not measured" in text and "None" not in text
+    chosen = classification_metrics(_probs([0.9, 0.2, 0.1]), _targets([1, 1, 0]), LABELS,
+                                    resolve(OperatingPolicy(threshold=0.15), LABELS)).to_dict()
+    text = _metric_text(SimpleNamespace(kind="classifier", metrics={"val_auc": 0.9, "test": chosen}))
+    assert "sensitivity at the operating point 1.000 (95% CI 0.34-1.00)" in text and "ECE " in text
