@@ -403,10 +403,26 @@ def _migration_10(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _migration_11(db: sqlite_utils.Database) -> None:
+    """A classifier task's operating point (appliance.train.operating_point, docs/adr/0015-operating-point-gates.md).
+
+    `operating_class`: the class a positive call means (NULL: the second of two classes); then either
+    `operating_specificity` (a target; the threshold is set on validation images) or
+    `operating_threshold` (fixed, on that class's probability); both NULL: not chosen by the site.
+    """
+    for column in ("operating_class TEXT",
+                   "operating_specificity REAL CHECK (operating_specificity IS NULL OR "
+                   "(operating_specificity > 0 AND operating_specificity < 1))",
+                   "operating_threshold REAL CHECK (operating_threshold IS NULL OR "
+                   "operating_threshold BETWEEN 0 AND 1)"):
+        db.execute(f"ALTER TABLE model_tasks ADD COLUMN {column}")
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
                                                              _migration_5, _migration_6, _migration_7,
-                                                             _migration_8, _migration_9, _migration_10]
+                                                             _migration_8, _migration_9, _migration_10,
+                                                             _migration_11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -30,6 +30,52 @@ def run_cli(*args: str, prog: str = "airlock", env: dict[str, str] | None = None
                           env={**os.environ, **(env or {})}, cwd=REPO)
 
 
+# Run in a child process by the helpers below: whoever reads a file that SQLite has open in *this* process and closes it
+# drops that connection's POSIX locks (they belong to the process, not the descriptor); a CLI's WAL checkpoint then
+# changes the catalog under the connection ("locking protocol", "database disk image is malformed").
+_SEARCH = r"""
+import json, os, stat, sys
+request = json.loads(sys.stdin.read())
+needles = [bytes.fromhex(n) for n in request["needles"]]
+hits = []
+for root in request["roots"]:
+    for folder, _dirs, names in os.walk(root):  # skips folders that vanish meanwhile (parallel runs in /tmp)
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                info = os.lstat(path)
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime < request["since"]:
+                    continue
+                with open(path, "rb") as handle:
+                    raw = handle.read()
+            except OSError:
+                continue
+            hits += [[path, needle.hex()] for needle in needles if needle in raw]
+print(json.dumps(hits))
+"""
+
+
+def files_holding(roots: Path | list[Path], *needles: bytes, since: float = 0.0) -> list[tuple[str, bytes]]:
+    """(path, needle) for every regular file under `roots` (modified at or after `since`) that holds a needle.
+
+    Searched in a child process, so that the test's own catalog connections keep their locks (see _SEARCH)."""
+    import json
+
+    request = {"roots": [str(r) for r in (roots if isinstance(roots, list) else [roots])],
+               "needles": [n.hex() for n in needles], "since": since}
+    done = subprocess.run([sys.executable, "-I", "-c", _SEARCH], input=json.dumps(request), capture_output=True,
+                          text=True, timeout=300, check=True)
+    return [(path, bytes.fromhex(needle)) for path, needle in json.loads(done.stdout)]
+
+
+def catalog_bytes(home: Path) -> bytes:
+    """The bytes of catalog.db and its WAL/SHM files, read in a child process (see _SEARCH)."""
+    script = ("import pathlib, sys; home = pathlib.Path(sys.argv[1]); "
+              "sys.stdout.buffer.write(b''.join(p.read_bytes() for p in sorted(home.glob('catalog.db*'))))")
+    return subprocess.run([sys.executable, "-I", "-c", script, str(home)], capture_output=True, timeout=120,
+                          check=True).stdout
+
+
 def unshare_available() -> bool:
     if shutil.which("unshare") is None:
         return False

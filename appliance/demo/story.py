@@ -188,6 +188,10 @@ def _train(cli: Cli, work: Path, options: StoryOptions, report: Report) -> tuple
         say(f"run {cls['run']['id']}: best val AUC {format_metric(m.get('best_val_auc'))}; test accuracy "
             f"{format_metric(test.get('accuracy'), PERCENT)}, AUC {format_metric(test.get('roc_auc'))}, "
             f"confusion {test.get('confusion')} (rows: true {m.get('labels')})")
+        op = test.get("operating_point") or {}
+        say(f"at the operating point ({op.get('chosen_by') or 'none'}): sensitivity "
+            f"{format_metric(op.get('sensitivity'))}, specificity {format_metric(op.get('specificity'))}; "
+            f"expected calibration error {format_metric(test.get('ece'))}")
         if m.get("best_val_auc") is None:
             say("no validation AUC (the validation split is empty or holds one class): training ran all its steps "
                 "without early stopping")

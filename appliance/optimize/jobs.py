@@ -494,7 +494,9 @@ def _summarize(validation: dict[str, Any]) -> dict[str, Any]:
     summary = dict(validation)
     parity = dict(summary.get("parity", {}))
     if "greedy" in parity:
-        parity["greedy"] = [{"equal": g["equal"], "tokens": len(g["onnx"])} for g in parity["greedy"]]
+        parity["greedy"] = [{"equal": g["equal"], "tokens": len(g["onnx"]),
+                             **({"first_difference": g["first_difference"]} if "first_difference" in g else {})}
+                            for g in parity["greedy"]]
     summary["parity"] = parity
     return runs.finite(summary)
 
@@ -583,6 +585,7 @@ def build_and_store_engine(ctx: JobContext, keys: KeyOps, run: Run, report: dict
         build_engine,
         causal_lm_profiles,
         classifier_profiles,
+        serve_profile_limits,
     )
     from appliance.train.artifacts import save_artifact
 
@@ -596,7 +599,9 @@ def build_and_store_engine(ctx: JobContext, keys: KeyOps, run: Run, report: dict
         from appliance.base_models import resolve_base_model
 
         config = AutoConfig.from_pretrained(resolve_base_model(run.base_model).path, local_files_only=True)
-        profiles = causal_lm_profiles(config, **limits)
+        # Sized for what `airlock serve` admits by default (its start-up check refuses an engine that is smaller).
+        context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        profiles = causal_lm_profiles(config, **{**serve_profile_limits(context), **limits})
     ctx.progress(f"building the {variant} TensorRT engine (minutes on a large model)", variant=variant)
     build = build_engine(onnx, variant=variant, profiles=profiles, options=EngineBuildOptions(**options),
                          quant_recipe=report.get("recipe") if variant == "int8" else None)

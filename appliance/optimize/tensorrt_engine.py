@@ -99,6 +99,81 @@ def causal_lm_profiles(config: Any, *, max_batch: int = 4, max_sequence: int = 5
     return [profile]
 
 
+SERVE_MAX_PROMPT_TOKENS = 4096
+SERVE_MAX_NEW_TOKENS = 32768
+"""`airlock serve`'s default --max-prompt-tokens / --max-tokens (appliance.serve.limits.ServeLimits)."""
+
+
+def serve_profile_limits(context: int, *, max_prompt_tokens: int = SERVE_MAX_PROMPT_TOKENS,
+                         max_new_tokens: int = SERVE_MAX_NEW_TOKENS) -> dict[str, int]:
+    """`causal_lm_profiles` sizes that hold every request a server with these limits admits for a model with
+    this context: the longest prompt in one prefill call, and the KV cache of the longest request.
+
+    A request of P prompt and N new tokens feeds P tokens once, then one token on a past of up to P + N - 2."""
+    prompt, total = admitted_lengths(context, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+    return {"max_sequence": prompt, "max_past": max(1, total - 2)}
+
+
+def admitted_lengths(context: int, *, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """(longest prompt, most prompt + generated tokens) a server admits for a model with this context."""
+    return min(max_prompt_tokens, context - 1), min(context, max_prompt_tokens + max_new_tokens)
+
+
+def lm_profile_capacity(profiles: list[Any]) -> tuple[int, int]:
+    """(longest prompt, most prompt + generated tokens) one request may reach on profile 0 (the one the runner
+    uses) of a causal-LM engine; profiles as built or as a sidecar records them ([min, opt, max] shapes)."""
+    profile = profiles[0]
+    high = {name: tuple(shapes[2]) for name, shapes in profile.items()}
+    prompt = min(high["input_ids"][1], high.get("position_ids", high["input_ids"])[1])
+    pasts = [shape[2] for name, shape in high.items() if name.startswith("past_")]
+    if not pasts:
+        raise EngineError("the engine's profile has no KV-cache inputs (past_key_N)",
+                          hint="this is not a causal-LM engine; rebuild it with `airlock engine build`")
+    total = min(min(pasts) + 2, high["attention_mask"][1] + 1) if "attention_mask" in high else min(pasts) + 2
+    return prompt, total
+
+
+def check_lm_profile(profiles: list[Any], *, context: int, max_prompt_tokens: int, max_new_tokens: int,
+                     run_id: str = "RUN") -> None:
+    """Refuse (EngineError, one line + hint) an engine whose profile cannot hold every request the server admits:
+    such a request would fail mid-generation instead of being served."""
+    can_prompt, can_total = lm_profile_capacity(profiles)
+    prompt, total = admitted_lengths(context, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+    if prompt <= can_prompt and total <= can_total:
+        return
+    sizes = serve_profile_limits(context, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+    raise EngineError(
+        f"the TensorRT engine takes prompts of up to {can_prompt} tokens and {can_total} tokens in all, but this "
+        f"server admits prompts of {prompt} and {total} in all (--max-prompt-tokens {max_prompt_tokens}, "
+        f"--max-tokens {max_new_tokens}, context {context})",
+        hint=f"serve with --max-prompt-tokens {min(can_prompt, max_prompt_tokens)} --max-tokens "
+             f"{max(1, can_total - min(can_prompt, max_prompt_tokens))}, or rebuild the engine: `airlock engine "
+             f"build {run_id} --max-sequence {sizes['max_sequence']} --max-past {sizes['max_past']}`")
+
+
+class PerThread:
+    """One object per thread, made on the thread's first use: `factory()` runs once in each thread.
+
+    TensorRT's IExecutionContext holds the input shapes and tensor addresses of one inference at a time;
+    worker threads sharing one would mix each other's requests."""
+
+    def __init__(self, factory: Any) -> None:
+        import threading
+
+        self._factory = factory
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def get(self) -> Any:
+        value = getattr(self._local, "value", None)
+        if value is None:
+            with self._lock:  # creating contexts concurrently on one engine is not documented as safe
+                value = self._local.value = self._factory()
+                self.made += 1
+        return value
+
+
 def default_timing_cache_dir() -> Path:
     from appliance.paths import airlock_home
 
@@ -222,30 +297,55 @@ def load_engine(plan: bytes, sidecar: dict[str, Any], *, machine: MachineInfo | 
     if engine is None:
         raise EngineError(f"TensorRT {machine.tensorrt} could not load the engine", hint="rebuild with `airlock "
                                                                                          "engine build`")
-    return TensorRTRunner(engine, trt)
+    return TensorRTRunner(engine, trt, profiles=sidecar.get("profiles"))
 
 
 class TensorRTRunner:
-    """`run({name: ndarray}) -> {name: ndarray}` on profile 0, with torch CUDA tensors as buffers."""
+    """`run({name: ndarray}) -> {name: ndarray}` on profile 0, with torch CUDA tensors as buffers.
+
+    Each calling thread gets its own execution context and CUDA stream (`PerThread`): the server's workers run
+    requests side by side on one engine (its weights are shared; each context has its own activation memory)."""
 
     kind = "tensorrt"
 
-    def __init__(self, engine: Any, trt: Any) -> None:
+    def __init__(self, engine: Any, trt: Any, profiles: list[Any] | None = None) -> None:
         import numpy as np
 
         self.engine, self.trt = engine, trt
-        self.context = engine.create_execution_context()
+        self.profiles = profiles or []
+        """The optimization profiles the engine was built with (from its sidecar), for `check_lm_profile`."""
+        self._per_thread = PerThread(self._new_context)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
         self.input_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.input_names}
         self.output_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.output_names}
 
+    def _new_context(self) -> tuple[Any, Any]:
+        import torch
+
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise EngineError("TensorRT could not create an execution context (GPU memory?)",
+                              hint="serve with fewer --workers, or free GPU memory")
+        return context, torch.cuda.Stream()
+
+    @property
+    def context(self) -> Any:
+        """This thread's execution context."""
+        return self._per_thread.get()[0]
+
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        context, stream = self._per_thread.get()
+        with torch.cuda.stream(stream):  # copies, allocations and the engine all on this thread's stream
+            return self._run(context, stream, feeds)
+
+    def _run(self, context: Any, stream: Any, feeds: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
         import torch
 
-        stream = torch.cuda.current_stream()
         keep: list[Any] = []  # inputs must live until the stream is done with them
 
         def address(tensor: Any) -> int:
@@ -260,17 +360,17 @@ class TensorRTRunner:
                 raise EngineError(f"engine input {name} is {array.dtype}, the engine wants {self.input_dtypes[name]}",
                                   hint="feed the dtypes of the exported model")
             tensor = torch.from_numpy(array).to("cuda", non_blocking=False)
-            if not self.context.set_input_shape(name, tuple(array.shape)):
+            if not context.set_input_shape(name, tuple(array.shape)):
                 raise EngineError(f"engine input {name} has shape {list(array.shape)}, outside the engine's "
                                   "optimization profile", hint="rebuild the engine with larger profiles")
-            self.context.set_tensor_address(name, address(tensor))
+            context.set_tensor_address(name, address(tensor))
         outputs = {}
         for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             dtype = torch.from_numpy(np.empty(0, dtype=self.output_dtypes[name])).dtype
             outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
-            self.context.set_tensor_address(name, address(outputs[name]))
-        if not self.context.execute_async_v3(stream.cuda_stream):
+            context.set_tensor_address(name, address(outputs[name]))
+        if not context.execute_async_v3(stream.cuda_stream):
             raise EngineError("TensorRT failed to run the engine", hint="see the job log for TensorRT's messages")
         stream.synchronize()
         return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}

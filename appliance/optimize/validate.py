@@ -108,6 +108,11 @@ def validate_classifier_export(onnx_bytes: bytes, model: Any, held_out: tuple[An
     return _judge(report, parity, extra, strict)
 
 
+NEAR_TIE_FACTOR = 10.0
+"""fp32 greedy decoding may differ from PyTorch only where PyTorch's two candidate logits lie within this many times
+the export's measured max logit error: a near-tie that either runtime could break either way."""
+
+
 def torch_greedy(model: Any, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding that recomputes the whole sequence each step (no cache): the reference for KV-cache decoding."""
     import torch
@@ -127,7 +132,8 @@ def validate_causal_lm_export(onnx_bytes: bytes, model: Any, prompts: Sequence[S
                               float_allowed: Sequence[str] = ()) -> dict[str, Any]:
     """Checker, Q/DQ rules (int8), batched prefill logits, and greedy decoding through the ONNX KV cache vs PyTorch.
 
-    `prompts` are held-out token id lists. Greedy tokens must match exactly for fp32; for fp16 and
+    `prompts` are held-out token id lists. Greedy tokens must match exactly for fp32 (up to a near-tie, measured and
+    reported: see NEAR_TIE_FACTOR); for fp16 and
     int8 they are reported (two near-equal logits may legitimately swap).
     """
     import numpy as np
@@ -162,15 +168,30 @@ def validate_causal_lm_export(onnx_bytes: bytes, model: Any, prompts: Sequence[S
         torch_logits = model(input_ids=torch.from_numpy(batch), use_cache=False).logits.float().numpy()
     parity: dict[str, Any] = {"prompts": len(prompts), "positions": int(batch.size),
                               **_diffs(onnx_logits, torch_logits)}
+    # Two tokens whose PyTorch logits lie closer than the export's own measured error may swap: a near-tie, not a
+    # wrong export. The margin is NEAR_TIE_FACTOR times the prefill's max |ONNX - PyTorch| (fp32: ~1e-5).
+    tie_margin = NEAR_TIE_FACTOR * parity["max_abs_diff"]
     greedy = []
     for prompt in prompts:
         ours = greedy_decode(runner, prompt, max_new_tokens=decode_tokens, layout=layout)
         reference = torch_greedy(model, prompt, decode_tokens)
-        greedy.append({"onnx": ours, "pytorch": reference, "equal": ours == reference})
+        entry: dict[str, Any] = {"onnx": ours, "pytorch": reference, "equal": ours == reference}
+        if not entry["equal"]:
+            at = next(i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b)
+            ids = torch.tensor([list(prompt) + reference[:at]])
+            with torch.no_grad():
+                last = model(input_ids=ids, use_cache=False).logits[0, -1].double()
+            gap = float(last[reference[at]] - last[ours[at]])
+            entry["first_difference"] = {"position": at, "pytorch_logit_gap": gap, "near_tie": gap <= tie_margin}
+        greedy.append(entry)
     parity["greedy"] = greedy
     parity["greedy_equal"] = all(g["equal"] for g in greedy)
+    parity["near_tie_margin"] = tie_margin
     extra = []
-    if variant == "fp32" and not parity["greedy_equal"]:
-        first = next(g for g in greedy if not g["equal"])
-        extra.append(f"greedy tokens differ (ONNX {first['onnx']} vs PyTorch {first['pytorch']})")
+    wrong = [g for g in greedy if not g["equal"] and not g["first_difference"]["near_tie"]]
+    if variant == "fp32" and wrong:
+        first = wrong[0]
+        extra.append(f"greedy tokens differ (ONNX {first['onnx']} vs PyTorch {first['pytorch']}; PyTorch's logits "
+                     f"differ by {first['first_difference']['pytorch_logit_gap']:.2e} there, more than the near-tie "
+                     f"margin {tie_margin:.2e})")
     return _judge(report, parity, extra, strict)

@@ -5,9 +5,10 @@
 
 A card says what the model is for, what it was built from (base model and hash, dataset versions
 with their content hashes, split counts, import dates, de-identification profile: never a
-record), how (recipe), how well against the production version it replaced, which gates it
-passed, what engines exist, its known limits and its lineage as a text tree. It is built once as
-blocks and rendered to Markdown or HTML, so both always say the same.
+record), how (recipe), how well against the production version it replaced (a classifier:
+also its operating point, the confusion there, calibration), which gates it passed, what
+engines exist, its known limits and its lineage as a text tree. It is built once as blocks and
+rendered to Markdown or HTML, so both always say the same.
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ def headline_metrics(version: ModelVersion) -> dict[str, float | None]:
     m = version.metrics
     test = m.get("test") if isinstance(m.get("test"), dict) else {}
     if version.kind == "classifier":
+        op = test.get("operating_point") if isinstance(test.get("operating_point"), dict) else {}
         return {"val AUC": m.get("val_auc"), "best val AUC": m.get("best_val_auc"),
-                "test accuracy": test.get("accuracy"), "test AUC": test.get("roc_auc")}
+                "test accuracy": test.get("accuracy"), "test AUC": test.get("roc_auc"),
+                "test sensitivity at the operating point": op.get("sensitivity"),
+                "test expected calibration error": test.get("ece")}
     out = {"val loss": m.get("val_loss"), "best val loss": m.get("best_val_loss")}
     if "loss" in test:  # a training run's own test split (registered versions)
         out.update({"test loss": test.get("loss"), "test perplexity": test.get("perplexity"),
@@ -82,17 +86,75 @@ def _metric_rows(version: ModelVersion, previous: ModelVersion | None) -> list[l
     return rows
 
 
+def _sensitivity_text(op: dict[str, Any] | None) -> str:
+    """'sensitivity 0.8000 (95% CI 0.49-0.94) at threshold 0.3712', or why it is not measured."""
+    if not op:
+        return "sensitivity not measured"
+    if op.get("sensitivity") is None:
+        return f"sensitivity not measured ({op.get('reason') or 'no operating point'})"
+    ci = op.get("sensitivity_ci")
+    interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+    return f"sensitivity {op['sensitivity']:.4f}{interval} at threshold {op['threshold']:.4f}"
+
+
 def _split_row(label: str, entry: dict[str, Any], gate: dict[str, Any]) -> list[Any]:
-    if "production_roc_auc" in entry:  # an image classifier: AUC and accuracy, higher is better
+    if "production_roc_auc" in entry:  # an image classifier: AUC, accuracy (and sensitivity), higher is better
+        gated = any((entry.get(f"{side}_operating_point") or {}).get("site_chosen")
+                    for side in ("production", "candidate"))
+
         def both(side: str) -> str:
-            return f"AUC {_cell(entry.get(f'{side}_roc_auc'))}, accuracy {_cell(entry.get(f'{side}_accuracy'))}"
+            text = f"AUC {_cell(entry.get(f'{side}_roc_auc'))}, accuracy {_cell(entry.get(f'{side}_accuracy'))}"
+            return text + (f", {_sensitivity_text(entry.get(f'{side}_operating_point'))}" if gated else "")
 
         change = f"AUC {_pct(entry.get('roc_auc_change'))}, accuracy {_pct(entry.get('accuracy_change'))}"
+        if gated:
+            change += f", sensitivity {_pct(entry.get('sensitivity_change'))}"
         limit = f"limit -{(gate.get('max_relative_decrease') or 0) * 100:.1f}%"
         return [f"{label}: {entry['split']}", entry["records"], both("production"), both("candidate"), change,
                 f"{entry['status']} ({limit})"]
     return [f"{label}: {entry['split']}", entry["records"], entry.get("production_loss"), entry.get("candidate_loss"),
             _pct(entry.get("relative_change")), f"{entry['status']} (limit {_pct(gate.get('max_relative_increase'))})"]
+
+
+def operating_point_blocks(version: ModelVersion) -> list[Block]:
+    """A classifier's operating point on its test images: how it was chosen, sensitivity and specificity
+    with Wilson 95% intervals, the confusion there, and the expected calibration error."""
+    test = version.metrics.get("test") if isinstance(version.metrics.get("test"), dict) else {}
+    op = test.get("operating_point") if isinstance(test.get("operating_point"), dict) else None
+    blocks = [_h(2, "Operating point and calibration")]
+    if op is None:
+        return [*blocks, Block("p", "Not measured: this version's test metrics record no operating point (no test "
+                                    "images, or trained before operating points were measured).")]
+    chosen = op.get("chosen_by") or "no threshold could be set"
+    text = f"Positive class {op.get('class') or '(none)'}; " + (
+        f"threshold {op['threshold']:.4f} on its probability, from {chosen}." if op.get("threshold") is not None
+        else f"{chosen}.")
+    if not op.get("site_chosen"):
+        text += (f" The site has not chosen an operating point, so the gates do not judge sensitivity; set one with "
+                 f"`airlock models policy {version.task} --operating-specificity 0.9` (or --operating-threshold).")
+    if op.get("reason"):
+        text += f" Not measured: {op['reason']}."
+    blocks.append(Block("p", text))
+
+    def row(name: str, value: float | None, ci: list[float] | None) -> list[str]:
+        if value is None:
+            return [name, "not measured", "not measured"]
+        return [name, f"{value:.4f}", f"{ci[0]:.4f}-{ci[1]:.4f}" if ci else "not measured"]
+
+    blocks.append(_table(["on the test images", "value", "95% CI (Wilson)"],
+                         [row("sensitivity", op.get("sensitivity"), op.get("sensitivity_ci")),
+                          row("specificity", op.get("specificity"), op.get("specificity_ci"))]))
+    confusion = op.get("confusion")
+    if confusion:
+        positive = op.get("class")
+        blocks.append(_table(["true class", f"called {positive}", f"called not {positive}"],
+                             [[positive, confusion["tp"], confusion["fn"]],
+                              [f"not {positive}", confusion["fp"], confusion["tn"]]]))
+    ece = test.get("ece")
+    blocks.append(Block("p", "Calibration: " + (
+        f"expected calibration error {ece:.4f} (top-label confidence against accuracy, 10 equal-width bins; "
+        "0 is perfectly calibrated)." if ece is not None else "not measured (no test images).")))
+    return blocks
 
 
 def _engine_row(gate: dict[str, Any]) -> list[Any]:
@@ -269,8 +331,13 @@ def card_blocks(db: sqlite_utils.Database, version_id: str) -> list[Block]:
         blocks.append(Block("p", "Each version's numbers come from its own run, on its own validation and test "
                                  "records; the gates below compare both versions on the same test splits."))
     blocks.append(_table(["metric", "this version", label, "delta"], _metric_rows(version, previous)))
+    if version.kind == "classifier":
+        blocks += operating_point_blocks(version)
     blocks += [_h(2, "Gates"), _table(["gate", "test records", "production", "this version", "change", "result"],
                                       _gate_rows(version))]
+    judged_at = version.gates.get("forgetting", {}).get("operating_point")
+    if judged_at:
+        blocks.append(Block("p", f"Operating point the gates read (task policy at the retrain): {judged_at}."))
     if version.reasons:
         blocks.append(Block("ul", items=tuple(f"rejected: {r}" for r in version.reasons)))
 

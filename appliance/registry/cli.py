@@ -251,22 +251,34 @@ def models_delete(version_id: str, yes: bool) -> None:
               help="Tighten gate 3: largest relative logit difference ONNX vs PyTorch (default: per variant).")
 @click.option("--engine-min-top1", type=click.FloatRange(0, 1),
               help="Tighten gate 3: smallest share of held-out inputs with PyTorch's top-1 (default: per variant).")
+@click.option("--operating-class", help="Classifiers: the class a positive call means at the operating point "
+                                       "(default: the second of two classes).")
+@click.option("--operating-specificity", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Classifiers: read scores where this share of negative validation images is called negative "
+                   "(e.g. 0.9); gates then judge sensitivity there.")
+@click.option("--operating-threshold", type=click.FloatRange(0, 1),
+              help="Classifiers: a fixed threshold on the positive class's probability (e.g. 0.3).")
+@click.option("--clear-operating-point", is_flag=True, help="Forget the operating point (not chosen: not gated).")
 @_json
 def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: float | None,
                   auto_promote: bool | None, deploys_engines: bool | None, ewc_lambda: float | None,
                   engine_variant: str | None, engine_qat: bool | None, engine_max_rel_diff: float | None,
-                  engine_min_top1: float | None, as_json: bool) -> None:
-    """Show or change a task's gates, EWC strength and auto-promotion (changes need an admin; audited)."""
+                  engine_min_top1: float | None, operating_class: str | None, operating_specificity: float | None,
+                  operating_threshold: float | None, clear_operating_point: bool, as_json: bool) -> None:
+    """Show or change a task's gates, operating point, EWC strength and auto-promotion (changes need an admin;
+    audited)."""
     from appliance.registry.versions import get_task, set_policy
 
     db = _open()
     changes = {"max_forgetting": max_forgetting, "new_data_tolerance": new_data_tolerance,
                "auto_promote": auto_promote, "deploys_engines": deploys_engines, "ewc_lambda": ewc_lambda,
                "engine_variant": engine_variant, "engine_qat": engine_qat,
-               "engine_max_rel_diff": engine_max_rel_diff, "engine_min_top1": engine_min_top1}
-    if any(v is not None for v in changes.values()):
+               "engine_max_rel_diff": engine_max_rel_diff, "engine_min_top1": engine_min_top1,
+               "operating_class": operating_class, "operating_specificity": operating_specificity,
+               "operating_threshold": operating_threshold}
+    if clear_operating_point or any(v is not None for v in changes.values()):
         session = _session(db, "models.policy")
-        result = set_policy(db, task, actor=session.actor, **changes)
+        result = set_policy(db, task, actor=session.actor, clear_operating_point=clear_operating_point, **changes)
     else:
         result = get_task(db, task)
     if as_json:
@@ -282,7 +294,15 @@ def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: f
                                 + (f" ({'QAT' if result.engine_qat else 'PTQ'})" if result.engine_variant == "int8"
                                    else "")
                                 + f", max rel diff {_limit(result.engine_max_rel_diff)}, min top-1 "
-                                  f"{_limit(result.engine_min_top1)}")], ["field", "value"])
+                                  f"{_limit(result.engine_min_top1)}")]
+               + ([("operating point", _operating_text(result))] if result.kind == "classifier" else []),
+               ["field", "value"])
+
+
+def _operating_text(task: Any) -> str:
+    from appliance.train.operating_point import OperatingPolicy
+
+    return OperatingPolicy.of_task(task).describe()
 
 
 def _limit(value: float | None) -> str:

@@ -16,7 +16,12 @@ Gates, in order, all recorded on the version:
    (appliance.registry.engine_gate); `decide` leaves it `not_evaluated`.
 Image classifiers are judged on ROC AUC and accuracy instead of loss (`decide_classifier`): on every
 earlier test split neither may fall more than `max_forgetting` relative to production's, and on the
-new test split neither more than `new_data_tolerance`.
+new test split neither more than `new_data_tolerance`. Once the site has chosen an operating point
+(a specificity target or a threshold in the task policy), sensitivity there is judged the same way:
+a retrain that keeps its AUC but misses more positives at the threshold the site reads is refused.
+Each model's threshold for a specificity target is set on the retrain's validation images (the
+same images for both), never on the test split that judges it; the entries carry both sides'
+sensitivity with its Wilson 95% interval (appliance.train.operating_point).
 A gate that has no records to measure on is `not_applicable` and says so; it does not block.
 """
 
@@ -193,17 +198,37 @@ def with_engine_gate(outcome: GateOutcome, engine: dict[str, Any], reasons: Sequ
 
 # --- image classifiers ---------------------------------------------------------------------------------------------
 
-CLASSIFIER_METRICS = {"roc_auc": "AUC", "accuracy": "accuracy"}
+CLASSIFIER_METRICS = {"roc_auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity at the operating point"}
+
+
+def classifier_scores(probabilities: Any, targets: Any, labels: list[str], point: dict[str, Any] | None
+                      ) -> dict[str, Any] | None:
+    """One model's gate numbers on one split (None for an empty split): AUC, accuracy, ECE, the operating point.
+
+    `sensitivity` (a gated metric) is there only when the site chose the operating point and the split has
+    positives; `operating_point` always says what was measured there, or why not.
+    """
+    from appliance.train.classifier import classification_metrics
+
+    if probabilities.shape[0] == 0:
+        return None
+    measured = classification_metrics(probabilities, targets, labels, point).to_dict()
+    out = {"roc_auc": measured["roc_auc"], "accuracy": measured["accuracy"], "ece": measured["ece"],
+           "operating_point": measured["operating_point"]}
+    op = measured["operating_point"] or {}
+    if op.get("site_chosen") and op.get("sensitivity") is not None:
+        out["sensitivity"] = op["sensitivity"]
+    return out
 
 
 @dataclass(frozen=True)
 class SplitScores:
-    """A classifier's scores on one test split: {"roc_auc": ..., "accuracy": ...} per model (None if empty)."""
+    """A classifier's scores on one test split per model (`classifier_scores`; None if empty)."""
 
     split: str
     records: int
-    production: dict[str, float] | None
-    candidate: dict[str, float] | None
+    production: dict[str, Any] | None
+    candidate: dict[str, Any] | None
 
     def changes(self) -> dict[str, float]:
         """Relative change per metric that both models have (AUC is undefined on a one-class split)."""
@@ -223,6 +248,9 @@ class SplitScores:
             entry[f"production_{metric}"] = _round(_finite((self.production or {}).get(metric)))
             entry[f"candidate_{metric}"] = _round(_finite((self.candidate or {}).get(metric)))
             entry[f"{metric}_change"] = _round(changes.get(metric))
+        for side, scores in (("production", self.production), ("candidate", self.candidate)):
+            if (scores or {}).get("operating_point"):
+                entry[f"{side}_operating_point"] = scores["operating_point"]
         entry["relative_change"] = _round(min(changes.values())) if changes else None  # the worst metric
         return entry
 
@@ -231,18 +259,36 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _with_ci(scores: dict[str, Any], metric: str) -> str:
+    text = f"{scores[metric]:.4f}"
+    ci = (scores.get("operating_point") or {}).get("sensitivity_ci") if metric == "sensitivity" else None
+    return f"{text} (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else text
+
+
 def _score_failures(scores: SplitScores, limit: float, label: str) -> list[str]:
     out = []
     for metric, change in scores.changes().items():
         if change < -limit:
-            out.append(f"{label}: {scores.split} {CLASSIFIER_METRICS[metric]} {scores.production[metric]:.4f} -> "
-                       f"{scores.candidate[metric]:.4f} ({_pct(change)}, limit {_pct(-limit)})")
+            name = CLASSIFIER_METRICS[metric]
+            if metric == "sensitivity":
+                op = scores.candidate.get("operating_point") or {}
+                name += f" ({op.get('class')}, {op.get('chosen_by')})"
+            out.append(f"{label}: {scores.split} {name} {_with_ci(scores.production, metric)} -> "
+                       f"{_with_ci(scores.candidate, metric)} ({_pct(change)}, limit {_pct(-limit)})")
     return out
 
 
+def _metric_names(splits: Sequence[SplitScores]) -> str:
+    gated = any("sensitivity" in s.changes() for s in splits)
+    return ("ROC AUC, accuracy and sensitivity at the operating point" if gated else "ROC AUC and accuracy") \
+        + ", relative change"
+
+
 def decide_classifier(frozen: Sequence[SplitScores], new: SplitScores, *, max_forgetting: float,
-                      new_data_tolerance: float, deploys_engines: bool) -> GateOutcome:
-    """Gates 1 and 2 for image classifiers, on ROC AUC and accuracy (higher is better). Pure, like `decide`."""
+                      new_data_tolerance: float, deploys_engines: bool,
+                      operating_point: str | None = None) -> GateOutcome:
+    """Gates 1 and 2 for image classifiers, on ROC AUC, accuracy and (once the site chose one) sensitivity at
+    the operating point, all higher-is-better. Pure, like `decide`. `operating_point`: the policy in words."""
     reasons: list[str] = []
     entries = []
     for split in frozen:
@@ -258,11 +304,13 @@ def decide_classifier(frozen: Sequence[SplitScores], new: SplitScores, *, max_fo
     measured = [e for e in entries if e["status"] != NOT_APPLICABLE]
     forgetting: dict[str, Any] = {
         "status": (FAIL if any(e["status"] == FAIL for e in entries) else PASS) if measured else NOT_APPLICABLE,
-        "metric": "ROC AUC and accuracy, relative change", "max_relative_decrease": max_forgetting,
+        "metric": _metric_names(frozen), "max_relative_decrease": max_forgetting,
         "max_relative_increase": max_forgetting, "splits": entries}
+    if operating_point is not None:
+        forgetting["operating_point"] = operating_point
     if not measured:
         forgetting["reason"] = "no earlier test split has images to measure"
-    new_entry: dict[str, Any] = {**new.to_dict(), "metric": "ROC AUC and accuracy, relative change",
+    new_entry: dict[str, Any] = {**new.to_dict(), "metric": _metric_names([new]),
                                  "max_relative_decrease": new_data_tolerance,
                                  "max_relative_increase": new_data_tolerance}
     failures = _score_failures(new, new_data_tolerance, "new data")

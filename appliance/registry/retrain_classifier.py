@@ -7,7 +7,9 @@ images imported after production's dataset version plus a seeded replay sample o
 and val images; training continues from the production classifier (its SHA-256 checked against
 the registry; `--from fresh`: a new one) with production's classes, optionally with an EWC penalty;
 then both models are measured on every earlier frozen test split and on the new test split (ROC
-AUC and accuracy, `gates.decide_classifier`), gate 3 for tasks that deploy engines, registration.
+AUC, accuracy and, once the site chose one, sensitivity at the task's operating point:
+`gates.decide_classifier`; a specificity target sets each model's threshold on this retrain's
+validation images), gate 3 for tasks that deploy engines, registration.
 Only the images the retrain reads are decoded; the others stay encrypted bytes in memory.
 """
 
@@ -62,13 +64,23 @@ def _tensors(records: list[tuple[bytes, int]], channels: int, shape: tuple[int, 
     return torch.from_numpy(np.stack(arrays)), targets
 
 
-def _scores(model: Any, images: Any, targets: Any, labels: list[str]) -> dict[str, float] | None:
-    from appliance.train.classifier import classification_metrics, predict
+def _scores(model: Any, images: Any, targets: Any, labels: list[str], point: dict[str, Any]
+            ) -> dict[str, Any] | None:
+    from appliance.train.classifier import predict
 
     if images.shape[0] == 0:
         return None
-    metrics = classification_metrics(predict(model, images), targets, labels)
-    return {"roc_auc": metrics.roc_auc, "accuracy": metrics.accuracy}
+    return gates.classifier_scores(predict(model, images), targets, labels, point)
+
+
+def _operating_point(model: Any, val: tuple[Any, Any], labels: list[str], policy: Any) -> dict[str, Any]:
+    """Where this model's scores are read: a specificity target sets its threshold on the retrain's val images."""
+    from appliance.train.classifier import predict
+    from appliance.train.operating_point import resolve
+
+    if policy.specificity is None or val[0].shape[0] == 0:
+        return resolve(policy, labels)
+    return resolve(policy, labels, predict(model, val[0]), val[1])
 
 
 def retrain_classifier(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +88,7 @@ def retrain_classifier(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -
     from appliance.train.checkpoints import VaultCheckpoints
     from appliance.train.classifier import ClassifierRecipe, load_classifier, train_classifier
     from appliance.train.jobs import _curve, _prepare, _ProgressReporter, checkpoint_object_id, curve_saver
+    from appliance.train.operating_point import OperatingPolicy
     from appliance.train.recipe import recipe_from_dict
     from appliance.vault.store import read_bytes
 
@@ -144,18 +157,22 @@ def retrain_classifier(ctx: JobContext, run: runs.Run, params: dict[str, Any]) -
     production_model.load_state_dict(parent_state)
     candidate_model = load_classifier(base, len(labels), 0)
     candidate_model.load_state_dict(result.state_dict)
-    measured = {name: gates.SplitScores(name, int(images.shape[0]), _scores(production_model, images, targets, labels),
-                                        _scores(candidate_model, images, targets, labels))
+    policy = OperatingPolicy.of_task(task)
+    points = {"production": _operating_point(production_model, val, labels, policy),
+              "candidate": _operating_point(candidate_model, val, labels, policy)}
+    measured = {name: gates.SplitScores(name, int(images.shape[0]),
+                                        _scores(production_model, images, targets, labels, points["production"]),
+                                        _scores(candidate_model, images, targets, labels, points["candidate"]))
                 for name, (images, targets) in tests.items()}
     outcome = gates.decide_classifier([measured[n] for n in data.frozen_tests], measured[data.new_test_name],
                                       max_forgetting=task.max_forgetting, new_data_tolerance=task.new_data_tolerance,
-                                      deploys_engines=task.deploys_engines)
+                                      deploys_engines=task.deploys_engines, operating_point=policy.describe())
     metrics["test_splits"] = {name: {**(m.candidate or {}), "records": m.records} for name, m in measured.items()}
     if any(images.shape[0] for images, _ in tests.values()):  # every test image of versions 1..N, as `train` reports
         import torch
 
         every = (torch.cat([images for images, _ in tests.values()]), torch.cat([t for _, t in tests.values()]))
-        metrics["test"] = _scores(candidate_model, *every, labels)
+        metrics["test"] = _scores(candidate_model, *every, labels, points["candidate"])
     metrics["timings_s"] = {"train": round(train_s, 2), "gates": round(time.monotonic() - gates_started, 2)}
     files = {CLASSIFIER: tensors_to_bytes(result.state_dict, {"run": run.id, "base_model": run.base_model,
                                                               "base_hash": base_hash}),

@@ -76,6 +76,12 @@ class Task:
     """Largest max |onnx - torch| / max(1, max |torch|) over held-out logits; None = the optimize stage's tolerance."""
     engine_min_top1: float | None = None
     """Smallest share of held-out inputs with the same top-1 as PyTorch; None = the optimize stage's tolerance."""
+    operating_class: str | None = None
+    """Classifiers: the class a positive call means at the operating point (None: the second of two classes)."""
+    operating_specificity: float | None = None
+    """Classifiers: the operating point as a specificity target (threshold set on validation images)."""
+    operating_threshold: float | None = None
+    """Classifiers: the operating point as a fixed threshold on the positive class's probability."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -194,18 +200,26 @@ def check_run_fits_task(db: sqlite_utils.Database, name: str, kind: str, dataset
 
 
 POLICY_FIELDS = ("auto_promote", "max_forgetting", "new_data_tolerance", "deploys_engines", "ewc_lambda",
-                 "engine_variant", "engine_qat", "engine_max_rel_diff", "engine_min_top1")
+                 "engine_variant", "engine_qat", "engine_max_rel_diff", "engine_min_top1", "operating_class",
+                 "operating_specificity", "operating_threshold")
+OPERATING_FIELDS = ("operating_class", "operating_specificity", "operating_threshold")
 ENGINE_VARIANTS = ("fp32", "fp16", "int8")
 MAX_EWC_LAMBDA = 1e12
 
 
-def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, **changes: Any) -> Task:
-    """Change a task's gates or auto-promotion (None values are left alone); audited with before and after."""
+def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, clear_operating_point: bool = False,
+               **changes: Any) -> Task:
+    """Change a task's gates or auto-promotion (None values are left alone); audited with before and after.
+
+    The operating point is a specificity target or a threshold, never both: setting one clears the other;
+    `clear_operating_point` clears all three operating fields (back to "not chosen").
+    """
     task = get_task(db, name)
     changes = {k: v for k, v in changes.items() if v is not None}
     unknown = set(changes) - set(POLICY_FIELDS)
     if unknown:
         raise ValueError(f"unknown policy fields {sorted(unknown)}")
+    changes = _operating_changes(task, changes, clear_operating_point)
     for key in ("max_forgetting", "new_data_tolerance"):
         if key in changes and not 0 <= changes[key] <= 1:
             raise RegistryError(f"{key.replace('_', '-')} {changes[key]} is outside 0..1",
@@ -224,6 +238,9 @@ def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, **changes: A
                             hint="a share of held-out inputs, e.g. 0.95")
     if not changes:
         return task
+    changes = {k: v for k, v in changes.items() if v is not None or getattr(task, k) is not None}
+    if not changes:
+        return task
     before = {k: getattr(task, k) for k in changes}
     with transaction(db):
         sets = ", ".join(f"{k} = ?" for k in changes)
@@ -231,6 +248,42 @@ def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, **changes: A
                    [int(v) if isinstance(v, bool) else v for v in changes.values()] + [now(), actor, name])
         append_audit(db, "models.policy", name, {"before": before, "after": changes}, actor=actor)
     return get_task(db, name)
+
+
+def _operating_changes(task: Task, changes: dict[str, Any], clear: bool) -> dict[str, Any]:
+    """Validate operating-point changes; the value None in the result means: set the column to NULL."""
+    asked = {k for k in OPERATING_FIELDS if k in changes}
+    if clear and asked:
+        raise RegistryError("the operating point cannot be cleared and set in one command",
+                            hint="clear it with --clear-operating-point, or set it with --operating-specificity or "
+                                 "--operating-threshold")
+    if not (clear or asked):
+        return changes
+    if task.kind != "classifier":
+        raise RegistryError(f"task {task.name!r} holds {task.kind} models; an operating point is for classifiers",
+                            hint="set --operating-* on an image classifier task")
+    if clear:
+        return {**changes, **dict.fromkeys(OPERATING_FIELDS)}
+    if "operating_specificity" in changes and "operating_threshold" in changes:
+        raise RegistryError("an operating point is a specificity target or a threshold, not both",
+                            hint="give --operating-specificity (e.g. 0.9) or --operating-threshold (e.g. 0.3)")
+    specificity = changes.get("operating_specificity")
+    if specificity is not None and not 0 < specificity < 1:
+        raise RegistryError(f"operating specificity {specificity} is outside 0..1 (exclusive)",
+                            hint="a share of negative studies called negative, e.g. 0.9")
+    threshold = changes.get("operating_threshold")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise RegistryError(f"operating threshold {threshold} is outside 0..1",
+                            hint="a probability of the positive class, e.g. 0.3")
+    label = changes.get("operating_class")
+    if label is not None and not (isinstance(label, str) and 0 < len(label) <= 256 and label.isprintable()):
+        raise RegistryError(f"operating class {label!r} is not a class name",
+                            hint="name one of the task's classes, as `airlock models show VERSION` lists them")
+    if specificity is not None:
+        changes["operating_threshold"] = None  # the newer choice replaces the other kind
+    if threshold is not None:
+        changes["operating_specificity"] = None
+    return changes
 
 
 # --- versions ------------------------------------------------------------------------------------------------------

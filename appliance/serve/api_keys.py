@@ -34,6 +34,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_PATTERN = re.compile(r"^airlock_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 MAX_HEADER_CHARS = 256
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+METRICS_ONLY = "METRICS-ONLY"
+"""The scope of the Serve screen's monitoring key (created by an admin, kept in the vault): uppercase, so never a
+registry task; it may use no model, and /metrics shows it what the server has loaded."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ApiKey:
 
     def allows(self, model: str) -> bool:
         return not self.tasks or model in self.tasks
+
+    def sees_metrics_of(self, model: str) -> bool:
+        """Whether /metrics shows this key `model`'s series: the models it may use; the monitoring key, every one."""
+        return self.tasks == (METRICS_ONLY,) or self.allows(model)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "key_id": self.key_id, "tasks": list(self.tasks), "state": self.state,

@@ -292,7 +292,7 @@ class _Api:
         key = self._authenticate(request, exchange)
         admission = self.state.admission
         text = self.state.metrics.render(self.state.table.all(), admission.admitted if admission else 0,
-                                         admission.running if admission else 0, allows=key.allows)
+                                         admission.running if admission else 0, allows=key.sees_metrics_of)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request, exchange: Exchange) -> Response:
@@ -306,6 +306,9 @@ class _Api:
                                      "run": model.target.run_id}}
                 if model.kind == "classifier":
                     entry["airlock"]["labels"] = model.labels
+                else:  # as vLLM names it: prompt plus generated tokens the model takes
+                    entry["max_model_len"] = model.context_length
+                    entry["airlock"]["reasoning"] = model.reasoning
                 data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 
@@ -334,13 +337,22 @@ class _Api:
         except BaseException:
             ticket.release()
             raise
+        reasoning = chat and model.reasoning
+        try:
+            sampling = parsed.for_model(model.sampling_defaults, prompt_tokens=len(prompt_ids),
+                                        context=model.context_length, limits=self.limits, reasoning=reasoning)
+        except BaseException:
+            ticket.release()
+            raise
         cancelled = threading.Event()
 
-        def run(on_text: Callable[[str], None] | None) -> Completion:
-            return complete(model.backend, model.tokenizer, prompt_ids, parsed.sampling, stops=parsed.stops,
+        def run(on_text: Callable[[str], None] | None,
+                on_reasoning: Callable[[str], None] | None = None) -> Completion:
+            return complete(model.backend, model.tokenizer, prompt_ids, sampling, stops=parsed.stops,
                             eos_ids=frozenset() if parsed.ignore_eos else model.eos_ids,
                             should_stop=cancelled.is_set, on_text=on_text,
-                            timeout_s=self.limits.generation_timeout_s)
+                            timeout_s=self.limits.generation_timeout_s, reasoning=reasoning,
+                            on_reasoning=on_reasoning)
 
         if parsed.stream:
             return self._stream(model, exchange, ticket, run, cancelled, chat=chat, include_usage=parsed.include_usage)
@@ -360,7 +372,7 @@ class _Api:
         self.state.metrics.add_tokens(model.name, result.prompt_tokens, result.completion_tokens)
 
     def _stream(self, model: ServedModel, exchange: Exchange, ticket: Ticket,
-                run: Callable[[Callable[[str], None] | None], Completion], cancelled: threading.Event, *,
+                run: Callable[..., Completion], cancelled: threading.Event, *,
                 chat: bool, include_usage: bool) -> Response:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -373,7 +385,7 @@ class _Api:
 
         def work() -> None:
             try:
-                put("done", run(lambda text: put("text", text)))
+                put("done", run(lambda text: put("text", text), lambda text: put("reasoning", text)))
             except GenerationTimeout:
                 put("timeout", None)
             except RequestRefused as refused:
@@ -393,9 +405,9 @@ class _Api:
                     yield sse(openai_api.stream_chunk(response_id, model.name, model.version, chat=True, first=True))
                 while True:
                     kind, value = await queue.get()
-                    if kind == "text":
+                    if kind in ("text", "reasoning"):
                         yield sse(openai_api.stream_chunk(response_id, model.name, model.version, chat=chat,
-                                                          text=value))
+                                                          text=value, reasoning=kind == "reasoning"))
                         continue
                     # The worker's last act was to report; once it has returned, its slot is free again,
                     # before the client sees the end (a client that waits for it may ask again at once).

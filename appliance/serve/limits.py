@@ -28,10 +28,13 @@ class ServeLimits:
     """Largest image or DICOM file sent to /v1/classify."""
     max_prompt_tokens: int = 4096
     """Longest prompt (after the chat template) in tokens; longer prompts get 400."""
-    max_tokens: int = 1024
-    """Most tokens one request may generate; `max_tokens` above it gets 400."""
+    max_tokens: int = 32768
+    """Most tokens one request may generate (`--max-tokens`); above it, or beyond the model's context after
+    the prompt, gets 400. 32768 is DeepSeek's recommended generation length for R1 models."""
     default_max_tokens: int = 256
-    """Tokens generated when a request does not say."""
+    """Tokens generated when a request does not say (within the model's context)."""
+    default_reasoning_max_tokens: int = 4096
+    """The same for a chat with an R1-family model: its reasoning comes before the answer."""
     max_stop_sequences: int = 4
     """Stop sequences per request (as in the OpenAI API)."""
     per_key_concurrency: int = 4
@@ -57,7 +60,7 @@ class ServeLimits:
                                  hint="check the --workers/--queue-depth options")
         if self.default_max_tokens > self.max_tokens:
             raise ServeError(f"default_max_tokens {self.default_max_tokens} exceeds max_tokens {self.max_tokens}",
-                             hint="lower the default or raise the limit")
+                             hint="lower the default or raise the limit (--max-tokens)")
 
 
 class Admission:

@@ -28,6 +28,7 @@ from appliance.serve.errors import ServeError
 if TYPE_CHECKING:
     import sqlite_utils
 
+    from appliance.serve.limits import ServeLimits
     from appliance.train.runs import Run
     from appliance.vault.keys import KeyOps
 
@@ -83,6 +84,12 @@ class ServedModel:
     base_model: str
     tokenizer: Any = None
     eos_ids: frozenset[int] = frozenset()
+    reasoning: bool = False
+    """R1 family: the chat template opens a `<think>` block; chat answers carry `reasoning_content` apart."""
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """temperature / top_p from the base model's generation_config.json, for requests that leave them out."""
+    context_length: int = 2048
+    """Prompt plus generated tokens the model takes (its config's max_position_embeddings)."""
     labels: list[str] = field(default_factory=list)
     image_size: int = DEFAULT_IMAGE_SIZE
     frames: str = "middle"
@@ -118,8 +125,10 @@ PyTorch when the run was never optimized; pytorch: always PyTorch."""
 
 
 def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, target: Target, *,
-               device: str = "cpu", backend: str = "auto") -> ServedModel:
-    """Decrypt and load the run behind `target` into a ready backend."""
+               device: str = "cpu", backend: str = "auto", limits: ServeLimits | None = None) -> ServedModel:
+    """Decrypt and load the run behind `target` into a ready backend.
+
+    `limits`: what the server admits; a TensorRT engine whose profile cannot hold it is refused here."""
     from appliance.train.runs import get_run
 
     if backend not in BACKENDS:
@@ -131,6 +140,11 @@ def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, t
                          hint=f"see `airlock train show {run.id}`; serve another run or wait for it to finish")
     loader = _load_lm if run.kind == "lm" else _load_classifier
     model = loader(db, keys, home, name, target, run, device, backend)
+    if limits is not None and model.kind == "lm" and model.backend.kind == "tensorrt":
+        from appliance.optimize.tensorrt_engine import check_lm_profile
+
+        check_lm_profile(model.backend.runner.profiles, context=model.context_length, run_id=run.id,
+                         max_prompt_tokens=limits.max_prompt_tokens, max_new_tokens=limits.max_tokens)
     model.load_seconds = time.monotonic() - started
     return model
 
@@ -174,8 +188,41 @@ def _load_lm(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, tar
     eos = {tokenizer.eos_token_id}
     configured = getattr(loaded.get("generation_config") or _generation_config(run.base_model), "eos_token_id", None)
     eos.update(configured if isinstance(configured, list) else [configured])
+    from appliance.serve.decoding import opens_reasoning
+
     return ServedModel(name, "lm", target, lm_backend, run.base_model, tokenizer=tokenizer,
-                       eos_ids=frozenset(int(e) for e in eos if e is not None), backend_reason=reason)
+                       eos_ids=frozenset(int(e) for e in eos if e is not None), backend_reason=reason,
+                       reasoning=opens_reasoning(tokenizer), sampling_defaults=sampling_defaults(run.base_model),
+                       context_length=_context_length(run.base_model))
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p")
+
+
+def sampling_defaults(base_model: str | Path) -> dict[str, float]:
+    """The sampling values the model's authors set in generation_config.json (only those written there,
+    as vLLM reads them: transformers' own defaults are not the authors'). DeepSeek-R1 distills: 0.6 / 0.95."""
+    from appliance.base_models import resolve_base_model
+
+    path = Path(base_model) if isinstance(base_model, Path) else resolve_base_model(base_model).path
+    try:
+        config = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {k: float(config[k]) for k in SAMPLING_DEFAULTS
+            if isinstance(config.get(k), int | float) and not isinstance(config.get(k), bool)}
+
+
+def _context_length(base_model: str) -> int:
+    from transformers import AutoConfig
+
+    from appliance.base_models import resolve_base_model
+
+    config = AutoConfig.from_pretrained(resolve_base_model(base_model).path, local_files_only=True)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 1 else 2048
 
 
 def _tokenizer(base_model: str) -> Any:

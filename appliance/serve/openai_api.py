@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from appliance.serve.backends import Sampling
@@ -41,6 +41,36 @@ class GenerationRequest:
     """/v1/completions"""
     messages: tuple[dict[str, str], ...] = ()
     """/v1/chat/completions"""
+    given: frozenset[str] = frozenset()
+    """Which of temperature, top_p and max_tokens the request set (the others come from `for_model`)."""
+
+    def for_model(self, defaults: dict[str, float], *, prompt_tokens: int, context: int, limits: ServeLimits,
+                  reasoning: bool = False) -> Sampling:
+        """The sampling for one model and prompt: the model's `generation_config` fills what the request
+        left out (as vLLM does), and the generation must fit the model's context after the prompt.
+
+        max_tokens left out: `default_max_tokens` (`default_reasoning_max_tokens` for an R1-family chat,
+        whose reasoning alone runs to thousands of tokens), within what the context leaves."""
+        room = context - prompt_tokens
+        if room < 1:
+            raise RequestRefused(400, "context_length_exceeded",
+                                 f"the prompt is {prompt_tokens} tokens; this model's context holds {context}, "
+                                 "with room for at least one new token")
+        updates: dict[str, Any] = {}
+        if "max_tokens" in self.given:
+            if self.sampling.max_new_tokens > room:
+                raise RequestRefused(400, "context_length_exceeded",
+                                     f"max_tokens {self.sampling.max_new_tokens} plus the prompt's {prompt_tokens} "
+                                     f"tokens exceed this model's context of {context}; ask for at most {room}")
+        else:
+            default = limits.default_reasoning_max_tokens if reasoning else limits.default_max_tokens
+            updates["max_new_tokens"] = max(1, min(default, limits.max_tokens, room))
+        for field, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+            value = defaults.get(field)
+            if field not in self.given and isinstance(value, int | float) and not isinstance(value, bool) \
+                    and math.isfinite(value) and low <= value <= high:
+                updates[field] = float(value) if field == "temperature" else float(value) or 1e-9
+        return replace(self.sampling, **updates)
 
 
 def _bad(field: str, what: str) -> RequestRefused:
@@ -120,8 +150,10 @@ def _common(payload: dict[str, Any], limits: ServeLimits, *, chat: bool) -> dict
     ignore_eos = payload.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise _bad("ignore_eos", "must be true or false")
+    given = frozenset(f for f, v in (("temperature", payload.get("temperature")), ("top_p", payload.get("top_p")),
+                                     ("max_tokens", max_tokens)) if v is not None)
     return {"model": model, "sampling": sampling, "stops": stops, "stream": stream,
-            "include_usage": bool(options.get("include_usage", False)), "ignore_eos": ignore_eos}
+            "include_usage": bool(options.get("include_usage", False)), "ignore_eos": ignore_eos, "given": given}
 
 
 def parse_completion_request(payload: dict[str, Any], limits: ServeLimits) -> GenerationRequest:
@@ -163,9 +195,14 @@ def parse_chat_request(payload: dict[str, Any], limits: ServeLimits) -> Generati
     return GenerationRequest(messages=tuple(parsed), **_common(payload, limits, chat=True))
 
 
-def usage(completion: Completion) -> dict[str, int]:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def usage(completion: Completion) -> dict[str, Any]:
+    """Token counts; a split (R1) generation adds `completion_tokens_details.reasoning_tokens` (OpenAI/DeepSeek)."""
+    counts: dict[str, Any] = {"prompt_tokens": completion.prompt_tokens,
+                              "completion_tokens": completion.completion_tokens,
+                              "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+    if completion.reasoning is not None:
+        counts["completion_tokens_details"] = {"reasoning_tokens": completion.reasoning_tokens}
+    return counts
 
 
 def completion_response(request_id: str, model: str, version: str, completion: Completion) -> dict[str, Any]:
@@ -177,19 +214,24 @@ def completion_response(request_id: str, model: str, version: str, completion: C
 
 
 def chat_response(request_id: str, model: str, version: str, completion: Completion) -> dict[str, Any]:
+    """`message.reasoning_content` only for a split (R1-family) generation, as in DeepSeek's API."""
+    message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+    if completion.reasoning is not None:
+        message["reasoning_content"] = completion.reasoning
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": version,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": completion.finish_reason, "logprobs": None}],
             "usage": usage(completion)}
 
 
 def stream_chunk(request_id: str, model: str, version: str, *, chat: bool, text: str | None = None,
-                 finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+                 finish_reason: str | None = None, first: bool = False, reasoning: bool = False) -> dict[str, Any]:
+    """`reasoning`: `text` is reasoning (`delta.reasoning_content`, DeepSeek's API), not the answer."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
-            delta["content"] = text
+            delta["reasoning_content" if reasoning else "content"] = text
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         kind = "chat.completion.chunk"
     else:

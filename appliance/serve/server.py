@@ -92,7 +92,8 @@ class ServeOptions:
                 "tls_cert_file": str(self.tls_cert) if self.tls_cert else None,
                 "tls_key_file": str(self.tls_key) if self.tls_key else None,
                 "workers": limits.workers, "queue_depth": limits.queue_depth,
-                "per_key_concurrency": limits.per_key_concurrency}
+                "per_key_concurrency": limits.per_key_concurrency, "max_tokens": limits.max_tokens,
+                "max_prompt_tokens": limits.max_prompt_tokens}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ServeOptions:
@@ -106,7 +107,10 @@ class ServeOptions:
                    tls_key=Path(params["tls_key_file"]) if params.get("tls_key_file") else None,
                    limits=ServeLimits(workers=int(params.get("workers", 2)),
                                       queue_depth=int(params.get("queue_depth", 32)),
-                                      per_key_concurrency=int(params.get("per_key_concurrency", 4))))
+                                      per_key_concurrency=int(params.get("per_key_concurrency", 4)),
+                                      max_tokens=int(params.get("max_tokens", 32768)),
+                                      max_prompt_tokens=int(params.get("max_prompt_tokens", 4096)),
+                                      default_max_tokens=min(256, int(params.get("max_tokens", 32768)))))
 
 
 def is_loopback(host: str) -> bool:
@@ -209,7 +213,8 @@ def load_all(options: ServeOptions, home: Path, device: str) -> list[ServedModel
                              hint=f"promote one first (`airlock models list --task {source.name}`, then "
                                   f"`airlock models promote {source.name}-vN`), or serve a run with --run RUN")
         try:
-            models.append(load_model(db, keys, home, source.name, target, device=device, backend=options.backend))
+            models.append(load_model(db, keys, home, source.name, target, device=device, backend=options.backend,
+                                     limits=options.limits))
         except AirlockError as exc:
             raise type(exc)(f"cannot serve {source.name} ({target.version}): {exc.message}", hint=exc.hint) from exc
     db.close()
@@ -251,7 +256,8 @@ def run_server(options: ServeOptions, *, home: Path, on_listening: Callable[[str
         from appliance.serve.models import load_model
         from appliance.vault.lifecycle import keys_for
 
-        return load_model(db, keys_for(db, home), home, name, target, device=device, backend=options.backend)
+        return load_model(db, keys_for(db, home), home, name, target, device=device, backend=options.backend,
+                          limits=options.limits)
 
     def report(event: str, name: str, details: dict[str, Any]) -> None:
         log.info(json.dumps({"event": f"model_{event}", "model": name, **details}))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import AirlockError
+from appliance.serve.api_keys import METRICS_ONLY
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from appliance.vault.keys import KeyOps
 
 MONITOR_KEY_NAME = "airlock-monitor"
-MONITOR_SCOPE = "METRICS-ONLY"
+MONITOR_SCOPE = METRICS_ONLY
 """The one model the monitoring key may use: uppercase, so never a registry task (nor a served task)."""
 MONITOR_OBJECT_PREFIX = "serve-monitor-"
 MONITOR_FILE = "key"

@@ -6,8 +6,11 @@ Inputs are what the data import stores: float16 tensors N x C x H x W in [0, 1] 
 labels. Class weighting counters imbalance (a site has far more normal than abnormal studies);
 augmentation (flip, small rotation, intensity) runs on the fly with a seeded generator; early
 stopping watches the validation ROC AUC. Metrics: accuracy, per-class sensitivity/specificity,
-ROC AUC (one-vs-rest, macro), confusion matrix. A metric a split cannot give (AUC on images of one
-class, anything on an empty split) is "not measured": NaN inside, None in `to_dict`, and a
+ROC AUC (one-vs-rest, macro), confusion matrix, expected calibration error, and sensitivity and
+specificity (Wilson 95% CIs) with the 2 x 2 confusion at the task's operating point
+(appliance.train.operating_point; a specificity target becomes a threshold on the validation
+images). A metric a split cannot give (AUC on images of one class, anything on an empty split;
+sensitivity without positives) is "not measured": NaN inside, None in `to_dict`, and a
 validation split that gives no AUC turns early stopping off rather than stopping on noise. With
 early stopping on, the weights returned are those of the best validation AUC, not the last.
 Trains on the GPU when the job sees one, else on the CPU.
@@ -75,6 +78,11 @@ class ClassifierMetrics:
     specificity: dict[str, float]
     confusion: list[list[int]]
     """confusion[true][predicted]"""
+    ece: float | None = None
+    """Expected calibration error (top-label, 10 bins); None on an empty split."""
+    operating_point: dict[str, Any] | None = None
+    """`operating_point.measure_operating_point`: class, threshold, how it was chosen, sensitivity and specificity
+    with Wilson 95% CIs (None where not measured), the 2 x 2 confusion there."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: a metric that could not be measured (NaN here) is None."""
@@ -131,8 +139,20 @@ def roc_auc(scores: list[float], positives: list[bool]) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def classification_metrics(probabilities: Any, labels: Any, names: list[str]) -> ClassifierMetrics:
-    """Metrics from an N x K probability tensor and N integer labels."""
+def classification_metrics(probabilities: Any, labels: Any, names: list[str],
+                           operating_point: dict[str, Any] | None = None) -> ClassifierMetrics:
+    """Metrics from an N x K probability tensor and N integer labels.
+
+    `operating_point`: from `operating_point.resolve` (None: the default point, 0.5 on the second class).
+    """
+    from appliance.train.operating_point import (
+        OperatingPolicy,
+        expected_calibration_error,
+        measure_operating_point,
+        resolve,
+    )
+
+    point = operating_point if operating_point is not None else resolve(OperatingPolicy(), names)
     predictions = probabilities.argmax(1).tolist()
     truth = labels.tolist()
     k = len(names)
@@ -153,7 +173,9 @@ def classification_metrics(probabilities: Any, labels: Any, names: list[str]) ->
     aucs = [roc_auc(probabilities[:, c].tolist(), [t == c for t in truth]) for c in positives]
     aucs = [a for a in aucs if not math.isnan(a)]
     return ClassifierMetrics(sum(confusion[i][i] for i in range(k)) / total if total else 0.0,
-                             sum(aucs) / len(aucs) if aucs else float("nan"), sensitivity, specificity, confusion)
+                             sum(aucs) / len(aucs) if aucs else float("nan"), sensitivity, specificity, confusion,
+                             expected_calibration_error(probabilities, labels),
+                             measure_operating_point(probabilities, labels, point))
 
 
 def unmeasured_splits(splits: dict[str, tuple[Any, Any]], num_labels: int) -> list[str]:
@@ -229,10 +251,12 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
                      checkpoints: CheckpointStore | None = None,
                      on_progress: Callable[[dict[str, Any]], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, init_state: dict[str, Any] | None = None,
-                     ewc_data: tuple[Any, Any] | None = None,
+                     ewc_data: tuple[Any, Any] | None = None, operating: Any = None,
                      on_checkpoint: Callable[[Curves], None] | None = None) -> ClassifierResult:
     """Train; checkpoint at every evaluation and when `should_stop()` turns true.
 
+    `operating` (an `operating_point.OperatingPolicy`, None: not chosen) is where the test metrics read the
+    scores; a specificity target sets its threshold on the validation images with the weights returned.
     `on_checkpoint(curves)` runs after each checkpoint with the curves up to it (the job stores them).
 
     `init_state` (a state dict of the same model and classes) continues from an earlier classifier
@@ -345,7 +369,14 @@ def train_classifier(base: BaseModel, train: tuple[Any, Any], val: tuple[Any, An
     if finished and best_state is not None:
         model.load_state_dict(best_state)  # the weights whose validation AUC is reported
     if test is not None and test[0].shape[0] and finished:
-        result.test = classification_metrics(predict(model, test[0]), test[1], labels)
+        from appliance.train.operating_point import OperatingPolicy, resolve
+
+        policy = operating or OperatingPolicy()
+        if policy.specificity is not None and val[0].shape[0]:
+            point = resolve(policy, labels, predict(model, val[0]), val[1])
+        else:
+            point = resolve(policy, labels)
+        result.test = classification_metrics(predict(model, test[0]), test[1], labels, point)
         result.curves.add(result.steps, {"test/accuracy": _measured(result.test.accuracy),
                                          "test/auc": _measured(result.test.roc_auc)})
     result.ewc = ewc.summary() if ewc is not None else None

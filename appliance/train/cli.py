@@ -260,6 +260,15 @@ def _metric_text(run) -> str:
     text = f"val AUC {_num(m.get('val_auc'), 3)}"
     if test.get("accuracy") is not None:
         text += f", test accuracy {_num(test['accuracy'], 3)}, test AUC {_num(test.get('roc_auc'), 3)}"
+    op = test.get("operating_point") or {}
+    if op:
+        ci = op.get("sensitivity_ci")
+        where = "the operating point" if op.get("site_chosen") else \
+            f"the default threshold {op['threshold']:g}" if op.get("threshold") is not None else "an operating point"
+        text += f", sensitivity at {where} {_num(op.get('sensitivity'), 3)}" + (
+            f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci and op.get("sensitivity") is not None else "")
+    if "ece" in test:
+        text += f", ECE {_num(test.get('ece'), 3)}"
     return text
 
 

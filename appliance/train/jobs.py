@@ -376,14 +376,18 @@ def adapter_checksum(adapter_state: dict[str, Any]) -> float:
 
 
 def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:
+    from appliance.registry.versions import find_task
     from appliance.train.artifacts import CLASSIFIER, LABELS, save_artifact, tensors_to_bytes
     from appliance.train.checkpoints import VaultCheckpoints
     from appliance.train.classifier import ClassifierRecipe, train_classifier, unmeasured_splits
     from appliance.train.inputs import image_splits
+    from appliance.train.operating_point import OperatingPolicy
     from appliance.train.recipe import recipe_from_dict
 
     keys, base, pinned, base_hash = _prepare(ctx, run)
     recipe = recipe_from_dict(run.recipe, f"run {run.id} recipe", ClassifierRecipe)
+    # The test metrics read the scores at the task's operating point (the default one for a new task).
+    operating = OperatingPolicy.of_task(find_task(ctx.db, run.task) if run.task else None)
     ctx.progress("decrypting the dataset")
     data = image_splits(ctx.db, keys, ctx.home, pinned)
     counts = {split: int(images.shape[0]) for split, (images, _) in data.splits.items()}
@@ -409,7 +413,8 @@ def _train_classifier(ctx: JobContext, run: Run) -> dict[str, Any]:
     store_curves = curve_saver(ctx, keys, run.id)
     result = train_classifier(base, data.splits["train"], data.splits["val"], recipe, labels=data.labels, test=test,
                               checkpoints=VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id)),
-                              on_progress=on_progress, should_stop=ctx.should_stop, on_checkpoint=store_curves)
+                              on_progress=on_progress, should_stop=ctx.should_stop, operating=operating,
+                              on_checkpoint=store_curves)
     store_curves(result.curves)
     peak, where = peak_memory_mb()
     metrics: dict[str, Any] = {

@@ -118,7 +118,8 @@ def load(url: str, key: str, clients: int, seconds: float, max_tokens: int) -> d
                             continue
                         first = None
                         async for line in response.aiter_lines():
-                            if first is None and '"content"' in line and '"content": ""' not in line:
+                            # The first text, answer or reasoning (an R1 model streams reasoning_content first).
+                            if first is None and 'content": "' in line and '"content": ""' not in line:
                                 first = time.monotonic() - started
                         if first is not None:
                             first_tokens.append(first)

@@ -158,6 +158,10 @@ unattended (`airlock schedule run-due --machine-key`).
         lines = [f"{task.name}: production {view.production.id if view.production else 'none (promote one first)'} · "
                  f"auto-promote {'on' if task.auto_promote else 'off'} · gates: forgetting ≤ "
                  f"{task.max_forgetting * 100:.1f}%, new data ≤ {task.new_data_tolerance * 100:.1f}%"]
+        if task.kind == "classifier":
+            from appliance.train.operating_point import OperatingPolicy
+
+            lines.append(f"Operating point: {OperatingPolicy.of_task(task).describe()}")
         if schedule is not None:
             lines.append(f"Inbox: {schedule.inbox or 'none (new data comes from imports on the Data screen)'} · "
                          f"replay {schedule.replay:g}")

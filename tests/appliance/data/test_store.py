@@ -26,7 +26,7 @@ from appliance.data.store import (
     load_report,
     recover_imports,
 )
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO, files_holding, run_cli
 
 
 def _qa(i: int) -> dict:
@@ -67,9 +67,7 @@ def test_import_then_reimport_adds_nothing_and_records_round_trip(vault, tmp_pat
     questions = {r.json()["messages"][0]["content"] for r in stored}
     assert questions == {_qa(i)["instruction"] for i in range(60)}
     # Ciphertext at rest: no record text in any file under the vault.
-    for path in (home / "vault").rglob("*"):
-        if path.is_file():
-            assert b"pressure drop" not in path.read_bytes()
+    assert files_holding(home / "vault", b"pressure drop") == []
 
     again = _import(vault, src.parent, job="job-2")
     assert again.version == 2 and again.report.records_imported == 0
@@ -325,6 +323,4 @@ def test_a_link_to_a_secret_outside_the_root_never_reaches_the_store(vault, tmp_
     assert result.report.records_imported == 5
     stored = list(iter_records(db, keys, home, datasets.get(db, "logs")))
     assert all(b"SECRET-TLS-KEY" not in json.dumps(r.json()).encode() for r in stored) and len(stored) == 5
-    for path in home.rglob("*"):  # nor in the catalog, the report or any file under AIRLOCK_HOME
-        if path.is_file():
-            assert b"SECRET-TLS-KEY" not in path.read_bytes(), path
+    assert files_holding(home, b"SECRET-TLS-KEY") == []  # nor in the catalog, the report or any file under the home

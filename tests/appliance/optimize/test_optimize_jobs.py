@@ -23,7 +23,7 @@ from tests.appliance.train.conftest import (  # noqa: F401 - fixtures
     unlocked,
     vault_init,
 )
-from tests.conftest import fix_site_secret, run_cli
+from tests.conftest import files_holding, fix_site_secret, run_cli
 
 # Shorter than the training tests' recipe: this test is about what happens after training.
 SHORT_LM_RECIPE = """\
@@ -129,12 +129,8 @@ def test_optimize_stores_validated_exports_encrypted_and_the_engine_commands_ans
     assert text.returncode == 0 and "export int8" in text.stdout and "perplexity float" in text.stdout
 
     # Only ciphertext at rest: no ONNX protobuf strings anywhere under AIRLOCK_HOME; the files sit in the run's object.
-    # (Scanned before this process opens the catalog: closing a file SQLite has open drops its POSIX locks.)
-    for path in airlock_home.rglob("*"):
-        if path.is_file():
-            raw = path.read_bytes()
-            for marker in (b"QuantizeLinear", b"DequantizeLinear", b"past_key_0", b"present_value_0", b"pytorch"):
-                assert marker not in raw, (path, marker)
+    assert files_holding(airlock_home, b"QuantizeLinear", b"DequantizeLinear", b"past_key_0", b"present_value_0",
+                         b"pytorch") == []
     db = open_catalog()
     artifact = lm_run["artifact"]
     assert set(list_files(airlock_home, artifact)) >= {*ONNX_FILES, "optimize-report.json", "adapter.safetensors"}
@@ -274,10 +270,7 @@ def test_classifier_run_is_quantized_exported_and_served_on_the_cpu(unlocked, tm
     assert variants["int8"]["ok"], variants["int8"]["failures"]
     assert variants["int8"]["qdq"]["quantized_weighted_ops"] == variants["int8"]["qdq"]["weighted_ops"] == 7
 
-    for path in airlock_home.rglob("*"):
-        if path.is_file():
-            raw = path.read_bytes()
-            assert b"QuantizeLinear" not in raw and b"pixel_values" not in raw, path
+    assert files_holding(airlock_home, b"QuantizeLinear", b"pixel_values") == []
 
     # Served on the CPU from the FP32 export; the same logits as a session over the stored bytes.
     db = open_catalog()

@@ -72,3 +72,34 @@ def test_fp16_lm_engine_decodes_through_its_kv_cache(tmp_path, lora_merged_lm, l
     ours = greedy_decode(runner, prompt, max_new_tokens=8, layout=kv_cache_layout(model.config))
     reference = torch_greedy(copy.deepcopy(model).float(), prompt, 8)
     assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 6  # fp16 may swap near-tied logits
+
+
+def test_lm_engine_serves_concurrent_threads_each_on_its_own_context(tmp_path, lora_merged_lm, lm_data):
+    """Four threads decode four prompts at once on one engine: each gets what it gets alone (one shared
+    execution context would mix their shapes and buffers), and the runner made one context per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.optimize.onnx_export import export_causal_lm_onnx, kv_cache_layout
+    from appliance.optimize.runners import greedy_decode
+    from appliance.optimize.tensorrt_engine import (
+        EngineBuildOptions,
+        build_engine,
+        causal_lm_profiles,
+        check_lm_profile,
+        load_engine,
+    )
+
+    model = lora_merged_lm["model"]
+    build = build_engine(export_causal_lm_onnx(model, variant="fp16"), variant="fp16",
+                         profiles=causal_lm_profiles(model.config, max_batch=1, max_sequence=32, max_past=64),
+                         options=EngineBuildOptions(builder_optimization_level=1, timing_cache_dir=str(tmp_path)))
+    runner = load_engine(build.plan, build.sidecar)
+    check_lm_profile(runner.profiles, context=2048, max_prompt_tokens=32, max_new_tokens=34)  # from the sidecar
+    layout = kv_cache_layout(model.config)
+    prompts = [list(p) for p in lm_data["prompts"][:4]]
+    alone = [greedy_decode(runner, p, max_new_tokens=16, layout=layout) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda p: greedy_decode(runner, p, max_new_tokens=16, layout=layout), prompts))
+            assert together == alone
+    assert runner._per_thread.made >= 2  # the main thread's, and at least one per pool thread that ran

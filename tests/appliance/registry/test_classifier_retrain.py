@@ -134,7 +134,10 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
     assert production(db, "shapes-cls").id == "shapes-cls-v2"
 
     # --- no replay, a high learning rate: A is forgotten -> rejected by gate 1; gate 3 is not run.
-    cli_json("models", "policy", "shapes-cls", "--no-engines", "--max-forgetting", "0.05", "--json")
+    # The site also chooses its operating point: squares at 90% specificity (read by this retrain's gates).
+    policy = cli_json("models", "policy", "shapes-cls", "--no-engines", "--max-forgetting", "0.05",
+                      "--operating-class", "square", "--operating-specificity", "0.9", "--json")["task"]
+    assert (policy["operating_class"], policy["operating_specificity"]) == ("square", 0.9)
     _import(write_shapes(tmp_path / "b3", 40, seed=9, inverted=True))
     bad = cli_json("retrain", "shapes-cls", "--replay", "0", "--lr", "0.05", "--max-steps", "40", "--wait", "--json",
                    rc=1)
@@ -143,13 +146,21 @@ def test_classifier_retrain_gates_engine_parity_and_forgetting(vault_init, unloc
     assert v4["state"] == "rejected" and splits["shapes@v1/test"]["status"] == "fail"
     assert any(r.startswith("forgetting: shapes@v1/test ") for r in v4["reasons"])
     assert v4["gates"]["engine_parity"]["status"] == "not_applicable"
+    # Measured with the fixed site secret: each model's threshold set on the 6 disc validation images (production
+    # 0.19, candidate 0.69); A's square sensitivity 1.0 (7/7) -> 0.857 (6/7) and specificity 1.0 -> 0.25. One image
+    # apart, so only the point's provenance is asserted here; the gate's arithmetic is in test_operating_point_gate.
+    op = splits["shapes@v1/test"]["candidate_operating_point"]
+    assert op["class"] == "square" and op["site_chosen"] and "specificity 0.9 on" in op["chosen_by"]
+    assert v4["gates"]["forgetting"]["operating_point"].startswith("square at specificity 0.9")
     assert production(db, "shapes-cls").id == "shapes-cls-v2"
     print(f"v3: fp16 parity {gate3['measured']}\nv4: A {splits['shapes@v1/test']}")
 
     # --- the cards show the classifier gates, the engine parity gate and the EWC setting.
     card2 = run_cli("models", "card", "shapes-cls-v2").stdout
     for expected in ("| forgetting: shapes@v1/test |", "AUC", "engine parity: int8, QAT ONNX vs PyTorch",
-                     "optimize stage defaults", "EWC: off (lambda 0).", "onnx_int8", "no TensorRT engine built"):
+                     "optimize stage defaults", "EWC: off (lambda 0).", "onnx_int8", "no TensorRT engine built",
+                     "## Operating point and calibration", "the site has not chosen an operating point",
+                     "expected calibration error"):
         assert expected in card2, expected
     card3 = run_cli("models", "card", "shapes-cls-v3").stdout
     assert "(task policy)" in card3 and "EWC: lambda 1e+06, diagonal Fisher of" in card3

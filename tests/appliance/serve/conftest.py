@@ -95,7 +95,9 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Appliance:
     app = Appliance(home, env, {}, root / "passphrase")
     try:
         assert app.cli("vault", "init", "--passphrase-file", str(root / "passphrase")).returncode == 0
-        unlocked = app.cli("vault", "unlock", "--passphrase-file", str(root / "passphrase"))
+        # A day, not the default 15 minutes without key use: this agent serves the whole session, and in a random
+        # order the last serving test may come half an hour after the one before it.
+        unlocked = app.cli("vault", "unlock", "--passphrase-file", str(root / "passphrase"), "--idle-timeout", "86400")
         assert unlocked.returncode == 0, unlocked.stderr
         fix_site_secret(home)  # the same splits on every run
         chats = [line for line in (REPO / "models" / "corpus" / "corpus.jsonl").read_text(encoding="utf-8")
@@ -153,6 +155,31 @@ def _register(app: Appliance) -> None:
     register_run(db, keys, app.home, get_run(db, app.runs["qa1"]), "qa", actor="test")
     promote(db, "qa-v1", actor="test", reason="first version")
     db.close()
+
+
+SWAP_TASK = "swap"
+
+
+@pytest.fixture(scope="session")
+def swap_task(appliance: Appliance) -> str:
+    """Task `swap` in the shared appliance: run qa3 as v1 (PyTorch), promoted, and run qa2 as v2 (its ONNX export), a
+    candidate. Registered once per session (a run is registered once per catalog); the tests that promote within it
+    (hot swap) bring it to the version they start from, the sandbox test works on a copy of the home."""
+    from appliance.catalog import open_catalog
+    from appliance.registry.promotion import promote
+    from appliance.registry.versions import register_run
+    from appliance.train.runs import get_run
+    from appliance.vault.lifecycle import keys_for
+
+    db = open_catalog(appliance.home)
+    try:
+        vault_keys = keys_for(db, appliance.home)
+        for name in ("qa3", "qa2"):
+            register_run(db, vault_keys, appliance.home, get_run(db, appliance.runs[name]), SWAP_TASK, actor="test")
+        promote(db, f"{SWAP_TASK}-v1", actor="test", reason="the swap task starts here")
+    finally:
+        db.close()
+    return SWAP_TASK
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.appliance.serve.conftest import MARKER
+from tests.conftest import files_holding
 
 QUESTION = f"The compressor C2 of line {MARKER} shows intermittent stop. What should I check first?"
 
@@ -70,14 +71,16 @@ def test_streamed_chat_joins_to_the_same_text_as_the_unstreamed_one(server, appl
             assert response.headers["content-type"].startswith("text/event-stream")
             assert response.headers["X-Airlock-Model"] == "qa@v1"
             events = _stream_events(response)
-    text = plain["choices"][0]["message"]["content"]
-    assert again["choices"][0]["message"]["content"] == text  # the same seed gives the same tokens
+    message = plain["choices"][0]["message"]
+    text, reasoning = message["content"], message["reasoning_content"]  # an R1 template: reasoning apart
+    assert again["choices"][0]["message"] == message  # the same seed gives the same tokens
     assert plain["usage"]["completion_tokens"] == 24 and plain["choices"][0]["finish_reason"] == "length"
     assert events[-1] == "[DONE]"
     chunks = [e for e in events[:-1] if e["choices"]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+    assert "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks) == reasoning
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert events[-2]["usage"] == plain["usage"]
 
@@ -112,8 +115,10 @@ def test_openai_python_client_against_the_server(server, appliance):
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
     streamed = client.chat.completions.create(model="qa", messages=[{"role": "user", "content": QUESTION}],
                                               max_tokens=8, temperature=0, stream=True)
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
-    assert text == chat.choices[0].message.content
+    chunks = [chunk.choices[0].delta for chunk in streamed if chunk.choices]
+    assert "".join(d.content or "" for d in chunks) == chat.choices[0].message.content
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in chunks) == \
+        chat.choices[0].message.reasoning_content
     completion = client.completions.create(model="qa", prompt="Maintenance log.", max_tokens=8, temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert [m.id for m in client.models.list()] == ["qa", "xray"]
@@ -193,6 +198,4 @@ def test_classify_png_jpeg_and_dicom_in_memory(server, appliance):
         assert body["label"] == body["predictions"][0]["label"]
     assert implicit.status_code == 200 and implicit.json()["predictions"] == answers["png"].json()["predictions"]
     # Nothing of an upload is stored: no file under the appliance home holds the DICOM's patient name.
-    for path in appliance.home.rglob("*"):
-        if path.is_file():
-            assert MARKER.encode() not in path.read_bytes(), path
+    assert files_holding(appliance.home, MARKER.encode()) == []

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.appliance.serve.conftest import Appliance, Server
+from tests.appliance.serve.conftest import SWAP_TASK, Appliance, Server
 from tests.appliance.serve.test_security import CHAT
 
-TASK = "swap"
+TASK = SWAP_TASK
 SWAP_CHAT = {**CHAT, "model": TASK}
 
 
@@ -52,21 +52,13 @@ class SwapServer:
 
 
 @pytest.fixture(scope="module")
-def swap(appliance: Appliance, tmp_path_factory: pytest.TempPathFactory) -> SwapServer:
-    """Task `swap` with v1 (run qa3) in production and v2 (run qa2, optimized) a candidate, and a server of its own."""
+def swap(appliance: Appliance, swap_task: str, tmp_path_factory: pytest.TempPathFactory) -> SwapServer:
+    """Task `swap` (v1: run qa3, v2: run qa2, optimized; see `swap_task`) and a server of its own."""
     from appliance.catalog import open_catalog
-    from appliance.registry.promotion import promote
-    from appliance.registry.versions import register_run
     from appliance.serve.api_keys import create_key
-    from appliance.train.runs import get_run
-    from appliance.vault.lifecycle import keys_for
 
     db = open_catalog(appliance.home)
     try:
-        vault_keys = keys_for(db, appliance.home)
-        for name in ("qa3", "qa2"):
-            register_run(db, vault_keys, appliance.home, get_run(db, appliance.runs[name]), TASK, actor="test")
-        promote(db, f"{TASK}-v1", actor="test", reason="hot-swap tests start here")
         api = {name: create_key(db, f"swap-{name}", (), actor="test")[1] for name in ("client", "stream")}
     finally:
         db.close()
@@ -177,7 +169,8 @@ def test_promotion_swaps_versions_with_zero_failed_requests(swap, appliance):
     assert stream_versions == ["swap@v1"] and stream_events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in stream_events[:-1]]
     assert {c["system_fingerprint"] for c in chunks} == {"v1"}
-    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")) > 0
+    assert sum(1 for c in chunks if c["choices"] and (c["choices"][0]["delta"].get("content")
+                                                      or c["choices"][0]["delta"].get("reasoning_content"))) > 0
 
     swaps = _audit_rows(appliance, "serve.swap")
     assert len(swaps) == swaps_before + 1  # one swap, audited once
@@ -210,14 +203,15 @@ def test_onnx_runtime_answers_exactly_like_pytorch(swap, appliance):
     for sampling in (Sampling(max_new_tokens=24, temperature=0.0), Sampling(max_new_tokens=24, temperature=0.8,
                                                                              top_p=0.9, seed=77)):
         expected = complete(local.backend, local.tokenizer, encode_chat(local.tokenizer, messages, limit=4096),
-                            sampling, stops=(), eos_ids=frozenset(), should_stop=lambda: False)
+                            sampling, stops=(), eos_ids=frozenset(), should_stop=lambda: False, reasoning=True)
         served = httpx.post(f"{swap.url}/v1/chat/completions", timeout=60, headers=swap.headers(),
                             json={"model": TASK, "messages": messages, "max_tokens": 24, "ignore_eos": True,
                                   "temperature": sampling.temperature, "top_p": sampling.top_p,
                                   "seed": sampling.seed})
         assert served.headers["X-Airlock-Model"] == f"{TASK}@v2"
         assert served.headers["X-Airlock-Backend"] == "ort-cpu"
-        assert served.json()["choices"][0]["message"]["content"] == expected.text
+        message = served.json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == (expected.reasoning, expected.text)
 
 
 def test_a_version_that_cannot_load_leaves_the_old_one_serving(swap, appliance):

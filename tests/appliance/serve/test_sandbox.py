@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.serve.conftest import LISTENING, PASSPHRASE, Appliance
+from tests.appliance.serve.conftest import LISTENING, PASSPHRASE, SWAP_TASK, Appliance
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create the account and namespaces"),
@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create
                                  reason="needs util-linux's setpriv and unshare"),
               pytest.mark.timeout(600)]
 SERVICE_USER = "airlock-test"
-TASK = "sandboxed"
+TASK = SWAP_TASK  # served from a copy of the shared home
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 
 # Run as root inside `unshare -m`: set the namespace up as systemd would, check the sandbox
@@ -103,34 +103,36 @@ def service_venv(root: Path) -> Path:
 
 
 @pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"{SYSTEM_PYTHON} is not installed")
-def test_server_runs_as_the_service_account_in_the_units_sandbox(appliance: Appliance):
+def test_server_runs_as_the_service_account_in_the_units_sandbox(appliance: Appliance, swap_task: str):
     import openai
 
     from appliance.catalog import open_catalog
     from appliance.registry.promotion import promote
-    from appliance.registry.versions import register_run
+    from appliance.registry.versions import production
     from appliance.serve.api_keys import create_key
-    from appliance.train.runs import get_run
-    from appliance.vault.lifecycle import keys_for
 
-    # A task of its own in the shared appliance: v1 (run qa3, PyTorch) in production, v2 (run qa2,
-    # its ONNX export) a candidate; then the home is copied for the service account.
-    db = open_catalog(appliance.home)
-    try:
-        vault_keys = keys_for(db, appliance.home)
-        for name in ("qa3", "qa2"):
-            register_run(db, vault_keys, appliance.home, get_run(db, appliance.runs[name]), TASK, actor="test")
-        promote(db, f"{TASK}-v1", actor="test", reason="sandbox test")
-        api_key = create_key(db, "sandbox-client", (TASK,), actor="test")[1]
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        db.close()
+    # A copy of the shared appliance's home for the service account, with task `swap` (v1: run qa3 on PyTorch, v2:
+    # run qa2's ONNX export). The hot-swap tests promote within `swap` in the shared home, so the copy's production
+    # version is whichever they left; this test serves it and hot-swaps to the other one, in the copy only.
     account = ensure_service_user()
     root = Path(tempfile.mkdtemp(prefix="airlock-sandbox-", dir="/var/tmp"))
     try:
         root.chmod(0o755)
         home = root / "home"
-        shutil.copytree(appliance.home, home, symlinks=True)
+        shared = open_catalog(appliance.home)
+        try:
+            shared.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copytree(appliance.home, home, symlinks=True)
+        finally:
+            shared.close()
+        db = open_catalog(home)
+        try:
+            first = production(db, swap_task).id.rsplit("-", 1)[1]
+            api_key = create_key(db, "sandbox-client", (swap_task,), actor="test")[1]
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+        then = "v2" if first == "v1" else "v1"
         (root / "outside").mkdir()
         (root / "passphrase").write_text(PASSPHRASE + "\n")
         for path in (home, *home.rglob("*"), root / "outside", root / "passphrase"):
@@ -179,17 +181,17 @@ def test_server_runs_as_the_service_account_in_the_units_sandbox(appliance: Appl
                                                     messages=[{"role": "user", "content": "Status of pump 7?"}])
             assert answer.choices[0].message.content is not None and answer.model.startswith(TASK)
             served = client.models.list().model_dump()["data"]
-            assert next(m for m in served if m["id"] == TASK)["airlock"]["version"] == "v1"
+            assert next(m for m in served if m["id"] == TASK)["airlock"]["version"] == first
 
-            # Hot swap under the sandbox: promoting v2 (ONNX Runtime) switches the running server.
+            # Hot swap under the sandbox: promoting the other version (PyTorch <-> ONNX Runtime) switches the server.
             db = open_catalog(home)
             try:
-                promote(db, f"{TASK}-v2", actor="test", reason="sandbox hot swap")
+                promote(db, f"{TASK}-{then}", actor="test", reason="sandbox hot swap")
             finally:
                 db.close()
             deadline = time.monotonic() + 240
             while next(m for m in client.models.list().model_dump()["data"]
-                       if m["id"] == TASK)["airlock"]["version"] != "v2":
+                       if m["id"] == TASK)["airlock"]["version"] != then:
                 assert time.monotonic() < deadline and process.poll() is None, "".join(lines)[-3000:]
                 time.sleep(0.5)
             again = client.chat.completions.create(model=TASK, max_tokens=4,

@@ -44,3 +44,24 @@ def test_traffic_between_two_scrapes_is_the_difference():
     assert abs(window.mean_latency_ms - 8.0) < 1e-6 and window.p95_latency_ms == 10.0
     idle = traffic(second, parse_metrics(metrics.render([], 0, 0), at=20.0))
     assert idle.requests_per_s == 0.0 and idle.mean_latency_ms is None and idle.p95_latency_ms is None
+
+
+def test_the_monitoring_key_sees_every_loaded_model_a_task_key_only_its_own():
+    """The Serve screen's monitoring key may use no model, yet shows what the server has loaded; a key limited to
+    a task sees only that task's series (issue 20: /metrics must not list models a key may not use)."""
+    from appliance.serve.api_keys import ApiKey
+    from appliance.serve.status import MONITOR_SCOPE
+
+    def key(*tasks: str) -> ApiKey:
+        return ApiKey("k1", "k", tasks, "active", "2026-12-02T00:00:00Z", "admin", None, None)
+
+    loaded = [served("qa", "v1", "pytorch"), served("xray", "v3", "ort-cpu")]
+
+    def models_seen(api_key: ApiKey) -> list[str]:
+        text = Metrics().render(loaded, inflight=0, running=0, allows=api_key.sees_metrics_of)
+        return [m["model"] for m in parse_metrics(text, at=1.0).models]
+
+    assert models_seen(key(MONITOR_SCOPE)) == ["qa", "xray"]
+    assert not key(MONITOR_SCOPE).allows("qa")  # and it still may not use one
+    assert models_seen(key("xray")) == ["xray"]
+    assert models_seen(key()) == ["qa", "xray"]

@@ -14,11 +14,11 @@ from appliance.vault import records, store
 from appliance.vault.keys import LocalKeys
 from appliance.vault.keyslots import passphrase_kdf
 from appliance.vault.lifecycle import Credential, init_vault, open_root
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, catalog_bytes, run_cli
 
 
 def _on_disk(home: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(home.glob("catalog.db*")))
+    return catalog_bytes(home)  # read in a child: this process's own connections keep their locks
 
 
 class _Reader:

@@ -25,7 +25,7 @@ from appliance.vault.errors import ObjectError, StreamError, VaultLockedError
 from appliance.vault.keys import LocalKeys
 from appliance.vault.lifecycle import Credential, keys_for, open_root
 from tests.appliance.vault.conftest import PASSPHRASE, _alive
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, catalog_bytes, run_cli
 
 LOCKED_LINE = "error: vault is locked"
 
@@ -90,8 +90,8 @@ def test_init_unlock_store_rotate_delete_end_to_end(airlock_home, vault_init, un
     shredded = records.dek(db, "dataset-1")
     assert (shredded.state, shredded.wrapped_dek) == ("shredded", None)
     # The wrapped DEK is gone from the catalog's bytes too (secure_delete + WAL checkpoint).
-    catalog_bytes = b"".join(p.read_bytes() for p in airlock_home.glob("catalog.db*"))
-    assert after.wrapped_dek not in catalog_bytes and before.wrapped_dek not in catalog_bytes
+    on_disk = catalog_bytes(airlock_home)
+    assert after.wrapped_dek not in on_disk and before.wrapped_dek not in on_disk
     with pytest.raises(ObjectError, match="object dataset-1 was deleted: its key was destroyed"):
         store.read_bytes(db, keys, airlock_home, "dataset-1", "shard-0")
     # Even the root key (opened with the recovery key) has nothing left to unwrap: put the old

@@ -1,0 +1,105 @@
+"""TensorRT serving limits without TensorRT: the profile arithmetic (what an engine holds vs what `airlock serve`
+admits, checked at start-up) on the real tiny model's config, and one execution context per worker thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from appliance.optimize.errors import EngineError
+from appliance.optimize.tensorrt_engine import (
+    SERVE_MAX_NEW_TOKENS,
+    SERVE_MAX_PROMPT_TOKENS,
+    PerThread,
+    admitted_lengths,
+    causal_lm_profiles,
+    check_lm_profile,
+    lm_profile_capacity,
+    serve_profile_limits,
+)
+from appliance.serve.limits import ServeLimits
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def config():
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(REPO / "models" / "tiny-deepseek-r1", local_files_only=True)
+
+
+def _fits(profile, prompt: int, new: int) -> bool:
+    """Every call RunnerLMBackend makes for this request (prefill of `prompt`, then one token on a growing past)
+    lies within the profile's max shapes: the ground truth the capacity arithmetic must agree with."""
+    high = {name: shapes[2] for name, shapes in profile.items()}
+    calls = [(prompt, 0)] + [(1, prompt + k - 1) for k in range(1, new)]
+    pasts = [shape[2] for name, shape in high.items() if name.startswith("past_")]
+    return all(ids <= high["input_ids"][1] and ids <= high["position_ids"][1] and past <= min(pasts)
+               and past + ids <= high["attention_mask"][1] for ids, past in calls)
+
+
+def test_the_defaults_match_the_servers():
+    limits = ServeLimits()
+    assert (limits.max_prompt_tokens, limits.max_tokens) == (SERVE_MAX_PROMPT_TOKENS, SERVE_MAX_NEW_TOKENS)
+
+
+@pytest.mark.parametrize(("sizes", "prompt", "total"), [
+    ({"max_sequence": 512, "max_past": 2048}, 512, 2050),   # the old defaults
+    ({"max_sequence": 32, "max_past": 64}, 32, 66),
+    ({"max_sequence": 2047, "max_past": 2046}, 2047, 2048),  # derived from the tiny model and the serve defaults
+])
+def test_capacity_is_exactly_what_the_decode_calls_fit(config, sizes, prompt, total):
+    profiles = causal_lm_profiles(config, **sizes)
+    assert lm_profile_capacity(profiles) == (prompt, total)
+    assert _fits(profiles[0], prompt, total - prompt)
+    assert not _fits(profiles[0], prompt, total - prompt + 1)  # one more token would fail mid-generation
+    assert not _fits(profiles[0], prompt + 1, 1)
+    recorded = json.loads(json.dumps([{n: [list(s) for s in shapes] for n, shapes in profiles[0].items()}]))
+    assert lm_profile_capacity(recorded) == (prompt, total)  # as the engine's sidecar stores them
+
+
+def test_profiles_derived_from_the_serve_limits_hold_every_admitted_request(config):
+    context = config.max_position_embeddings
+    sizes = serve_profile_limits(context)
+    assert sizes == {"max_sequence": 2047, "max_past": 2046}
+    profiles = causal_lm_profiles(config, **sizes)
+    check_lm_profile(profiles, context=context, max_prompt_tokens=SERVE_MAX_PROMPT_TOKENS,
+                     max_new_tokens=SERVE_MAX_NEW_TOKENS)
+    prompt, total = admitted_lengths(context, max_prompt_tokens=SERVE_MAX_PROMPT_TOKENS,
+                                     max_new_tokens=SERVE_MAX_NEW_TOKENS)
+    assert _fits(profiles[0], prompt, total - prompt) and _fits(profiles[0], 1, total - 1)
+    # A 1.5B distill's context (131072) with the serve defaults: prompts of 4096, 36864 tokens in all.
+    assert serve_profile_limits(131072) == {"max_sequence": 4096, "max_past": 36862}
+
+
+def test_an_engine_smaller_than_the_limits_is_refused_with_the_sizes_that_would_work(config):
+    profiles = causal_lm_profiles(config, max_sequence=512, max_past=2048)
+    with pytest.raises(EngineError) as refused:
+        check_lm_profile(profiles, context=2048, max_prompt_tokens=4096, max_new_tokens=32768, run_id="lm-1")
+    assert "prompts of up to 512 tokens" in refused.value.message and "admits prompts of 2047" in refused.value.message
+    assert "--max-prompt-tokens 512 --max-tokens 1538" in refused.value.hint
+    assert "airlock engine build lm-1 --max-sequence 2047 --max-past 2046" in refused.value.hint
+    # The limits the hint names are accepted by the same engine, and hold exactly.
+    check_lm_profile(profiles, context=2048, max_prompt_tokens=512, max_new_tokens=1538)
+    with pytest.raises(EngineError):
+        check_lm_profile(profiles, context=4096, max_prompt_tokens=512, max_new_tokens=1539)
+
+
+def test_each_thread_gets_its_own_object_and_keeps_it():
+    per_thread = PerThread(object)
+    seen: dict[int, list[object]] = {}
+    barrier = threading.Barrier(4)
+
+    def worker(index: int) -> None:
+        barrier.wait()  # all four at once
+        seen[index] = [per_thread.get() for _ in range(3)]  # kept: a freed object's id could be reused
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(got[0] is got[1] is got[2] for got in seen.values())  # the same one on every call in a thread
+    assert len({id(got[0]) for got in seen.values()}) == 4 and per_thread.made == 4
