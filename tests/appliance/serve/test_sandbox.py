@@ -55,6 +55,8 @@ HARNESS = r"""
 set -eu
 mount --make-rprivate /
 mount --bind "$AIRLOCK_HOME" "$AIRLOCK_HOME"
+# The checkout (the code the unit runs) also under the sandbox's root: a checkout under /tmp vanishes below.
+mount --bind "$CHECKOUT" "$MIRROR"
 mount -o remount,bind,ro /
 mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys
 mount -o remount,bind,ro /sys
@@ -93,12 +95,17 @@ def ensure_service_user() -> pwd.struct_passwd:
 
 def service_venv(root: Path) -> Path:
     """A venv of the system Python with this checkout's packages: the service account cannot run
-    the checkout's own interpreter when it lives under /root (pyenv), which is 0700."""
+    the checkout's own interpreter when it lives under /root (pyenv), which is 0700.
+
+    Its paths name the checkout where it is (for the commands run outside the sandbox) and again under
+    `root/checkout`, where the harness bind-mounts it: the sandbox's private /tmp hides a checkout under /tmp."""
     venv = root / "venv"
     subprocess.run([SYSTEM_PYTHON, "-I", "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next((REPO / ".venv" / "lib").glob("python3.*/site-packages"))
+    site = next((REPO / ".venv" / "lib").glob("python3.*/site-packages")).relative_to(REPO)
+    mirror = root / "checkout"
+    mirror.mkdir(mode=0o755)
     target = next((venv / "lib").glob("python3.*/site-packages"))
-    (target / "airlock-checkout.pth").write_text(f"{REPO}\n{site}\n")
+    (target / "airlock-checkout.pth").write_text(f"{REPO}\n{REPO / site}\n{mirror}\n{mirror / site}\n")
     return venv / "bin" / "python"
 
 
@@ -141,7 +148,7 @@ def test_server_runs_as_the_service_account_in_the_units_sandbox(appliance: Appl
         python = service_venv(root)
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(home), "AIRLOCK_HOME": str(home),
                "AIRLOCK_KDF_PROFILE": "test", "SERVICE_USER": SERVICE_USER, "PY": str(python), "TASK": TASK,
-               "OUTSIDE": str(root / "outside")}
+               "OUTSIDE": str(root / "outside"), "CHECKOUT": str(REPO), "MIRROR": str(root / "checkout")}
         # The site's `vault add-slot --kind machine`, run as the account: the key file is its own, 0600.
         added = subprocess.run(["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}", "--init-groups",
                                 str(python), "-I", "-m", "appliance.cli", "vault", "add-slot", "--kind", "machine",
