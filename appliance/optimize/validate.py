@@ -177,11 +177,14 @@ def validate_causal_lm_export(onnx_bytes: bytes, model: Any, prompts: Sequence[S
         reference = torch_greedy(model, prompt, decode_tokens)
         entry: dict[str, Any] = {"onnx": ours, "pytorch": reference, "equal": ours == reference}
         if not entry["equal"]:
-            at = next(i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b)
-            ids = torch.tensor([list(prompt) + reference[:at]])
-            with torch.no_grad():
-                last = model(input_ids=ids, use_cache=False).logits[0, -1].double()
-            gap = float(last[reference[at]] - last[ours[at]])
+            common = min(len(ours), len(reference))
+            at = next((i for i in range(common) if ours[i] != reference[i]), common)
+            gap = float("inf")  # one sequence stopped early: no tie to measure
+            if at < common:
+                ids = torch.tensor([list(prompt) + reference[:at]])
+                with torch.no_grad():
+                    last = model(input_ids=ids, use_cache=False).logits[0, -1].double()
+                gap = float(last[reference[at]] - last[ours[at]])
             entry["first_difference"] = {"position": at, "pytorch_logit_gap": gap, "near_tie": gap <= tie_margin}
         greedy.append(entry)
     parity["greedy"] = greedy
