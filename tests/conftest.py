@@ -124,3 +124,18 @@ def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET,
         assert site_secret(db, keys, home) == secret, "the vault already had another site secret (import ran first?)"
     finally:
         db.close()
+
+
+# Tests that share a session fixture run on one pytest-xdist worker, so that the fixture is built
+# once (`make test` runs `-n 2 --dist loadgroup`): each of these folders builds a served appliance or
+# a set of exports once per session. Elsewhere a module is the unit (its module fixtures are built once).
+SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        path = Path(str(item.path)).relative_to(REPO).as_posix()
+        group = next((folder for folder in SESSION_GROUPS if path.startswith(folder + "/")), path)
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -126,6 +126,10 @@ def test_openai_python_client_against_the_server(server, appliance):
 
 def test_models_health_and_metrics(server, appliance):
     with _client(server, appliance=appliance) as client:
+        # A chat of this test's own: the counters below must not depend on another test having asked first.
+        chat = client.post("/v1/chat/completions", json={"model": "qa", "max_tokens": 4, "temperature": 0,
+                                                          "messages": [{"role": "user", "content": QUESTION}]})
+        assert chat.status_code == 200, chat.text
         health = httpx.get(f"{server.url}/healthz", timeout=10)
         assert health.status_code == 200 and health.json() == {"status": "ok", "models": 2}
         models = client.get("/v1/models").json()
