@@ -47,9 +47,13 @@ lint: venv
 	$(BIN)/lint-imports
 
 # pytest-randomly (a dev dependency) shuffles the order on every run and prints the seed, so that a
-# test that leans on another test's leftovers fails at once rather than one day in CI.
+# test that leans on another test's leftovers fails at once rather than one day in CI. pytest-xdist
+# runs it on WORKERS processes (default 2, this project's CI machine has two cores); tests that share a
+# session fixture stay on one worker and the longest units go first (tests/conftest.py). `WORKERS=0`
+# runs it in one process.
+WORKERS ?= 2
 unit: venv
-	$(BIN)/pytest
+	$(BIN)/pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test: lint unit
 

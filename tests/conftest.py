@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,35 @@ def loopback_up() -> bool:
 needs_loopback = pytest.mark.skipif(not loopback_up(), reason="the loopback interface is down here "
                                                                "(e.g. inside `unshare -n`)")
 
+SERVICE_USER = "airlock-test"
+"""The system account the installer tests and the sandbox test run the services as (created once, then reused)."""
+
+
+@contextlib.contextmanager
+def service_account_lock():
+    """Held while the test service account may be created: by `ensure_service_user`, or by an install.sh run
+    with `--user airlock-test` (which creates it when absent, the path the installer tests cover on a fresh
+    machine). Parallel test workers would otherwise race: one `useradd` fails ("cannot lock /etc/passwd", or
+    the account already exists) and prints to the installer's stderr."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "airlock-test-account.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_service_user() -> pwd.struct_passwd:
+    """The test service account, created with install.sh's options when absent."""
+    with service_account_lock():
+        try:
+            return pwd.getpwnam(SERVICE_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                            "--shell", "/usr/sbin/nologin", "--comment", "Airlock appliance services", SERVICE_USER],
+                           check=True)
+            return pwd.getpwnam(SERVICE_USER)
+
+
 needs_unshare = pytest.mark.skipif(not unshare_available(),
                                    reason="`unshare -n` is not permitted here (needs root or user namespaces)")
 
@@ -126,12 +158,30 @@ def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET,
         db.close()
 
 
-# Tests that share a session fixture run on one pytest-xdist worker, so that the fixture is built
-# once (`make test` runs `-n 2 --dist loadgroup`): each of these folders builds a served appliance or
-# a set of exports once per session. Elsewhere a module is the unit (its module fixtures are built once).
+# Parallel runs (`make test`: `pytest -n 2 --dist loadgroup --no-loadscope-reorder`, pytest-xdist).
+# Tests that share a session fixture run on one worker, so that the fixture is built once: each of these
+# folders builds a served appliance or a set of exports once per session. Elsewhere a module is the unit
+# (its module fixtures are built once per worker that runs it).
 SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
 
+# The longest units first (longest-processing-time scheduling): a 4-minute unit handed out last would keep
+# one worker busy while the other idles. Measured on two quiet cores, seconds, longest first; every other
+# unit follows in the seed's random order, and tests inside a unit keep their random order.
+LONGEST_FIRST = (
+    "tests/appliance/serve",                              # ~400: the served appliance (150) and its tests
+    "tests/e2e/test_bundle_install.py",                   # ~230: build, install, upgrade, roll back
+    "tests/appliance/optimize",                           # ~150: exports shared by the optimize tests
+    "tests/appliance/train/test_train_jobs.py",           # ~140: kill -9 / SIGTERM and resume
+    "tests/test_tiny_models.py",                          # ~100: regenerate the tiny models
+    "tests/appliance/registry/test_lm_engine_gate.py",    # ~90
+    "tests/e2e/test_demo.py",                             # ~85
+    "tests/appliance/registry/test_retrain_scenario.py",  # ~85
+    "tests/appliance/registry/test_ewc.py",               # ~80
+    "tests/tui/test_acceptance_flow.py",                  # ~80
+)
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group"):
@@ -139,3 +189,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = Path(str(item.path)).relative_to(REPO).as_posix()
         group = next((folder for folder in SESSION_GROUPS if path.startswith(folder + "/")), path)
         item.add_marker(pytest.mark.xdist_group(group))
+    # pytest-randomly has shuffled already (its hook wraps this one); a stable sort keeps its order elsewhere.
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))

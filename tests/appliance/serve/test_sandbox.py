@@ -27,7 +27,6 @@ shared appliance.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -39,13 +38,12 @@ from pathlib import Path
 import pytest
 
 from tests.appliance.serve.conftest import LISTENING, PASSPHRASE, SWAP_TASK, Appliance
-from tests.conftest import REPO
+from tests.conftest import REPO, SERVICE_USER, ensure_service_user
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create the account and namespaces"),
               pytest.mark.skipif(shutil.which("setpriv") is None or shutil.which("unshare") is None,
                                  reason="needs util-linux's setpriv and unshare"),
               pytest.mark.timeout(600)]
-SERVICE_USER = "airlock-test"
 TASK = SWAP_TASK  # served from a copy of the shared home
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 
@@ -81,16 +79,6 @@ as_service "$PY" -I -m appliance.cli vault unlock --machine-key
 exec setpriv --reuid="$SERVICE_USER" --regid="$SERVICE_USER" --init-groups --inh-caps=-all --bounding-set=-all \
     --no-new-privs -- "$PY" -I -m appliance.cli serve --task "$TASK" --host 127.0.0.1 --port 0 --workers 1
 """
-
-
-def ensure_service_user() -> pwd.struct_passwd:
-    """The account install.sh creates (same options), reused when it exists."""
-    try:
-        return pwd.getpwnam(SERVICE_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", SERVICE_USER], check=True)
-        return pwd.getpwnam(SERVICE_USER)
 
 
 def service_venv(root: Path) -> Path:
