@@ -21,7 +21,7 @@ from tests.appliance.vault.conftest import (  # noqa: F401 - fixtures used by th
     unlock,
     vault_init,
 )
-from tests.conftest import fix_site_secret, run_cli
+from tests.conftest import files_holding, fix_site_secret, run_cli
 
 if TYPE_CHECKING:
     from tui.screens.job import JobScreen
@@ -47,13 +47,85 @@ def qa_source(tmp_path: Path) -> Path:
     return source
 
 
+class Templates:
+    """Appliance homes built once per session, each a stage further, and copied into a test's AIRLOCK_HOME.
+
+    `dataset`: a vault (admin, PASSPHRASE) with dataset `qa` imported under the fixed site secret; `trained`:
+    plus a succeeded two-step LoRA run (a real job); `production`: plus that run registered as qa-v1 and
+    promoted. Each is built through the CLI exactly as the per-test fixtures used to build it, then its key
+    agent is stopped; a test gets a copy and unlocks it with its own agent, so what a test does never reaches
+    another test. A copy is only valid if no file of the home names the template's own path (checked)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run_id = ""
+        self._built: dict[str, Path] = {}
+
+    def _cli(self, home: Path, *args: str, timeout: int = 300):
+        result = run_cli(*args, env={"AIRLOCK_HOME": str(home), "AIRLOCK_KDF_PROFILE": "test"}, timeout=timeout)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    def home(self, stage: str) -> Path:
+        if stage not in self._built:
+            self._built[stage] = self._build(stage)
+        return self._built[stage]
+
+    def _build(self, stage: str) -> Path:
+        import json
+        import shutil
+
+        home = self.root / stage / "airlock-home"
+        before = {"trained": "dataset", "production": "trained"}.get(stage)
+        if before:
+            shutil.copytree(self.home(before), home, symlinks=True)
+        passphrase = self.root / "passphrase.txt"
+        passphrase.write_text(PASSPHRASE + "\n", encoding="utf-8")
+        if stage == "dataset":
+            self._cli(home, "vault", "init", "--passphrase-file", str(passphrase))
+        self._cli(home, "vault", "unlock", "--passphrase-file", str(passphrase))
+        try:
+            if stage == "dataset":
+                fix_site_secret(home)
+                source = self.root / "usb" / "qa-export"
+                source.mkdir(parents=True)
+                (source / "qa.jsonl").write_text("\n".join(corpus_chats(40)) + "\n", encoding="utf-8")
+                self._cli(home, "data", "import", str(source), "--name", "qa", "--near-dup", "off")
+            elif stage == "trained":
+                recipe = self.root / "tiny.toml"
+                recipe.write_text(TINY_LM_RECIPE, encoding="utf-8")
+                trained = self._cli(home, "train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
+                                    str(recipe), "--wait", "--json")
+                self.run_id = json.loads(trained.stdout)["run"]["id"]
+            else:
+                self._cli(home, "models", "register", self.run_id, "--task", "qa")
+                self._cli(home, "models", "promote", "qa-v1", "--reason", "first model")
+        finally:
+            self._cli(home, "vault", "lock")
+        return home
+
+    def copy_to(self, stage: str, home: Path) -> None:
+        import shutil
+
+        shutil.copytree(self.home(stage), home, symlinks=True)
+        assert files_holding(home, str(self.home(stage)).encode()) == [], "the copy names the template's path"
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    return Templates(tmp_path_factory.mktemp("tui-templates"))
+
+
+def _copied(templates: Templates, stage: str, home: Path, do_unlock) -> None:
+    templates.copy_to(stage, home)
+    do_unlock()
+
+
 @pytest.fixture
-def qa_dataset(unlocked, qa_source: Path) -> str:
-    """Dataset `qa`, imported under the fixed site secret: its split, and the losses trained on it, are
-    the same on every run."""
-    fix_site_secret()
-    result = run_cli("data", "import", str(qa_source), "--name", "qa", "--near-dup", "off")
-    assert result.returncode == 0, result.stderr
+def qa_dataset(templates: Templates, airlock_home: Path, unlock) -> str:  # noqa: F811 - the fixture imported above
+    """Dataset `qa` in an unlocked vault (account `admin`), imported under the fixed site secret: its split,
+    and the losses trained on it, are the same on every run. A copy of the session's template."""
+    _copied(templates, "dataset", airlock_home, unlock)
     return "qa"
 
 
@@ -204,25 +276,18 @@ def stop_jobs(airlock_home: Path):
 
 
 @pytest.fixture
-def trained_run(qa_dataset: str, tmp_path: Path, stop_jobs) -> str:
-    """A succeeded two-step LoRA run of the tiny model on dataset `qa` (a real job, through the CLI)."""
-    import json
-
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(TINY_LM_RECIPE, encoding="utf-8")
-    result = run_cli("train", "lm", "--base", "tiny-deepseek-r1", "--data", qa_dataset, "--recipe", str(recipe),
-                     "--wait", "--json", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout)["run"]["id"]
+def trained_run(templates: Templates, airlock_home: Path, unlock, stop_jobs) -> str:  # noqa: F811
+    """Dataset `qa` and a succeeded two-step LoRA run of the tiny model on it (a real job, through the CLI);
+    returns the run id. A copy of the session's template."""
+    _copied(templates, "trained", airlock_home, unlock)
+    return templates.run_id
 
 
 @pytest.fixture
-def production_task(trained_run: str) -> str:
-    """Task `qa` with the trained run registered as qa-v1 and promoted (through the CLI)."""
-    for args in (("models", "register", trained_run, "--task", "qa"),
-                 ("models", "promote", "qa-v1", "--reason", "first model")):
-        result = run_cli(*args)
-        assert result.returncode == 0, result.stderr
+def production_task(templates: Templates, airlock_home: Path, unlock, stop_jobs) -> str:  # noqa: F811
+    """Task `qa` with the trained run registered as qa-v1 and promoted (through the CLI). A copy of the
+    session's template."""
+    _copied(templates, "production", airlock_home, unlock)
     return "qa"
 
 
