@@ -91,7 +91,7 @@ class ServeOptions:
                 "tasks": [s.name for s in self.sources if isinstance(s, TaskSource)],
                 "tls_cert_file": str(self.tls_cert) if self.tls_cert else None,
                 "tls_key_file": str(self.tls_key) if self.tls_key else None,
-                "workers": limits.workers, "queue_depth": limits.queue_depth,
+                "max_batch": limits.max_batch, "workers": limits.workers, "queue_depth": limits.queue_depth,
                 "per_key_concurrency": limits.per_key_concurrency, "max_tokens": limits.max_tokens,
                 "max_prompt_tokens": limits.max_prompt_tokens}
 
@@ -105,7 +105,8 @@ class ServeOptions:
                    backend=params.get("backend", "auto"),
                    tls_cert=Path(params["tls_cert_file"]) if params.get("tls_cert_file") else None,
                    tls_key=Path(params["tls_key_file"]) if params.get("tls_key_file") else None,
-                   limits=ServeLimits(workers=int(params.get("workers", 2)),
+                   limits=ServeLimits(max_batch=int(params.get("max_batch", 1)),  # a job from before batching
+                                      workers=int(params.get("workers", 2)),
                                       queue_depth=int(params.get("queue_depth", 32)),
                                       per_key_concurrency=int(params.get("per_key_concurrency", 4)),
                                       max_tokens=int(params.get("max_tokens", 32768)),
