@@ -10,11 +10,11 @@
 Every request passes, in this order: API key (401 / revoked 401) -> body size (413) and time (408)
 -> JSON (400) -> model (404, 403 for a key limited to other tasks) -> admission (429 for the key,
 503 for the server, both with Retry-After) -> a row of the model's running batch (a batched LM: its
-tokens come from the batch's scheduler thread) or a worker thread (classifiers, TensorRT). `/v1/classify` takes its model from
-the query, so it checks model and admission before it reads (and buffers) the upload. Responses name the model version
-and backend (X-Airlock-Model: name@version, X-Airlock-Backend). Each request leaves one JSON log
-line: id, key name, endpoint, status, bytes in and out, tokens, latency. Never prompt or output
-text, never file contents: they may be patient data.
+tokens come from the batch's scheduler thread) or a worker thread (classifiers, TensorRT).
+`/v1/classify` takes its model from the query, so it checks model and admission before it reads (and
+buffers) the upload. Responses name the model version and backend (X-Airlock-Model: name@version,
+X-Airlock-Backend). Each request leaves one JSON log line: id, key name, endpoint, status, bytes in
+and out, tokens, latency. Never prompt or output text, never file contents: they may be patient data.
 """
 
 from __future__ import annotations

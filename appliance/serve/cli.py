@@ -47,7 +47,8 @@ from appliance.cli_output import echo_json
 @click.option("--json", "as_json", is_flag=True, help="With --detach: print the job as JSON.")
 def serve(host: str, port: int, tasks: tuple[str, ...], runs: tuple[str, ...], tls_cert: Path | None,
           tls_key: Path | None, device: str, backend: str, max_batch: int, workers: int, queue_depth: int | None,
-          per_key_concurrency: int | None, max_tokens: int, max_prompt_tokens: int, detach: bool, as_json: bool) -> None:
+          per_key_concurrency: int | None, max_tokens: int, max_prompt_tokens: int, detach: bool,
+          as_json: bool) -> None:
     """Serve models over HTTP: /v1/chat/completions, /v1/completions, /v1/classify, /v1/models, /metrics."""
     from appliance.access import require
     from appliance.audit import set_process_actor
