@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,8 +25,12 @@ PROMPTS = [([0, 17, 402, 9, 255, 31, 77, 8, 301, 45, 12], 12), ([0, 5], 7), ([0,
 
 
 @pytest.fixture(scope="module")
-def backends() -> dict[str, object]:
-    """The tiny base model (its own random weights; no training needed) in PyTorch and exported to FP32 ONNX."""
+def backends() -> Iterator[dict[str, object]]:
+    """The tiny base model (its own random weights; no training needed) in PyTorch and exported to FP32 ONNX.
+
+    One intra-op thread: on a loaded 2-core machine two OpenMP threads on the main thread spin against other
+    processes (measured: 10-30 s instead of 0.7 s for the references below); the server computes in threads."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from appliance.optimize.onnx_export import export_causal_lm_onnx, kv_cache_layout
@@ -33,7 +38,10 @@ def backends() -> dict[str, object]:
 
     model = AutoModelForCausalLM.from_pretrained(TINY, local_files_only=True).eval()
     runner = OrtRunner(ort_session(export_causal_lm_onnx(model, variant="fp32")))
-    return {"pytorch": TorchLMBackend(model), "ort-cpu": RunnerLMBackend(runner, kv_cache_layout(model.config))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"pytorch": TorchLMBackend(model), "ort-cpu": RunnerLMBackend(runner, kv_cache_layout(model.config))}
+    torch.set_num_threads(threads)
 
 
 def _greedy(max_new_tokens: int) -> Sampling:
