@@ -9,12 +9,14 @@ Modules, one job each:
     app             the HTTP endpoints, request envelope (auth, limits, logs without contents)
     openai_api      request validation and response shapes of the OpenAI API
     decoding        chat template, prompt limits, detokenizing, stop sequences
-    backends        what runs a model (PyTorch today; ONNX Runtime / TensorRT plug in here)
+    backends        what runs a model (PyTorch, ONNX Runtime, TensorRT), one request or a batched forward pass
+    batching        continuous batching: concurrent requests to one LM share its forward passes
     models          what a served name points at (a run, or a task's production version), loading
     hot_swap        follow promotions: load in the background, switch atomically
-    limits          body/prompt/token caps, per-key concurrency, bounded queue (429/503 + Retry-After)
+    limits          body/prompt/token caps, batch rows and workers, per-key concurrency, bounded queue (429/503)
     uploads         DICOM/PNG/JPEG for /v1/classify, parsed in memory with every length checked
     metrics         Prometheus text
     api_keys        key creation, revocation, constant-time authentication
-Decisions: docs/adr/0008-serving.md. Torch, transformers and FastAPI load only when serving starts.
+Decisions: docs/adr/0008-serving.md, 0017-continuous-batching.md. Torch, transformers and FastAPI load only
+when serving starts.
 """

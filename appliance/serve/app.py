@@ -9,11 +9,12 @@
 
 Every request passes, in this order: API key (401 / revoked 401) -> body size (413) and time (408)
 -> JSON (400) -> model (404, 403 for a key limited to other tasks) -> admission (429 for the key,
-503 for the server, both with Retry-After) -> a worker thread. `/v1/classify` takes its model from
-the query, so it checks model and admission before it reads (and buffers) the upload. Responses name the model version
-and backend (X-Airlock-Model: name@version, X-Airlock-Backend). Each request leaves one JSON log
-line: id, key name, endpoint, status, bytes in and out, tokens, latency. Never prompt or output
-text, never file contents: they may be patient data.
+503 for the server, both with Retry-After) -> a row of the model's running batch (a batched LM: its
+tokens come from the batch's scheduler thread) or a worker thread (classifiers, TensorRT).
+`/v1/classify` takes its model from the query, so it checks model and admission before it reads (and
+buffers) the upload. Responses name the model version and backend (X-Airlock-Model: name@version,
+X-Airlock-Backend). Each request leaves one JSON log line: id, key name, endpoint, status, bytes in
+and out, tokens, latency. Never prompt or output text, never file contents: they may be patient data.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from appliance.serve import openai_api
 from appliance.serve.api_keys import ApiKey, authenticate
+from appliance.serve.batching import BatchingLMBackend
 from appliance.serve.decoding import Completion, GenerationTimeout, complete, encode_chat, encode_prompt
 from appliance.serve.errors import RequestRefused
 from appliance.serve.hot_swap import ModelTable
@@ -83,7 +85,10 @@ def create_app(state: ServerState) -> FastAPI:
 
         state.db = open_catalog(state.home, migrate=False)
         state.admission = Admission(state.limits)
-        state.executor = ThreadPoolExecutor(state.limits.workers, thread_name_prefix="airlock-infer")
+        # A thread per running request: `workers` for backends that do not batch, and one per batch row, where the
+        # request waits for its tokens from the batch's scheduler thread (appliance.serve.batching).
+        state.executor = ThreadPoolExecutor(state.limits.workers + state.limits.max_batch,
+                                            thread_name_prefix="airlock-infer")
         try:
             yield
         finally:
@@ -265,9 +270,10 @@ class _Api:
         exchange.model, exchange.backend = model.label, model.backend.kind
         return model
 
-    async def _start(self, key: ApiKey) -> Ticket:
+    async def _start(self, key: ApiKey, model: ServedModel) -> Ticket:
         assert self.state.admission is not None
-        ticket = self.state.admission.admit(key.name)
+        place = "batch" if isinstance(model.backend, BatchingLMBackend) else "worker"
+        ticket = self.state.admission.admit(key.name, place)
         try:
             await ticket.start()
         except BaseException:
@@ -309,6 +315,7 @@ class _Api:
                 else:  # as vLLM names it: prompt plus generated tokens the model takes
                     entry["max_model_len"] = model.context_length
                     entry["airlock"]["reasoning"] = model.reasoning
+                    entry["airlock"]["max_batch"] = getattr(model.backend, "max_batch", 1)
                 data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 
@@ -331,7 +338,7 @@ class _Api:
                 return encode_chat(model.tokenizer, parsed.messages, limit=limit)
             return encode_prompt(model.tokenizer, parsed.prompt or "", limit=limit)
 
-        ticket = await self._start(key)
+        ticket = await self._start(key, model)
         try:  # tokenized in a worker too (a long prompt takes milliseconds), before any response header
             prompt_ids = await asyncio.get_running_loop().run_in_executor(self.state.executor, encode)
         except BaseException:
@@ -440,7 +447,7 @@ class _Api:
         # Model and admission before the body: a client without a slot never gets to make the
         # server buffer an upload (up to max_classify_body_bytes) while it waits.
         model = self._model(key, name, "classifier", exchange)
-        ticket = await self._start(key)
+        ticket = await self._start(key, model)
         try:
             body = await self._read_body(request, exchange, self.limits.max_classify_body_bytes)
         except BaseException:

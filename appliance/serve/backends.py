@@ -11,6 +11,11 @@ or a TensorRT engine (`appliance.optimize.runners`, flat KV cache); both share `
 seed gives the same sampling on either. A classifier backend maps a C x H x W image in [0, 1]
 to class probabilities.
 
+Both LM backends also run several sequences in one forward pass (`forward_batch`, left-padded with an
+attention mask): `appliance.serve.batching.BatchingLMBackend` wraps them so that concurrent requests share
+forward passes (continuous batching). TensorRT (engine profiles of a few rows) and any backend without
+`forward_batch` serve one request per worker thread through `generate`.
+
 PyTorch decoding keeps the KV cache (`past_key_values`) between steps, so each new token costs one
 position, not the whole sequence. Each request has its own random generator: a seed reproduces
 the same tokens whatever else the server is doing.
@@ -44,6 +49,20 @@ class LMBackend(Protocol):
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]
                  ) -> Iterator[int]: ...
+
+
+class BatchForward(Protocol):
+    """An LM backend that can run several sequences in one forward pass (`appliance.serve.batching` batches it).
+
+    torch int64 tensors in: input_ids [batch, sequence], attention_mask [batch, past + sequence] (0 = padding),
+    position_ids [batch, sequence]; `past` is the flat KV cache (key, value per layer, each [batch, kv_heads,
+    past, head_dim]) a previous call returned, or None for a prefill. Out: the last position's logits [batch,
+    vocab] (float32, CPU) and the new flat cache (torch tensors)."""
+
+    kind: str
+
+    def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
+                      ) -> tuple[Any, list[Any]]: ...
 
 
 class ClassifierBackend(Protocol):
@@ -104,6 +123,20 @@ class TorchLMBackend:
                 out = self.model(input_ids=torch.tensor([[token]], device=self.device),
                                  past_key_values=out.past_key_values, use_cache=True)
 
+    def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
+                      ) -> tuple[Any, list[Any]]:
+        """See `BatchForward` (the caller holds torch.inference_mode)."""
+        from transformers import DynamicCache
+
+        cache = None
+        if past is not None:
+            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)),
+                                 config=self.model.config)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return out.logits[:, -1].float().cpu(), present
+
 
 class RunnerLMBackend:
     """A causal LM exported to ONNX with a flat KV cache, run by ONNX Runtime or TensorRT.
@@ -136,6 +169,27 @@ class RunnerLMBackend:
                                generator)
             yield token
             ids = np.asarray([[token]], dtype=np.int64)
+
+    def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
+                      ) -> tuple[Any, list[Any]]:
+        """See `BatchForward`: the same step as `generate`, several rows at once (the export takes a padding mask)."""
+        import numpy as np
+        import torch
+
+        from appliance.optimize.runners import empty_past, kv_dtype_of
+
+        if past is None:
+            cache = empty_past(self.layout, int(input_ids.shape[0]), kv_dtype_of(self.runner))
+        else:
+            cache = [np.ascontiguousarray(t.numpy()) for t in past]
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                 "position_ids": position_ids.numpy()}
+        for i in range(len(cache) // 2):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+        out = self.runner.run(feeds)
+        present = [torch.from_numpy(np.asarray(out[f"present_{part}_{i}"]))
+                   for i in range(len(cache) // 2) for part in ("key", "value")]
+        return torch.from_numpy(np.ascontiguousarray(out["logits"][:, -1], dtype=np.float32)), present
 
 
 class RunnerClassifierBackend:

@@ -31,12 +31,14 @@ from appliance.cli_output import echo_json
 @click.option("--backend", type=click.Choice(["auto", "pytorch"]), default="auto", show_default=True,
               help="auto: the fastest export `airlock optimize` made for this machine (TensorRT, ONNX Runtime), "
                    "else PyTorch; pytorch: always PyTorch.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Requests one language model decodes together (continuous batching; 1: one per worker).")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Requests running on the models at once.")
-@click.option("--queue-depth", type=click.IntRange(1, 10_000), default=32, show_default=True,
-              help="Requests waiting for a worker before the server answers 503.")
-@click.option("--per-key-concurrency", type=click.IntRange(1, 1000), default=4, show_default=True,
-              help="Requests one API key may have in progress before 429.")
+              help="Requests running at once on backends that do not batch (classifiers, TensorRT, --max-batch 1).")
+@click.option("--queue-depth", type=click.IntRange(1, 10_000), default=None,
+              help="Requests waiting for a place before the server answers 503.  [default: 2 x --max-batch]")
+@click.option("--per-key-concurrency", type=click.IntRange(1, 10_000), default=None,
+              help="Requests one API key may have in progress before 429.  [default: 2 x --max-batch]")
 @click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=32768, show_default=True,
               help="Most tokens one request may generate (also bounded by each model's context).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1, 1 << 20), default=4096, show_default=True,
@@ -44,8 +46,9 @@ from appliance.cli_output import echo_json
 @click.option("--detach", is_flag=True, help="Run as a background job (`airlock jobs show/cancel`).")
 @click.option("--json", "as_json", is_flag=True, help="With --detach: print the job as JSON.")
 def serve(host: str, port: int, tasks: tuple[str, ...], runs: tuple[str, ...], tls_cert: Path | None,
-          tls_key: Path | None, device: str, backend: str, workers: int, queue_depth: int, per_key_concurrency: int,
-          max_tokens: int, max_prompt_tokens: int, detach: bool, as_json: bool) -> None:
+          tls_key: Path | None, device: str, backend: str, max_batch: int, workers: int, queue_depth: int | None,
+          per_key_concurrency: int | None, max_tokens: int, max_prompt_tokens: int, detach: bool,
+          as_json: bool) -> None:
     """Serve models over HTTP: /v1/chat/completions, /v1/completions, /v1/classify, /v1/models, /metrics."""
     from appliance.access import require
     from appliance.audit import set_process_actor
@@ -59,10 +62,10 @@ def serve(host: str, port: int, tasks: tuple[str, ...], runs: tuple[str, ...], t
     options = ServeOptions(
         (*(parse_run_option(r) for r in runs), *(TaskSource(t) for t in tasks)), host=host, port=port,
         tls_cert=tls_cert.resolve() if tls_cert else None, tls_key=tls_key.resolve() if tls_key else None,
-        device=device, backend=backend, limits=ServeLimits(workers=workers, queue_depth=queue_depth,
-                                          per_key_concurrency=per_key_concurrency, max_tokens=max_tokens,
-                                          max_prompt_tokens=max_prompt_tokens,
-                                          default_max_tokens=min(256, max_tokens)))
+        device=device, backend=backend, limits=ServeLimits(
+            max_batch=max_batch, workers=workers, queue_depth=queue_depth or 2 * max_batch,
+            per_key_concurrency=per_key_concurrency or 2 * max_batch, max_tokens=max_tokens,
+            max_prompt_tokens=max_prompt_tokens, default_max_tokens=min(256, max_tokens)))
     home = airlock_home()
     db = open_catalog()
     keys_for(db, home)  # "vault is locked" now, not after the job started

@@ -6,6 +6,8 @@
     airlock_tokens_total{model,type}                  prompt and completion tokens
     airlock_model_info{model,version,backend,kind}    1 per served model: the version now serving
     airlock_model_loads_total{model,result}           hot-swap loads: ok / failed
+    airlock_batch_rows{model}, airlock_batch_steps_total{model}, airlock_batch_rows_decoded_total{model}
+                                                      continuous batching: rows now, steps, tokens decoded
     airlock_inflight_requests, airlock_running_requests
 
 Labels are route names, status codes and model names: never anything a client wrote.
@@ -101,6 +103,16 @@ class Metrics:
         for m in sorted(models, key=lambda m: m.name):
             info = _labels(model=m.name, version=m.version, backend=m.backend.kind, kind=m.kind)
             lines.append(f"airlock_model_info{info} 1")
+        batched = [m for m in sorted(models, key=lambda m: m.name) if hasattr(m.backend, "rows_decoded")]
+        if batched:
+            family("airlock_batch_rows", "gauge", "Requests in the model's running batch now.")
+            lines += [f"airlock_batch_rows{_labels(model=m.name)} {m.backend.rows}" for m in batched]
+            family("airlock_batch_steps_total", "counter", "Batched decode steps (one forward pass each).")
+            lines += [f"airlock_batch_steps_total{_labels(model=m.name)} {m.backend.steps}" for m in batched]
+            family("airlock_batch_rows_decoded_total", "counter",
+                   "Tokens decoded by batched steps; divided by the steps, the mean batch size.")
+            lines += [f"airlock_batch_rows_decoded_total{_labels(model=m.name)} {m.backend.rows_decoded}"
+                      for m in batched]
         family("airlock_inflight_requests", "gauge", "Requests admitted (running or waiting for a worker).")
         lines.append(f"airlock_inflight_requests {inflight}")
         family("airlock_running_requests", "gauge", "Requests running on a model now.")

@@ -128,7 +128,8 @@ def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, t
                device: str = "cpu", backend: str = "auto", limits: ServeLimits | None = None) -> ServedModel:
     """Decrypt and load the run behind `target` into a ready backend.
 
-    `limits`: what the server admits; a TensorRT engine whose profile cannot hold it is refused here."""
+    `limits`: what the server admits; a TensorRT engine whose profile cannot hold it is refused here, and a
+    PyTorch or ONNX Runtime LM decodes up to `limits.max_batch` requests together (`appliance.serve.batching`)."""
     from appliance.train.runs import get_run
 
     if backend not in BACKENDS:
@@ -145,6 +146,11 @@ def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, t
 
         check_lm_profile(model.backend.runner.profiles, context=model.context_length, run_id=run.id,
                          max_prompt_tokens=limits.max_prompt_tokens, max_new_tokens=limits.max_tokens)
+    if limits is not None and model.kind == "lm" and limits.max_batch > 1:
+        from appliance.serve.batching import BatchingLMBackend, batchable
+
+        if batchable(model.backend):
+            model.backend = BatchingLMBackend(model.backend, limits.max_batch)
     model.load_seconds = time.monotonic() - started
     return model
 

@@ -91,7 +91,7 @@ class ServeOptions:
                 "tasks": [s.name for s in self.sources if isinstance(s, TaskSource)],
                 "tls_cert_file": str(self.tls_cert) if self.tls_cert else None,
                 "tls_key_file": str(self.tls_key) if self.tls_key else None,
-                "workers": limits.workers, "queue_depth": limits.queue_depth,
+                "max_batch": limits.max_batch, "workers": limits.workers, "queue_depth": limits.queue_depth,
                 "per_key_concurrency": limits.per_key_concurrency, "max_tokens": limits.max_tokens,
                 "max_prompt_tokens": limits.max_prompt_tokens}
 
@@ -105,12 +105,22 @@ class ServeOptions:
                    backend=params.get("backend", "auto"),
                    tls_cert=Path(params["tls_cert_file"]) if params.get("tls_cert_file") else None,
                    tls_key=Path(params["tls_key_file"]) if params.get("tls_key_file") else None,
-                   limits=ServeLimits(workers=int(params.get("workers", 2)),
+                   limits=ServeLimits(max_batch=int(params.get("max_batch", 1)),  # a job from before batching
+                                      workers=int(params.get("workers", 2)),
                                       queue_depth=int(params.get("queue_depth", 32)),
                                       per_key_concurrency=int(params.get("per_key_concurrency", 4)),
                                       max_tokens=int(params.get("max_tokens", 32768)),
                                       max_prompt_tokens=int(params.get("max_prompt_tokens", 4096)),
                                       default_max_tokens=min(256, int(params.get("max_tokens", 32768)))))
+
+
+def compute_streams(models: list[ServedModel], limits: ServeLimits) -> int:
+    """Forward passes that may run at once: one per batched LM, and `workers` when some model does not batch."""
+    from appliance.serve.batching import BatchingLMBackend
+
+    batched = sum(isinstance(m.backend, BatchingLMBackend) for m in models)
+    unbatched = any(not isinstance(m.backend, BatchingLMBackend) for m in models)
+    return max(1, batched + (limits.workers if unbatched else 0))
 
 
 def is_loopback(host: str) -> bool:
@@ -236,13 +246,14 @@ def run_server(options: ServeOptions, *, home: Path, on_listening: Callable[[str
         print(warning, file=sys.stderr, flush=True)
     started = time.monotonic()
     device = resolve_device(options.device)
+    models = load_all(options, home, device)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
-        # Workers run side by side: each gets its share of the cores instead of all of them (oversubscribed
-        # OpenMP threads spin against each other and lose throughput).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.limits.workers))
-    models = load_all(options, home, device)
+        # What computes side by side (one batch per batched LM, plus the workers of the backends that do not
+        # batch) gets its share of the cores instead of all of them each (oversubscribed OpenMP threads spin
+        # against each other and lose throughput).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // compute_streams(models, options.limits)))
     for model in models:
         log.info(json.dumps({"event": "model_loaded", "model": model.name, "version": model.version,
                              "backend": model.backend.kind, "why": model.backend_reason,

@@ -1,18 +1,25 @@
 """Serving throughput and latency: `airlock serve` on the tiny model under bounded load from another process.
 
-    .venv/bin/python tests/bench/bench_serve.py [--clients 32] [--seconds 30] [--max-tokens 32]
+    nice -n 19 .venv/bin/python tests/bench/bench_serve.py [--clients 32] [--seconds 30] [--max-tokens 32]
     .venv/bin/python tests/bench/bench_serve.py --home H --run RUN      # reuse an unlocked appliance and run
 
 Without --home it builds a throw-away appliance the way an operator would (vault, the demo corpus's chat
 records, a 2-step LoRA run of tiny-deepseek-r1 exported to FP32 ONNX by `airlock optimize`, an API
 key; the vault uses the test-only fast KDF).
 Then, for each --backend (pytorch, and auto: the run's ONNX export on ONNX Runtime or TensorRT, as
-`airlock optimize` prepared it) and worker count, it starts the real server on a loopback port
-and a second process that keeps `--clients` concurrent clients busy for `--seconds` with chat
-completions of exactly `--max-tokens` tokens (`ignore_eos`), half of them streamed. It prints
-requests/s, generated tokens/s, p50/p99 latency, p50 time to first token of the streams, and
-errors by status (429/503 are the admission control refusing, never a hung connection).
-Prints the ratio between configurations measured in this one run. Never fails on time.
+`airlock optimize` prepared it) and each --modes entry, it starts the real server on a loopback port
+and a second process that keeps `--clients` concurrent clients, all on ONE API key, busy for `--seconds`
+with chat completions of exactly `--max-tokens` tokens (`ignore_eos`), half of them streamed:
+
+    one       --max-batch 1 --workers 1: one request decodes at a time (the baseline)
+    threads   --max-batch 1 --workers 2: one request per worker thread (the server before batching)
+    batched   the default limits: continuous batching, 32 rows, default queue and per-key limits
+
+It prints requests/s, generated tokens/s, p50/p99 latency, p50 time to first token of the streams,
+and errors by status (429/503 are the admission control refusing, never a hung connection; the
+batched mode runs at the default limits, where 32 users of one key must get none). Then the
+tokens/s ratio of each mode to `one` on the same backend, measured in this one run (goal for
+batched: >= 4x). Never fails on time.
 """
 
 from __future__ import annotations
@@ -60,11 +67,17 @@ def build_appliance(root: Path) -> tuple[dict[str, str], str]:
     return env, out["run"]["id"]
 
 
-def start_server(env: dict[str, str], run: str, backend: str, workers: int, clients: int, log: Path
+MODES = {"one": ["--max-batch", "1", "--workers", "1"], "threads": ["--max-batch", "1", "--workers", "2"],
+         "batched": []}
+"""Server options per mode. The unbatched modes get room for every client (their point is throughput); batched
+runs at the defaults."""
+
+
+def start_server(env: dict[str, str], run: str, backend: str, mode: str, clients: int, log: Path
                  ) -> tuple[subprocess.Popen, str]:
+    room = [] if mode == "batched" else ["--queue-depth", str(clients), "--per-key-concurrency", str(clients)]
     process = subprocess.Popen([str(BIN / "airlock"), "serve", "--port", "0", "--run", f"qa={run}", "--backend",
-                                backend, "--workers", str(workers), "--queue-depth", str(clients),
-                                "--per-key-concurrency", str(clients)],
+                                backend, *MODES[mode], *room],
                                stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, env={**os.environ, **env},
                                cwd=REPO)
     assert process.stdout is not None
@@ -154,7 +167,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--workers", default="2", help="worker counts to compare, e.g. 1,2,4")
+    parser.add_argument("--modes", default="one,threads,batched",
+                        help="server modes to compare: one, threads, batched (see the module docstring)")
     parser.add_argument("--backends", default="pytorch,auto",
                         help="--backend values to compare (auto: the ONNX export on ONNX Runtime/TensorRT)")
     parser.add_argument("--home", type=Path, help="an existing AIRLOCK_HOME with an unlocked vault (admin logged in)")
@@ -178,11 +192,14 @@ def main() -> None:
         print(f"run {run}; {args.clients} clients x {args.seconds:g} s; {args.max_tokens} tokens per request; "
               f"half streamed; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the "
               "machine skews every number)", flush=True)
-        print("backend    workers  req/s   tok/s    p50 s   p99 s   ttft p50 s  errors")
-        measured: dict[tuple[str, int], dict] = {}
+        print("backend    mode      req/s   tok/s    p50 s   p99 s   ttft p50 s  errors")
+        measured: dict[tuple[str, str], dict] = {}
         for backend in args.backends.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
-                process, url = start_server(env, run, backend, workers, args.clients, root / f"server-{backend}.log")
+            for mode in args.modes.split(","):
+                if mode not in MODES:
+                    raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+                log = root / f"server-{backend}-{mode}.log"
+                process, url = start_server(env, run, backend, mode, args.clients, log)
                 try:
                     models = subprocess.run([sys.executable, "-c", "import httpx, sys; print(httpx.get(sys.argv[1], "
                                              "headers={'Authorization': 'Bearer ' + sys.argv[2]}).text)",
@@ -194,21 +211,27 @@ def main() -> None:
                 finally:
                     stop_server(process)
                 if client.returncode != 0:
-                    print(f"{kind:<10} {workers:<7}  load process failed: {client.stderr.strip()[-300:]}")
+                    print(f"{kind:<10} {mode:<8}  load process failed: {client.stderr.strip()[-300:]}")
                     continue
                 result = json.loads(client.stdout.strip().splitlines()[-1])
-                measured[(kind, workers)] = result
-                print(f"{kind:<10} {workers:<7}  {result['requests'] / result['elapsed_s']:<6.2f}  "
+                measured[(kind, mode)] = result
+                print(f"{kind:<10} {mode:<8}  {result['requests'] / result['elapsed_s']:<6.2f}  "
                       f"{result['tokens'] / result['elapsed_s']:<7.1f}  {result['p50_s']:<7.3f} "
                       f"{result['p99_s']:<7.3f} {result['ttft_p50_s']:<11.3f} {result['errors'] or 'none'}", flush=True)
         missing = [k for k in ("pytorch", "ort-cpu", "ort-cuda", "tensorrt") if k not in {b for b, _ in measured}]
         if missing:
             print(f"not measured here: {', '.join(missing)} (no GPU, no TensorRT, or no ONNX export of the run)")
-        if len(measured) >= 2:
-            (first, base), *rest = measured.items()
-            for (backend, workers), result in rest:
-                ratio = (result["tokens"] / result["elapsed_s"]) / max(1e-9, base["tokens"] / base["elapsed_s"])
-                print(f"tokens/s ratio {backend} x{workers} vs {first[0]} x{first[1]}: {ratio:.2f}x")
+        for (kind, mode), result in measured.items():
+            base = measured.get((kind, "one"))
+            if mode == "one" or base is None:
+                continue
+            ratio = (result["tokens"] / result["elapsed_s"]) / max(1e-9, base["tokens"] / base["elapsed_s"])
+            goal = f" (goal >= 4x: {'met' if ratio >= 4 else 'NOT met'})" if mode == "batched" else ""
+            print(f"tokens/s ratio {kind} {mode} vs one at a time: {ratio:.2f}x{goal}")
+            if mode == "batched":
+                refused = {code: n for code, n in result["errors"].items() if code in ("429", "503")}
+                print(f"{kind} batched, {args.clients} users on one key at the default limits: "
+                      f"{sum(refused.values())} refused {refused or ''}".rstrip())
         if not args.home:
             airlock(env, "vault", "lock")
 

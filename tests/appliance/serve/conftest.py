@@ -240,7 +240,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(appliance: Appliance, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    """`airlock serve --task qa --run xray=RUN`: two workers, two waiting places, two requests per key."""
+    """`airlock serve --task qa --run xray=RUN`: two batch rows and two workers, two waiting places, two requests
+    per key (small limits, so that the overload test reaches them)."""
     from appliance.catalog import open_catalog
     from appliance.serve.api_keys import create_key
 
@@ -250,7 +251,7 @@ def server(appliance: Appliance, tmp_path_factory: pytest.TempPathFactory) -> Se
         appliance.keys[name] = create_key(db, name, tasks, actor="test")[1]
     db.close()
     running = Server(appliance, "--task", "qa", "--run", f"xray={appliance.runs['xray']}", "--workers", "2",
-                     "--queue-depth", "2", "--per-key-concurrency", "2",
+                     "--max-batch", "2", "--queue-depth", "2", "--per-key-concurrency", "2",
                      log_path=tmp_path_factory.mktemp("serve-log") / "server.log")
     yield running
     running.stop()

@@ -147,7 +147,7 @@ def _wait_metric(server, appliance, name: str, value: float, timeout_s: float = 
 
 
 def test_overload_answers_429_per_key_and_503_for_the_server_with_retry_after(server, appliance):
-    """The server runs 2 requests, lets 2 wait, and takes 2 per key; a closed stream frees its worker."""
+    """The server runs 2 requests (--max-batch 2), lets 2 wait, and takes 2 per key; a closed stream frees its row."""
     long_stream = {**CHAT, "max_tokens": 1024, "ignore_eos": True, "stream": True}
     release = threading.Event()
     results: dict[str, int] = {}
@@ -165,7 +165,7 @@ def test_overload_answers_429_per_key_and_503_for_the_server_with_retry_after(se
 
     threads = []
     try:
-        # Two streams take both workers, two more wait: loader has 2 requests in, the server 4.
+        # Two streams take both batch rows, two more wait: loader has 2 requests in, the server 4.
         for name, key_name in (("loader-1", "loader"), ("other-1", "other"), ("loader-2", "loader"),
                                ("fourth-1", "fourth")):
             streaming[name] = threading.Event()
