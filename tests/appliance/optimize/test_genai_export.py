@@ -77,7 +77,7 @@ def test_the_float_export_matches_pytorch_holds_the_adapter_and_decodes_a_batch_
     config = json.loads((tampered / "genai_config.json").read_text())
     config["model"]["context_length"] = 4
     (tampered / "genai_config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="genai_config.json is not the one its optimize report validated"):
+    with pytest.raises(ExportError, match=r"genai_config\.json is not the one its optimize report validated"):
         check_export_files(tampered, report["files"])
 
 
