@@ -22,7 +22,8 @@ from tests.appliance.train.conftest import (  # noqa: F401 - fixtures
 from tests.conftest import files_holding, run_cli
 
 # PTQ with activations clipped at their 90th percentile: a tenth of every layer's inputs saturate, which is what a
-# careless recipe does to an LM. Measured on the tiny run: perplexity about +40% (the gate allows +5%).
+# careless recipe does to an LM. Measured on the tiny run: int8 perplexity 5.84 vs float 3.31 (+76%; the gate allows
+# +5%), genai-int4 3.34 (+0.7%), genai-fp32 equal to float.
 BROKEN_INT8 = "calibration = \"percentile\"\npercentile = 90.0\ncalibration_batches = 4\n"
 
 
@@ -58,15 +59,16 @@ def test_genai_exports_serve_and_a_broken_quantization_is_refused_with_the_numbe
     # The genai exports passed: fp32 equals PyTorch, int4 within the gate; both stored, file by file.
     for name in ("genai-fp32", "genai-int4"):
         assert variants[name]["ok"] and variants[name]["stored"], variants[name]["failures"]
-        assert variants[name]["file"] == [f"{name}.{f}" for f in variants[name]["files"]]
+        assert sorted(variants[name]["file"]) == sorted(f"{name}.{f}" for f in variants[name]["files"])
         assert variants[name]["generator"]["batch"] == 8
     assert quality["genai-int4"]["ok"] and abs(quality["genai-fp32"]["increase"]) < 1e-4
     assert report["quality"]["split"] == "test" and report["quality"]["examples"] >= 1
     assert report["runtime"]["kind"] == "genai-cpu" and report["runtime"]["genai_variant"] in ("genai-int4",
                                                                                                 "genai-fp32")
     text = run_cli("optimize", "show", run_id)
-    assert text.returncode == 0 and f"int8 NOT stored ({reason}" in text.stdout.replace("\n", " ")
-    assert "onnxruntime-genai on the CPU" in text.stdout
+    shown = " ".join(text.stdout.split())  # the table wraps its last column
+    assert text.returncode == 0 and f"int8 NOT stored ({' '.join(reason.split())}" in shown
+    assert "onnxruntime-genai on the CPU" in shown
 
     # Only ciphertext at rest, and the builder's scratch folder is gone.
     assert files_holding(airlock_home, b"GroupQueryAttention", b"MatMulNBits", b"past_key_values") == []
