@@ -398,8 +398,8 @@ def split_oversized(model: Any, variants: list[str]) -> tuple[list[str], dict[st
     if not kept:
         raise ExportRefusedError(f"{onnx_export.architecture(model.config)} has {weights * 2 / 1024**3:.1f} GiB of "
                                  "weights even in FP16; one in-memory ONNX model holds at most 2 GiB",
-                                 hint="export it with onnxruntime-genai (--variants genai-int4,genai-fp32), which "
-                                      "writes external data; TensorRT needs a smaller model")
+                                 hint="it serves with PyTorch; for ONNX use --variants genai-int4,genai-fp32 "
+                                      "(onnxruntime-genai writes external data: any size)")
     return kept, refused
 
 
