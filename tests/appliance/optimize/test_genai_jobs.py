@@ -40,8 +40,11 @@ def test_genai_exports_serve_and_a_broken_quantization_is_refused_with_the_numbe
     run_id = lm_run["id"]
     recipe = tmp_path / "broken.toml"
     recipe.write_text(BROKEN_INT8, encoding="utf-8")
-    out = cli_json("optimize", run_id, "--variants", "genai-fp32,genai-int4,int8", "--recipe", str(recipe),
-                   "--no-qat", "--wait", "--json")
+    # Two builder runs and their validation: minutes on two loaded cores, past run_cli's default 300 s limit.
+    done = run_cli("optimize", run_id, "--variants", "genai-fp32,genai-int4,int8", "--recipe", str(recipe),
+                   "--no-qat", "--wait", "--json", timeout=1200)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
     job, report = out["job"], out["report"]
     assert job["state"] == "succeeded", (job["error"], job["hint"])
     variants = report["variants"]
