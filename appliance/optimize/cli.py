@@ -1,6 +1,6 @@
 """`airlock optimize` and `airlock engine`: INT8 QAT, ONNX exports and TensorRT engines of a trained run.
 
-    airlock optimize RUN [--recipe quant.toml] [--variants fp32,fp16,int8] [--no-qat] [--wait] [--json]
+    airlock optimize RUN [--recipe quant.toml] [--variants fp32,fp16,int8,genai-int4] [--no-qat] [--wait] [--json]
     airlock optimize show RUN [--json]
     airlock engine build RUN [--variant int8] [--device cuda:0] [--max-batch N] ... [--wait]
     airlock engine check RUN [--variant int8]
@@ -63,7 +63,9 @@ def optimize() -> None:
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Quantization recipe TOML (every field optional; unknown fields are refused).")
 @click.option("--variants", default="fp32,fp16,int8", show_default=True,
-              help="ONNX variants to export and validate (comma-separated).")
+              help="ONNX variants to export and validate (comma-separated): fp32, fp16, int8 (Q/DQ, TensorRT-ready); "
+                   "for LMs also genai-fp32, genai-int8, genai-int4 (onnxruntime-genai, CPU) and genai-fp16-cuda, "
+                   "genai-bf16-cuda, genai-int4-cuda.")
 @click.option("--no-qat", is_flag=True, help="Stop at PTQ (calibration only), without the QAT fine-tuning.")
 @_wait
 @_json
@@ -150,6 +152,15 @@ def _variant_text(name: str, v: dict[str, Any]) -> str:
             f"top-1 {parity['top1_agreement']:.1%}")
     if "greedy_equal" in parity:
         text += ", greedy decoding " + ("equal" if parity["greedy_equal"] else "differs")
+    quality = v.get("quality") or {}
+    if quality.get("metric") == "perplexity":
+        text += f", perplexity {quality['increase']:+.1%} vs float"
+    elif quality.get("measured"):
+        text += ", " + ", ".join(f"{k} {m['variant'] - m['float']:+.3f} vs float"
+                                 for k, m in quality["measured"].items())
+    speed = (v.get("generator") or {}).get("decode_tokens_per_s")
+    if isinstance(speed, int | float):
+        text += f", decode {speed:.0f} tokens/s (og.Generator, batch {v['generator']['batch']})"
     return text
 
 

@@ -1,6 +1,6 @@
 """Job kinds `optimize` and `engine_build`, and which runtime serves a run: the optimize stage over the vault.
 
-    airlock optimize RUN [--recipe quant.toml] [--variants fp32,fp16,int8] [--no-qat] --wait
+    airlock optimize RUN [--recipe quant.toml] [--variants fp32,fp16,int8,genai-int4] [--no-qat] --wait
     airlock engine build RUN --variant int8            (on the serving GPU, with TensorRT)
     choice = runtime_for_run(db, keys, home, run)      (the serving side: TensorRT -> ORT CUDA -> ORT CPU)
 
@@ -13,9 +13,13 @@ this machine would choose; everything encrypted into the run's vault object, the
 
     vault object run-<run id> (beside the trained weights, see appliance.train.artifacts)
         onnx-fp32.onnx, onnx-fp16.onnx, onnx-int8.onnx    the exports that passed validation
-        optimize-report.json                              float / PTQ / QAT metrics, per-variant parity, runtime
+        genai-<precision>.model.onnx[.data], .genai_config.json   onnxruntime-genai exports (LMs; genai_jobs.py)
+        optimize-report.json                              float / PTQ / QAT metrics, per-variant parity, quality
+                                                          gate, runtime
         engine-<variant>.plan, engine-<variant>.sidecar.json   written by `airlock engine build`
 
+Every quantized variant also passes the quality gate (quality_gate.py: perplexity or accuracy/AUC against
+the float model on held-out data, within the recipe's tolerance) or it is not stored, so it never serves.
 The report names each export's SHA-256; a file that does not match it (a job killed between
 writes) or an engine built from an earlier export is never served. QAT has no checkpoint: a
 cancel ends the job without storing anything, and `airlock jobs resume` starts it over.
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.errors import AirlockError
 from appliance.jobs.runner import JobContext
 from appliance.optimize.errors import EngineError, OptimizeError
+from appliance.optimize.genai_export import GENAI_VARIANTS, is_genai
 from appliance.optimize.onnx_export import VARIANTS
 from appliance.train import runs
 from appliance.train.runs import Run
@@ -55,6 +60,8 @@ GPU_ORDER = ("int8", "fp16", "fp32")
 """What a GPU serves first: TensorRT-style Q/DQ INT8, then FP16, then FP32."""
 CPU_ORDER = ("fp32", "int8", "fp16")
 """What ONNX Runtime on the CPU serves first (docs/adr/0005: Q/DQ runs there as fake quantization)."""
+ALL_VARIANTS = (*VARIANTS, *GENAI_VARIANTS)
+"""Q/DQ exports (TorchScript, in memory, TensorRT-ready) and onnxruntime-genai exports (LMs, external data)."""
 PARITY_PROMPTS = 4
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 8
@@ -97,11 +104,11 @@ def optimizable_run(db: sqlite_utils.Database, run_id: str) -> Run:
 
 def parse_variants(text: str) -> list[str]:
     variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown or not variants:
         raise OptimizeError(f"--variants {text!r}: {', '.join(unknown) or 'nothing'} is not one of "
-                            f"{', '.join(VARIANTS)}", hint="e.g. --variants fp32,fp16,int8")
-    return [v for v in VARIANTS if v in variants]
+                            f"{', '.join(ALL_VARIANTS)}", hint="e.g. --variants fp32,fp16,int8 or genai-int4")
+    return [v for v in ALL_VARIANTS if v in variants]
 
 
 def _refuse_concurrent(db: sqlite_utils.Database, run_id: str) -> None:
@@ -122,6 +129,10 @@ def start_optimize(db: sqlite_utils.Database, run_id: str, recipe: QuantRecipe, 
     from appliance.jobs.runner import start_job
 
     run = optimizable_run(db, run_id)
+    genai = [v for v in variants if is_genai(v)]
+    if genai and run.kind != "lm":
+        raise OptimizeError(f"{', '.join(genai)}: onnxruntime-genai exports are for language models; run {run.id} "
+                            "is an image classifier", hint="use --variants fp32,fp16,int8")
     _refuse_concurrent(db, run.id)
     return start_job(db, OPTIMIZE_KIND, {"run": run.id, "variants": variants, "recipe": recipe.to_dict()},
                      device="cpu", actor=actor)
@@ -179,7 +190,7 @@ def stored_report(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run)
 def usable_variants(report: dict[str, Any]) -> list[str]:
     """Variants whose export passed validation and was stored, in VARIANTS order."""
     found = report.get("variants", {})
-    return [v for v in VARIANTS if found.get(v, {}).get("ok") and found[v].get("stored")]
+    return [v for v in ALL_VARIANTS if found.get(v, {}).get("ok") and found[v].get("stored")]
 
 
 def read_onnx(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, report: dict[str, Any],
@@ -221,8 +232,12 @@ def runtime_for_run(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Ru
     except OptimizeError:
         report = {"variants": {}}
     warnings: list[str] = []
+    genai = _genai_runtime(db, keys, home, run, report, device=device, allow_cpu=allow_cpu, machine=machine,
+                           warnings=warnings)
+    if genai is not None:
+        return genai
     exports: dict[str, bytes] = {}
-    for variant in usable_variants(report):
+    for variant in (v for v in usable_variants(report) if not is_genai(v)):
         try:
             exports[variant] = read_onnx(db, keys, home, run, report, variant)
         except OptimizeError as exc:
@@ -242,6 +257,44 @@ def runtime_for_run(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Ru
                             allow_cpu=allow_cpu, device=device, machine=machine)
     choice.warnings = [*warnings, *choice.warnings]
     return choice
+
+
+def _genai_runtime(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, report: dict[str, Any], *,
+                   device: int, allow_cpu: bool, machine: Any, warnings: list[str]) -> RuntimeChoice | None:
+    """onnxruntime-genai serves an LM when a genai export passed validation and the quality gate: on the CPU the
+    fastest measured one, on a GPU a CUDA one (else the TensorRT / ORT CUDA path below serves)."""
+    from appliance.optimize.engine_sidecar import current_machine
+    from appliance.optimize.genai_jobs import choose_genai_variant, load_genai_backend
+    from appliance.optimize.runtime_select import RuntimeChoice
+
+    usable = [v for v in usable_variants(report) if is_genai(v)]
+    if not usable:
+        return None
+    on_gpu = (machine or current_machine(device)).sm is not None
+    cuda = on_gpu and importlib.util.find_spec("onnxruntime_genai") is not None and _genai_has_cuda()
+    variant = choose_genai_variant(report, usable, gpu=cuda)
+    if variant is None or (not cuda and (on_gpu or not allow_cpu)):
+        return None
+    try:
+        backend = load_genai_backend(db, keys, home, run, report, variant, device=f"cuda:{device}" if cuda else "cpu")
+    except AirlockError as exc:
+        warnings.append(f"the {variant} export did not load: {exc.message}")
+        return None
+    speed = report["variants"][variant].get("generator", {}).get("decode_tokens_per_s")
+    where = "the GPU (CUDA)" if cuda else "the CPU"
+    reason = (f"onnxruntime-genai on {where}: {variant}"
+              + (f", fastest measured decode within the quality gate ({speed:.0f} tokens/s, batch of 8)"
+                 if isinstance(speed, int | float) else ""))
+    return RuntimeChoice(backend.kind, reason, backend, [], warnings)
+
+
+def _genai_has_cuda() -> bool:
+    import onnxruntime_genai as og
+
+    try:
+        return bool(og.is_cuda_available())
+    except Exception:  # an older or CPU-only build without the probe
+        return False
 
 
 # --- the optimize job -----------------------------------------------------------------------------------------------
@@ -266,10 +319,12 @@ def run_optimize(ctx: JobContext) -> dict[str, Any]:
     """Handler of job kind `optimize` (registered in appliance.jobs.runner.HANDLERS)."""
     from appliance.audit import append_audit
     from appliance.catalog import transaction
+    from appliance.optimize.genai_export import scratch_dir
 
     run = runs.get_run(ctx.db, ctx.job.params["run"])
     try:
-        return _optimize(ctx, run)
+        with scratch_dir(ctx.home, f"optimize-{ctx.job.id}") as work:
+            return _optimize(ctx, run, work)
     except Exception as exc:
         message = exc.message if isinstance(exc, AirlockError) else f"internal error ({type(exc).__name__})"
         with contextlib.suppress(Exception), transaction(ctx.db):
@@ -277,29 +332,33 @@ def run_optimize(ctx: JobContext) -> dict[str, Any]:
         raise
 
 
-def _optimize(ctx: JobContext, run: Run) -> dict[str, Any]:
+def _optimize(ctx: JobContext, run: Run, work: Path) -> dict[str, Any]:
     from appliance.optimize.recipe import QuantRecipe
     from appliance.vault.lifecycle import keys_for
 
     keys = keys_for(ctx.db, ctx.home)
     optimizable_run(ctx.db, run.id)
     recipe = QuantRecipe(**ctx.job.params["recipe"])
-    outcome = measure_exports(ctx, keys, run, recipe, list(ctx.job.params["variants"]))
+    outcome = measure_exports(ctx, keys, run, recipe, list(ctx.job.params["variants"]), work)
     if outcome is None:
         return {"run": run.id, "stopped": True, "stored": False}
     report, exports = outcome
     return store_exports(ctx, keys, run, report, exports)
 
 
-def measure_exports(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, variants: list[str]
-                    ) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+def measure_exports(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, variants: list[str],
+                    work: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Quantize, export and validate `run`'s trained model in memory: (report, exports), or None when stopped.
 
-    Nothing is stored: `store_exports` does that. Retraining's engine-parity gate calls this too.
+    Nothing is stored: `store_exports` does that. Retraining's engine-parity gate calls this too. genai
+    variants are built into `work` (a `genai_export.scratch_dir`, which must outlive `store_exports`); their
+    entry in `exports` is a `GenAIExport` (a folder), the others' ONNX bytes.
     """
     original = {"original_steps": int(run.metrics.get("steps") or 1), "original_lr": float(run.recipe["lr"])}
+    if any(is_genai(v) for v in variants) and work is None:
+        raise OptimizeError("genai variants need a scratch folder for the builder", hint="report this as a bug")
     if run.kind == "lm":
-        return _optimize_lm(ctx, keys, run, recipe, variants, original)
+        return _optimize_lm(ctx, keys, run, recipe, variants, original, work)
     return _optimize_classifier(ctx, keys, run, recipe, variants, original)
 
 
@@ -322,14 +381,15 @@ def split_oversized(model: Any, variants: list[str]) -> tuple[list[str], dict[st
     """(variants that fit in one in-memory ONNX file, {refused variant: its validation-shaped entry}).
 
     Checked before any export or quantization work. INT8 counts as FP32: the exporter serializes the
-    FP32 weights first and folds them to INT8 afterwards. Nothing fits: ExportRefusedError (PyTorch serves).
+    FP32 weights first and folds them to INT8 afterwards. genai variants write external data: no limit.
+    Nothing fits: ExportRefusedError (PyTorch serves).
     """
     from appliance.optimize import onnx_export
     from appliance.optimize.errors import ExportRefusedError
 
     weights = sum(p.numel() for p in model.parameters())
     refused = {}
-    for variant in variants:
+    for variant in (v for v in variants if not is_genai(v)):
         size = weights * (2 if variant == "fp16" else 4)
         if size > onnx_export.MAX_ONNX_BYTES:
             refused[variant] = {"variant": variant, "ok": False, "refused": True, "failures": [
@@ -338,15 +398,19 @@ def split_oversized(model: Any, variants: list[str]) -> tuple[list[str], dict[st
     if not kept:
         raise ExportRefusedError(f"{onnx_export.architecture(model.config)} has {weights * 2 / 1024**3:.1f} GiB of "
                                  "weights even in FP16; one in-memory ONNX model holds at most 2 GiB",
-                                 hint="this model is served with PyTorch; ONNX and TensorRT need a smaller model")
+                                 hint="it serves with PyTorch; for ONNX use --variants genai-int4,genai-fp32 "
+                                      "(onnxruntime-genai writes external data: any size)")
     return kept, refused
 
 
 def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, variants: list[str],
-                 original: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+                 original: dict[str, Any], work: Path | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
     from appliance.base_models import resolve_base_model
+    from appliance.optimize.genai_jobs import genai_summary, measure_genai_variants
+    from appliance.optimize.genai_validate import held_out_examples, torch_perplexity
     from appliance.optimize.onnx_export import export_causal_lm_onnx
+    from appliance.optimize.quality_gate import perplexity_gate
     from appliance.optimize.quantize import merge_lora, perplexity, quantize_causal_lm
     from appliance.optimize.validate import validate_causal_lm_export
     from appliance.train.artifacts import load_lm_adapter
@@ -383,9 +447,17 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
     prompts = _held_out_prompts(examples[held_split])
     float_allowed = () if recipe.quantize_lm_head else ("lm_head",)
     validated: dict[str, dict[str, Any]] = dict(refused)
-    exports: dict[str, bytes] = {}
+    exports: dict[str, Any] = {}
     report: dict[str, Any] = {"task": "causal_lm", "recipe": recipe.to_dict(), "eval_split": eval_split,
                               "parity_split": held_split}
+    quality_examples = held_out_examples(examples[held_split] or examples[eval_split])
+    float_ppl = None
+    if "int8" in variants or any(is_genai(v) for v in variants):
+        ctx.progress(f"measuring the float model's perplexity on {len(quality_examples)} held-out examples")
+        float_ppl = torch_perplexity(model, quality_examples)
+        report["quality"] = {"split": held_split if examples[held_split] else eval_split,
+                             "examples": len(quality_examples), "float_perplexity": float_ppl,
+                             "max_perplexity_increase": recipe.max_perplexity_increase}
 
     def export_and_validate(variant: str, exported_model: Any, reference: Any) -> None:
         ctx.progress(f"exporting {variant}", variant=variant)
@@ -399,6 +471,15 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
     # Float variants first: quantization below changes the model in place.
     if not _export_float_variants(ctx, model, variants, export_and_validate):
         return None
+    genai = [v for v in variants if is_genai(v)]
+    if genai:
+        genai_reports, genai_exports = measure_genai_variants(
+            ctx, model, tokenizer, genai, recipe, prompts, quality_examples, float_ppl, work,
+            eos_ids=[tokenizer.eos_token_id], decode_tokens=DECODE_TOKENS)
+        validated.update({v: genai_summary(r) for v, r in genai_reports.items()})
+        exports.update(genai_exports)
+        if ctx.should_stop():
+            return None
     if "int8" in variants:
         result = quantize_causal_lm(model, calibration_batches=batches("train", recipe.seed),
                                     train_batches=batches("train", recipe.seed + 1), eval_batches=eval_batches,
@@ -408,12 +489,25 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
             return None
         report.update(result.report)
         export_and_validate("int8", result.model, result.model)
+        ctx.progress("measuring int8 perplexity against the float model", variant="int8")
+        gate = perplexity_gate(float_ppl, torch_perplexity(result.model, quality_examples),
+                               max_increase=recipe.max_perplexity_increase)
+        _apply_quality(validated["int8"], gate)
     else:
         ctx.progress("evaluating float")
         report["float"] = {"perplexity": perplexity(model, eval_batches)}
         report.update(ptq=None, qat=None)
-    report["variants"] = {v: _summarize(validated[v]) for v in VARIANTS if v in validated}
+    report["variants"] = {v: validated[v] if is_genai(v) else _summarize(validated[v])
+                          for v in ALL_VARIANTS if v in validated}
     return report, exports
+
+
+def _apply_quality(validation: dict[str, Any], gate: dict[str, Any]) -> None:
+    """Record the quality gate on a variant's validation; a failing gate makes the variant not servable."""
+    validation["quality"] = gate
+    if not gate["ok"]:
+        validation["failures"] = [*validation.get("failures", []), gate["failure"]]
+        validation["ok"] = False
 
 
 def _export_float_variants(ctx: JobContext, model: Any, variants: list[str], export_and_validate: Any) -> bool:
@@ -476,6 +570,11 @@ def _optimize_classifier(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantR
             return None
         report.update(result.report)
         export_and_validate("int8", result.model, result.model)
+        from appliance.optimize.quality_gate import classifier_gate
+
+        served = report.get("qat") or report.get("ptq") or {}
+        _apply_quality(validated["int8"], classifier_gate(report.get("float") or {}, served,
+                                                          max_drop=recipe.max_accuracy_drop))
     else:
         ctx.progress("evaluating float")
         from appliance.train.classifier import classification_metrics
@@ -502,18 +601,20 @@ def _summarize(validation: dict[str, Any]) -> dict[str, Any]:
 
 
 def store_exports(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any],
-                  exports: dict[str, bytes]) -> dict[str, Any]:
+                  exports: dict[str, Any]) -> dict[str, Any]:
     """Validated exports into the vault, the report last (it is what makes them servable), then the audit row."""
     from appliance.audit import append_audit
     from appliance.catalog import transaction
     from appliance.optimize.engine_sidecar import current_machine
-    from appliance.optimize.runtime_select import select_runtime
+    from appliance.optimize.genai_export import vault_name
+    from appliance.optimize.genai_jobs import store_genai_export
     from appliance.train.artifacts import save_artifact
 
     passed = {v: data for v, data in exports.items() if report["variants"][v]["ok"]}
     for variant, summary in report["variants"].items():
         summary["stored"] = variant in passed
-        summary["file"] = onnx_file(variant) if variant in passed else None
+        summary["file"] = None if variant not in passed else (
+            [vault_name(variant, f) for f in summary["files"]] if is_genai(variant) else onnx_file(variant))
         if not summary["ok"]:
             ctx.log(f"{variant} export not stored: {'; '.join(summary['failures'])}")
     if not passed:
@@ -522,16 +623,16 @@ def store_exports(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any
                             hint="nothing was stored; keep serving the current model and report the architecture")
     ctx.progress("choosing the runtime")
     machine = current_machine()
-    gpu = next(v for v in GPU_ORDER if v in passed)
-    cpu = next(v for v in CPU_ORDER if v in passed)
-    choice = select_runtime(onnx_bytes=passed[gpu], cpu_onnx_bytes=passed[cpu], machine=machine)
+    runtime = _stored_runtime(report, passed, machine)
     report.update(format=REPORT_FORMAT, run=run.id, job=ctx.job.id, base_model=run.base_model,
-                  base_hash=run.base_hash, created_at=runs.now(),
-                  runtime={**choice.to_dict(), "onnx_variant": gpu if choice.kind == "ort-cuda" else cpu,
-                           "machine": machine.to_dict()})
+                  base_hash=run.base_hash, created_at=runs.now(), runtime=runtime)
     ctx.progress("encrypting into the vault")
-    files = {onnx_file(v): data for v, data in passed.items()}
+    files = {onnx_file(v): data for v, data in passed.items() if not is_genai(v)}
     artifact = save_artifact(ctx.db, keys, ctx.home, run.id, files)
+    for variant in (v for v in passed if is_genai(v)):
+        ctx.progress(f"encrypting {variant} into the vault", variant=variant)
+        store_genai_export(ctx.db, keys, ctx.home, run, passed[variant])
+        files.update({vault_name(variant, f): b"" for f in passed[variant].files})
     save_artifact(ctx.db, keys, ctx.home, run.id, {REPORT: json.dumps(runs.finite(report), sort_keys=True).encode()})
     variants = {v: {"ok": s["ok"], "bytes": s.get("bytes"), "sha256": s.get("sha256")}
                 for v, s in report["variants"].items()}
@@ -539,11 +640,32 @@ def store_exports(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any
     with transaction(ctx.db):
         append_audit(ctx.db, "optimize.finish", run.id, runs.finite({
             "job": ctx.job.id, "artifact": artifact, "files": sorted([*files, REPORT]), "variants": variants,
-            "qat_steps_done": report.get("qat_steps_done"), "runtime": choice.kind,
+            "qat_steps_done": report.get("qat_steps_done"), "runtime": runtime["kind"],
             **{stage: _numbers(value) for stage, value in metrics.items()}}), actor=ctx.job.actor)
     return runs.finite({"run": run.id, "artifact": artifact, "stored": True, "variants": variants,
-                        "runtime": choice.kind, "qat_steps_done": report.get("qat_steps_done"),
+                        "runtime": runtime["kind"], "qat_steps_done": report.get("qat_steps_done"),
                         **{stage: _numbers(value) for stage, value in metrics.items()}})
+
+
+def _stored_runtime(report: dict[str, Any], passed: dict[str, Any], machine: Any) -> dict[str, Any]:
+    """What this machine would serve, for the report: a genai export on the CPU (fastest measured within the
+    quality gate), else the Q/DQ runtime selection (TensorRT -> ORT CUDA -> ORT CPU)."""
+    from appliance.optimize.genai_jobs import choose_genai_variant
+    from appliance.optimize.runtime_select import select_runtime
+
+    genai = choose_genai_variant(report, [v for v in passed if is_genai(v)], gpu=False)
+    qdq = [v for v in passed if not is_genai(v)]
+    if genai is not None and (machine.sm is None or not qdq):
+        speed = report["variants"][genai].get("generator", {}).get("decode_tokens_per_s")
+        return {"kind": "genai-cpu", "genai_variant": genai, "skipped": [], "warnings": [],
+                "reason": f"onnxruntime-genai on the CPU: {genai}, fastest measured decode within the quality gate"
+                          + (f" ({speed:.0f} tokens/s, batch of 8)" if isinstance(speed, int | float) else ""),
+                "machine": machine.to_dict()}
+    gpu = next(v for v in GPU_ORDER if v in qdq)
+    cpu = next(v for v in CPU_ORDER if v in qdq)
+    choice = select_runtime(onnx_bytes=passed[gpu], cpu_onnx_bytes=passed[cpu], machine=machine)
+    return {**choice.to_dict(), "onnx_variant": gpu if choice.kind == "ort-cuda" else cpu,
+            "machine": machine.to_dict()}
 
 
 def _numbers(metrics: dict[str, Any] | None) -> dict[str, float] | None:

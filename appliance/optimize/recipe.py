@@ -24,6 +24,9 @@ from typing import Any
 from appliance.optimize.errors import OptimizeError
 
 CALIBRATIONS = ("max", "percentile")
+INT4_ALGOS = ("rtn", "k_quant")
+"""Weight-only methods of the onnxruntime-genai builder (data-free: RTN, and k_quant's searched scales)."""
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,20 @@ class QuantRecipe:
     """CNNs: quantize the shortcut branch of residual adds, so TensorRT can fuse the add into the convolution."""
     seed: int = 0
     """Seeds the QAT data order and augmentation."""
+    int4_block_size: int = 32
+    """genai int4/int8 weight-only: weights per scale (16, 32, 64, 128 or 256); larger is smaller and coarser."""
+    int4_algo: str = "rtn"
+    """genai int4/int8 weight-only method: "rtn" (round to nearest) or "k_quant" (searched scales, no data)."""
+    int4_accuracy_level: int = 4
+    """genai CPU int4/int8: the MatMul's compute type (4 = int8 activations, fastest; 1 = fp32, most exact)."""
+    int4_symmetric: bool = True
+    """genai int4/int8: symmetric weights (int4); False = asymmetric (uint4 with zero points)."""
+    max_perplexity_increase: float = 0.05
+    """Quality gate, LMs: a quantized variant serves only if its perplexity is at most this much above the float
+    model's (0.05 = +5%) on the held-out split."""
+    max_accuracy_drop: float = 0.01
+    """Quality gate, classifiers: a quantized variant serves only if its accuracy and ROC AUC are at most this much
+    below the float model's (0.01 = 1 point)."""
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -57,11 +74,25 @@ class QuantRecipe:
                   ("calibration_batches", self.calibration_batches, 1, 10_000),
                   ("qat_step_fraction", self.qat_step_fraction, 0.001, 1.0),
                   ("qat_lr_fraction", self.qat_lr_fraction, 0.0001, 1.0),
-                  ("min_qat_steps", self.min_qat_steps, 1, 100_000)]
+                  ("min_qat_steps", self.min_qat_steps, 1, 100_000),
+                  ("int4_accuracy_level", self.int4_accuracy_level, 0, 4),
+                  ("max_perplexity_increase", self.max_perplexity_increase, 0.0, 10.0),
+                  ("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)]
         for name, value, low, high in checks:
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise OptimizeError(f"quantization recipe: {name} = {value!r} is outside {low:g}..{high:g}",
                                     hint=f"pick a number between {low:g} and {high:g}")
+
+        if self.int4_block_size not in BLOCK_SIZES or isinstance(self.int4_block_size, bool):
+            raise OptimizeError(f"quantization recipe: int4_block_size = {self.int4_block_size!r} is not one of "
+                                f"{', '.join(map(str, BLOCK_SIZES))}", hint="use 32 (the builder's default)")
+        if self.int4_algo not in INT4_ALGOS:
+            raise OptimizeError(f"quantization recipe: int4_algo = {self.int4_algo!r} is not one of "
+                                f"{', '.join(INT4_ALGOS)}", hint='use "rtn" or "k_quant"')
+        for name in ("qat", "quantize_lm_head", "residual_quantizers", "int4_symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptimizeError(f"quantization recipe: {name} = {getattr(self, name)!r} is not true or false",
+                                    hint=f"write {name} = true or {name} = false")
 
     def qat_steps(self, original_steps: int) -> int:
         return max(self.min_qat_steps, round(original_steps * self.qat_step_fraction))

@@ -6,7 +6,10 @@ the PyTorch model on ONNX Runtime over held-out inputs) and judges the measured 
 
 - the optimize stage's own validation must pass (its per-variant tolerances, accuracy, finite logits,
   greedy decoding for fp32 LMs);
-- the task's `engine_max_rel_diff` / `engine_min_top1`, when set, must hold too (they can only tighten).
+- the task's `engine_max_rel_diff` / `engine_min_top1`, when set, must hold too (they can only tighten);
+- the quality gate on what will serve (appliance.optimize.quality_gate, docs/adr/0016): the quantized model's
+  perplexity (LMs) or accuracy and ROC AUC (classifiers) against the float candidate's, within the recipe's
+  tolerance; its failure is one of the optimize validation's failures, so it rejects the candidate with the numbers.
 
 When the gate passes, the exports are stored in the candidate run's vault object (as `airlock optimize`
 stores them) and, where this job runs on a GPU that has TensorRT, the engine is built from the
@@ -53,7 +56,7 @@ def judge(validation: dict[str, Any], task: Any) -> dict[str, Any]:
         failures.append(f"top-1 agreement {top1:.3f} < {task.engine_min_top1:g} (task policy)")
     return {"status": FAIL if failures else PASS, "variant": variant, "runtime": RUNTIME, "measured": measured,
             "thresholds": limits, "failures": failures, "onnx_sha256": validation.get("sha256"),
-            "onnx_bytes": validation.get("bytes")}
+            "onnx_bytes": validation.get("bytes"), "quality": validation.get("quality")}
 
 
 def not_measured(task: Any, why: str) -> dict[str, Any]:

@@ -157,6 +157,9 @@ class RunnerLMBackend:
 
         from appliance.optimize.runners import causal_lm_step, empty_past, kv_dtype_of
 
+        if hasattr(self.runner, "generate"):  # a runtime that decodes itself: onnxruntime-genai (genai_backend.py)
+            yield from self.runner.generate(prompt_ids, sampling, should_stop)
+            return
         generator = make_generator(sampling.seed)
         past = empty_past(self.layout, 1, kv_dtype_of(self.runner))
         ids, length = np.asarray([prompt_ids], dtype=np.int64), 0

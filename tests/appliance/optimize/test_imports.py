@@ -7,9 +7,10 @@ import json
 import subprocess
 import sys
 
-LIGHT = ["engine_sidecar", "errors", "onnx_export", "qdq_rules", "quantize", "recipe", "runners", "runtime_select",
+LIGHT = ["engine_sidecar", "errors", "genai_export", "genai_jobs", "genai_validate", "jobs", "onnx_export", "qdq_rules",
+         "quality_gate", "quantize", "recipe", "runners", "runtime_select",
          "tensorrt_api", "tensorrt_engine", "triton", "validate"]
-HEAVY = {"torch", "transformers", "peft", "onnx", "onnxruntime", "tensorrt", "numpy"}
+HEAVY = {"torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir", "tensorrt", "numpy"}
 
 
 def test_optimize_modules_import_without_the_ml_stack():

@@ -154,3 +154,22 @@ def test_engine_parity_judged_on_measured_numbers_and_task_thresholds():
               "parity": {**validation["parity"], "top1_agreement": 0.9}}
     assert engine_gate.judge(broken, loose)["failures"] == ["optimize validation: top-1 agreement 0.900 < 0.95"]
     assert engine_gate.judge(broken, loose)["thresholds"]["min_top1_agreement"] == 0.95  # policy only tightens
+
+
+def test_a_retrain_whose_served_variant_regresses_is_rejected_with_the_numbers():
+    """Gate 3 judges what production would serve: the quantized variant's quality against the float candidate."""
+    from types import SimpleNamespace
+
+    from appliance.optimize.quality_gate import perplexity_gate
+    from appliance.registry import engine_gate
+
+    quality = perplexity_gate(2.0, 2.3, max_increase=0.05)  # as the optimize job records it on the int8 variant
+    validation = {"variant": "int8", "ok": False, "failures": [quality["failure"]], "quality": quality,
+                  "sha256": "ab", "bytes": 10,
+                  "parity": {"prompts": 4, "max_abs_diff": 0.01, "max_rel_diff": 0.004, "top1_agreement": 1.0}}
+    task = SimpleNamespace(engine_max_rel_diff=None, engine_min_top1=None, deploys_engines=True)
+    gate = engine_gate.judge(validation, task)
+    assert gate["status"] == "fail" and gate["quality"]["variant"] == 2.3  # parity alone would have passed
+    assert engine_gate.reasons_of(gate) == [
+        "engine parity: int8 export on ONNX Runtime (CPU): optimize validation: quality: perplexity 2.3 vs float 2 "
+        "(+15.0%; the task allows +5.0%)"]
