@@ -314,9 +314,13 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     if device == "cuda":
         device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda:0"
     from appliance.train.memory_plan import check_plan
+    from appliance.train.packed_attention import use_packed_attention
 
     plan = check_plan(base, recipe, device=device, world=world)  # refuses before any weight is loaded
     model, tokenizer = build_lora_model(base, recipe)
+    # Packed rows attend per example without a rows x rows mask (train/packed_attention.py); the
+    # models that export and serve keep transformers' SDPA (build_lora_model's default).
+    model.get_base_model().set_attn_implementation(use_packed_attention())
     if init_adapter is not None:
         loaded = set_peft_model_state_dict(model, init_adapter)
         if getattr(loaded, "unexpected_keys", None):
