@@ -23,7 +23,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from appliance.base_models import BaseModel
@@ -206,7 +206,7 @@ def build_lora_model(base: BaseModel, recipe: LoraRecipe) -> tuple[Any, Any]:
     if precision.nf4:
         from peft import prepare_model_for_kbit_training
 
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=recipe.gradient_checkpointing,
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=recipe.gradient_checkpointing is True,
                                              gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = select_targets(lm, recipe)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
@@ -216,7 +216,7 @@ def build_lora_model(base: BaseModel, recipe: LoraRecipe) -> tuple[Any, Any]:
     for parameter in model.parameters():  # LoRA weights (and so AdamW's state) in fp32, whatever the base
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-    if recipe.gradient_checkpointing:
+    if recipe.gradient_checkpointing is True:  # "auto" is decided by train_lora from the memory plan
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer
@@ -317,6 +317,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     from appliance.train.packed_attention import use_packed_attention
 
     plan = check_plan(base, recipe, device=device, world=world)  # refuses before any weight is loaded
+    recipe = replace(recipe, gradient_checkpointing=plan.checkpointing if plan is not None
+                     else recipe.gradient_checkpointing is True)  # auto: the plan decided (off where not modelled)
     model, tokenizer = build_lora_model(base, recipe)
     # Packed rows attend per example without a rows x rows mask (train/packed_attention.py); the
     # models that export and serve keep transformers' SDPA (build_lora_model's default).

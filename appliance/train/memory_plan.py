@@ -13,7 +13,8 @@ would fit. The terms, per process:
   the tensors a Qwen2/Llama decoder layer keeps (norm inputs upcast to fp32, projections' inputs,
   q/k/v before and after RoPE, the attention output, gate/up/SiLU of the MLP, LoRA's dropout
   copies); with gradient checkpointing each layer keeps only its input, plus one layer's full
-  set while it is recomputed;
+  set while it is recomputed. `gradient_checkpointing = "auto"` (the default) turns it on exactly
+  when the activations without it outweigh all the other terms together;
 - logits: tokens x vocabulary x (compute dtype + 4 bytes of the fp32 upcast in the loss + 4 of its
   gradient), the largest single term for 152k-vocabulary models at long lengths;
 - overhead: the runtime (CUDA context, or Python and libraries on CPU), 1 GiB.
@@ -112,6 +113,8 @@ class MemoryPlan:
     available: int
     tokens: int
     """Tokens in one micro-batch (batch_size x max_length)."""
+    checkpointing: bool = False
+    """Whether the run recomputes activations (the recipe's choice, or `auto`'s decision here)."""
     suggestion: str = ""
 
     @property
@@ -132,8 +135,10 @@ class MemoryPlan:
         rows = [("weights", self.weights), ("adapter (fp32 weights + gradients)", self.adapter),
                 ("optimizer (AdamW, fp32)", self.optimizer),
                 (f"activations ({self.tokens} tokens per micro-batch)", self.activations),
-                ("  without gradient checkpointing", self.activations_without_checkpointing),
-                ("  with gradient checkpointing", self.activations_with_checkpointing),
+                ("  without gradient checkpointing" + ("" if self.checkpointing else " (this run)"),
+                 self.activations_without_checkpointing),
+                ("  with gradient checkpointing" + (" (this run)" if self.checkpointing else ""),
+                 self.activations_with_checkpointing),
                 ("logits and their gradient", self.logits), ("runtime", self.overhead),
                 ("total", self.total), (f"free on {self.device}", self.available)]
         out = [f"{name:<40} {_gib(value):>10}" for name, value in rows]
@@ -144,7 +149,7 @@ class MemoryPlan:
         return {"device": self.device, "weights": self.weights, "adapter": self.adapter, "optimizer": self.optimizer,
                 "activations": self.activations, "logits": self.logits, "overhead": self.overhead,
                 "total": self.total, "available": self.available, "fits": self.fits, "tokens": self.tokens,
-                "suggestion": self.suggestion}
+                "gradient_checkpointing": self.checkpointing, "suggestion": self.suggestion}
 
 
 def _gib(n: int | float) -> str:
@@ -206,12 +211,15 @@ def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) ->
     without = tokens * per_token_layer * shape.layers
     with_checkpointing = tokens * (shape.hidden * e * shape.layers + per_token_layer)
     lora = _lora_params(shape, recipe)
-    return MemoryPlan(device=device, weights=_weight_bytes(shape, recipe, on_cuda), adapter=lora * 8,
-                      optimizer=lora * 8,
-                      activations=with_checkpointing if recipe.gradient_checkpointing else without,
+    weights, logits = _weight_bytes(shape, recipe, on_cuda), tokens * shape.vocab * (e + 8)
+    checkpointing = recipe.gradient_checkpointing
+    if checkpointing == "auto":  # on where activations dominate: the recomputation (~1/3 more compute) pays
+        checkpointing = without > weights + 16 * lora + logits + OVERHEAD_BYTES
+    return MemoryPlan(device=device, weights=weights, adapter=lora * 8, optimizer=lora * 8,
+                      activations=with_checkpointing if checkpointing else without,
                       activations_without_checkpointing=without, activations_with_checkpointing=with_checkpointing,
-                      logits=tokens * shape.vocab * (e + 8), overhead=OVERHEAD_BYTES, available=available,
-                      tokens=tokens)
+                      logits=logits, overhead=OVERHEAD_BYTES, available=available, tokens=tokens,
+                      checkpointing=bool(checkpointing))
 
 
 def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) -> str:
@@ -219,7 +227,7 @@ def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: i
     candidates: list[tuple[str, dict[str, Any]]] = []
     if recipe.precision == "fp32" or (recipe.precision == "auto" and not device.startswith("cuda")):
         candidates.append(('precision = "bf16"', {"precision": "bf16"}))
-    if not recipe.gradient_checkpointing:
+    if recipe.gradient_checkpointing is not True and not _plan(shape, recipe, device, available).checkpointing:
         candidates.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
     if device.startswith("cuda") and recipe.quantization != "nf4":
         candidates.append(('quantization = "nf4" (QLoRA)', {"quantization": "nf4", "precision": "auto"}))
