@@ -71,7 +71,7 @@ def example_bounds(position_ids: Any) -> list[list[tuple[int, int]]]:
     out = []
     for row in range(rows):
         begin = starts[row].nonzero().flatten().tolist()
-        out.append(list(zip(begin, begin[1:] + [length], strict=True)))
+        out.append(list(zip(begin, [*begin[1:], length], strict=True)))
     return out
 
 
