@@ -78,11 +78,15 @@ def _start_options(func):
 @click.option("--gradient-checkpointing", "checkpointing", type=click.Choice(["auto", "on", "off"]), default=None,
               help="Override the recipe's gradient_checkpointing (auto: on where the memory plan's activations "
                    "outweigh the rest). Recorded in the run's recipe.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="Override the recipe's strategy for --nproc N: ddp (a full model per process) or fsdp "
+                   "(parameters sharded over the processes, for a base that does not fit one GPU).")
 def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
              nproc: int | None, wait: bool, task: str | None, as_json: bool, plan_only: bool,
-             checkpointing: str | None) -> int:
+             checkpointing: str | None, strategy: str | None) -> int:
     """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
-    overrides = {"gradient_checkpointing": checkpointing} if checkpointing else {}
+    overrides: dict[str, Any] = {"gradient_checkpointing": checkpointing, "strategy": strategy}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if plan_only:
         return _print_plan(base, recipe_path, device, nproc, as_json, overrides)
     return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc, overrides)
@@ -108,7 +112,8 @@ def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: 
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     world = nproc or (len(device.split(",")) if device.startswith("cuda:") else 1)
     device = device.split(",")[0]  # every rank holds the same: plan the first
-    plan = plan_for(model, recipe, device=device, world=world)
+    plan = plan_for(model, recipe, device=device, world=world,
+                    shards=world if recipe.strategy == "fsdp" and world > 1 else 1)
     if plan is None:
         click.echo(f"no memory plan for {model.architecture} (the planner models dense Qwen2/Llama decoders)")
         return 0
@@ -118,7 +123,8 @@ def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: 
         click.echo(f"memory plan: {model.name}, {recipe.batch_size} x {recipe.max_length} tokens per micro-batch, "
                    f"precision {recipe.precision}, quantization {recipe.quantization}, gradient checkpointing "
                    f"{'on' if plan.checkpointing else 'off'}"
-                   f"{' (auto)' if recipe.gradient_checkpointing == 'auto' else ''}, per process ({world})")
+                   f"{' (auto)' if recipe.gradient_checkpointing == 'auto' else ''}, per process ({world}"
+                   f"{', fsdp' if recipe.strategy == 'fsdp' and world > 1 else ''})")
         for line in plan.lines():
             click.echo(f"  {line}")
     return 0 if plan.fits else 2

@@ -195,15 +195,19 @@ def _lora_targets_in(shape: ModelShape, recipe: LoraRecipe) -> int:
     return sum(a for name, (a, _) in shape.linear_shapes().items() if name in names)  # a dropped copy of each input
 
 
-def plan_memory(shape: ModelShape, recipe: LoraRecipe, *, device: str, available: int) -> MemoryPlan:
-    """The plan for `recipe` on `shape`, with the first change that would fit when it does not."""
-    plan = _plan(shape, recipe, device, available)
+def plan_memory(shape: ModelShape, recipe: LoraRecipe, *, device: str, available: int, shards: int = 1) -> MemoryPlan:
+    """The plan for `recipe` on `shape`, with the first change that would fit when it does not.
+
+    `shards` > 1: FSDP over that many processes; each holds 1/shards of the weights, adapter and
+    optimizer state, plus one decoder layer's weights gathered at a time.
+    """
+    plan = _plan(shape, recipe, device, available, shards)
     if plan.fits:
         return plan
-    return replace(plan, suggestion=_suggestion(shape, recipe, device, available))
+    return replace(plan, suggestion=_suggestion(shape, recipe, device, available, shards))
 
 
-def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) -> MemoryPlan:
+def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int, shards: int = 1) -> MemoryPlan:
     on_cuda = device.startswith("cuda")
     e = _element_bytes(recipe, on_cuda)
     tokens = recipe.batch_size * recipe.max_length
@@ -212,6 +216,9 @@ def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) ->
     with_checkpointing = tokens * (shape.hidden * e * shape.layers + per_token_layer)
     lora = _lora_params(shape, recipe)
     weights, logits = _weight_bytes(shape, recipe, on_cuda), tokens * shape.vocab * (e + 8)
+    if shards > 1:
+        weights = weights // shards + weights // shape.layers  # this rank's shard + one gathered layer
+        lora = -(-lora // shards)
     checkpointing = recipe.gradient_checkpointing
     if checkpointing == "auto":  # on where activations dominate: the recomputation (~1/3 more compute) pays
         checkpointing = without > weights + 16 * lora + logits + OVERHEAD_BYTES
@@ -222,12 +229,12 @@ def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) ->
                       checkpointing=bool(checkpointing))
 
 
-def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) -> str:
+def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: int, shards: int = 1) -> str:
     """The first single change (then combination) that fits, named as recipe lines with the new total."""
     candidates: list[tuple[str, dict[str, Any]]] = []
     if recipe.precision == "fp32" or (recipe.precision == "auto" and not device.startswith("cuda")):
         candidates.append(('precision = "bf16"', {"precision": "bf16"}))
-    if recipe.gradient_checkpointing is not True and not _plan(shape, recipe, device, available).checkpointing:
+    if recipe.gradient_checkpointing is not True and not _plan(shape, recipe, device, available, shards).checkpointing:
         candidates.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
     if device.startswith("cuda") and recipe.quantization != "nf4":
         candidates.append(('quantization = "nf4" (QLoRA)', {"quantization": "nf4", "precision": "auto"}))
@@ -237,19 +244,21 @@ def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: i
     for changes in [[c] for c in candidates] + [candidates[:n] for n in range(2, len(candidates) + 1)]:
         values = {k: v for _, c in changes for k, v in c.items()}
         tried = values
-        plan = _plan(shape, replace(recipe, **values), device, available)
+        plan = _plan(shape, replace(recipe, **values), device, available, shards)
         if plan.fits:
             return f"would fit with {' and '.join(name for name, _ in changes)} ({_gib(plan.total)})"
     shorter = replace(recipe, **tried)
     length = shorter.max_length
     while length > 256:
         length //= 2
-        plan = _plan(shape, replace(shorter, max_length=length), device, available)
+        plan = _plan(shape, replace(shorter, max_length=length), device, available, shards)
         if plan.fits:
             named = [name for name, _ in candidates] + [f"max_length = {length}"]
             return f"would fit with {' and '.join(named)} ({_gib(plan.total)})"
-    return ("no recipe change fits: use a GPU with more memory, or a smaller model "
-            "(DDP keeps a full copy of the model on every GPU)")
+    if shards == 1 and device.startswith("cuda"):
+        return ('no recipe change fits one GPU: shard the model over several with strategy = "fsdp" and '
+                "--device cuda:0,1,... (DDP keeps a full copy of the model on every GPU)")
+    return "no recipe change fits: use a GPU with more memory, more GPUs, or a smaller model"
 
 
 def available_bytes(device: str, world: int = 1) -> int:
@@ -273,19 +282,19 @@ def shape_of(model_dir: Path) -> ModelShape | None:
 
 
 def plan_for(base: Any, recipe: LoraRecipe, *, device: str, world: int = 1,
-             available: int | None = None) -> MemoryPlan | None:
+             available: int | None = None, shards: int = 1) -> MemoryPlan | None:
     """The plan of `recipe` on base model `base` (config.json only) on `device`; None when not modelled."""
     shape = shape_of(base.path)
     if shape is None:
         return None
     free = available if available is not None else available_bytes(device, world)
-    return plan_memory(shape, recipe, device=device, available=free)
+    return plan_memory(shape, recipe, device=device, available=free, shards=shards)
 
 
 def check_plan(base: Any, recipe: LoraRecipe, *, device: str, world: int = 1,
-               available: int | None = None) -> MemoryPlan | None:
+               available: int | None = None, shards: int = 1) -> MemoryPlan | None:
     """Refuse, before any weight loads, a run whose plan does not fit; the plan otherwise (None: not modelled)."""
-    plan = plan_for(base, recipe, device=device, world=world, available=available)
+    plan = plan_for(base, recipe, device=device, world=world, available=available, shards=shards)
     if plan is None:
         return None
     if not plan.fits:
