@@ -29,11 +29,8 @@ from typing import Any
 from appliance.errors import AirlockError
 
 
-def check_supported(recipe: Any, world: int) -> None:
+def check_supported(recipe: Any) -> None:
     """Refuse, before anything loads, what this FSDP path does not do."""
-    if world < 2:
-        raise AirlockError('strategy = "fsdp" shards the model over several processes, and this run has one',
-                           hint="add --nproc N (or --device cuda:0,1,...), or use strategy = \"ddp\"")
     if recipe.quantization == "nf4":
         raise AirlockError("QLoRA (nf4) with FSDP is not supported: bitsandbytes' 4-bit weights do not shard",
                            hint='use strategy = "ddp" with quantization = "nf4", or FSDP with a bf16 base')

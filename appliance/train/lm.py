@@ -315,7 +315,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     if fsdp:
         from appliance.train import fsdp as sharding
 
-        sharding.check_supported(recipe, world)
+        sharding.check_supported(recipe)
     precision = precision_of(recipe)
     device, autocast_dtype = precision.device, precision.autocast
     if device == "cuda":

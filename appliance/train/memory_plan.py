@@ -236,7 +236,7 @@ def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: i
         candidates.append(('precision = "bf16"', {"precision": "bf16"}))
     if recipe.gradient_checkpointing is not True and not _plan(shape, recipe, device, available, shards).checkpointing:
         candidates.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
-    if device.startswith("cuda") and recipe.quantization != "nf4":
+    if device.startswith("cuda") and recipe.quantization != "nf4" and shards == 1:  # FSDP cannot shard 4-bit
         candidates.append(('quantization = "nf4" (QLoRA)', {"quantization": "nf4", "precision": "auto"}))
     if recipe.batch_size > 1:
         candidates.append(("batch_size = 1", {"batch_size": 1}))

@@ -94,6 +94,28 @@ def test_auto_checkpointing_follows_the_plan_and_can_be_forced():
         LoraRecipe(gradient_checkpointing="sometimes")
 
 
+def test_fsdp_shards_the_plan_and_refuses_what_it_cannot_shard():
+    from appliance.errors import AirlockError
+    from appliance.train.fsdp import check_supported
+
+    # 7B, bf16, 4096 tokens on 16 GB GPUs: one GPU cannot hold it (23.8 GiB), four FSDP shards can (13.2).
+    one = plan_memory(R1_DISTILL_QWEN_7B, LoraRecipe(), device="cuda:0", available=16 * GIB)
+    four = plan_memory(R1_DISTILL_QWEN_7B, LoraRecipe(), device="cuda:0", available=16 * GIB, shards=4)
+    assert not one.fits and four.fits and four.total / GIB == pytest.approx(13.2, abs=0.1)
+    assert four.weights == one.weights // 4 + one.weights // 28  # this rank's quarter + one gathered layer
+    assert four.adapter == four.optimizer == -(-one.adapter // 8 // 4) * 8  # LoRA parameters sharded too
+    assert "nf4" not in plan_memory(R1_DISTILL_QWEN_7B, LoraRecipe(), device="cuda:0", available=16 * GIB,
+                                    shards=2).suggestion  # QLoRA does not shard: never suggested with FSDP
+    too_small = plan_memory(R1_DISTILL_QWEN_7B, LoraRecipe(quantization="nf4"), device="cuda:0", available=8 * GIB)
+    assert 'strategy = "fsdp"' in too_small.suggestion
+    refusals = (({"quantization": "nf4"}, r"QLoRA \(nf4\) with FSDP"), ({"ewc_lambda": 1.0}, "EWC with FSDP"))
+    for fields, words in refusals:
+        with pytest.raises(AirlockError, match=words):
+            check_supported(LoraRecipe(strategy="fsdp", **fields))
+    with pytest.raises(RecipeError, match="strategy 'zero3' is not one of ddp, fsdp"):
+        LoraRecipe(strategy="zero3")
+
+
 def test_the_tiny_model_fits_on_this_machine_and_moe_is_not_modelled():
     tiny = check_plan(resolve_base_model("tiny-deepseek-r1"), LoraRecipe(), device="cpu")
     assert tiny is not None and tiny.fits and tiny.available > 0
