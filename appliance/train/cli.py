@@ -75,15 +75,25 @@ def _start_options(func):
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the memory plan (weights, adapter, optimizer, activations, logits vs free memory) and "
                    "exit: 0 if it fits, 2 if not. Reads only the base model's config.json.")
+@click.option("--gradient-checkpointing", "checkpointing", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Override the recipe's gradient_checkpointing (auto: on where the memory plan's activations "
+                   "outweigh the rest). Recorded in the run's recipe.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="Override the recipe's strategy for --nproc N: ddp (a full model per process) or fsdp "
+                   "(parameters sharded over the processes, for a base that does not fit one GPU).")
 def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
-             nproc: int | None, wait: bool, task: str | None, as_json: bool, plan_only: bool) -> int:
+             nproc: int | None, wait: bool, task: str | None, as_json: bool, plan_only: bool,
+             checkpointing: str | None, strategy: str | None) -> int:
     """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
+    overrides: dict[str, Any] = {"gradient_checkpointing": checkpointing, "strategy": strategy}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if plan_only:
-        return _print_plan(base, recipe_path, device, nproc, as_json)
-    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc)
+        return _print_plan(base, recipe_path, device, nproc, as_json, overrides)
+    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc, overrides)
 
 
-def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: int | None, as_json: bool) -> int:
+def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: int | None, as_json: bool,
+                overrides: dict[str, Any] | None = None) -> int:
     from appliance.base_models import resolve_base_model
     from appliance.train import runs
     from appliance.train.memory_plan import plan_for
@@ -95,14 +105,15 @@ def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: 
     if not _valid_device(device):
         raise runs.RunError(f"--device {device!r} is not auto, cpu or cuda:N", hint="e.g. --device cuda:0")
     model = resolve_base_model(base)
-    recipe = load_recipe(recipe_path)
+    recipe = _with_overrides(load_recipe(recipe_path), overrides)
     if device == "auto":
         import torch
 
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     world = nproc or (len(device.split(",")) if device.startswith("cuda:") else 1)
     device = device.split(",")[0]  # every rank holds the same: plan the first
-    plan = plan_for(model, recipe, device=device, world=world)
+    plan = plan_for(model, recipe, device=device, world=world,
+                    shards=world if recipe.strategy == "fsdp" and world > 1 else 1)
     if plan is None:
         click.echo(f"no memory plan for {model.architecture} (the planner models dense Qwen2/Llama decoders)")
         return 0
@@ -110,7 +121,10 @@ def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: 
         echo_json({"base": model.name, "world": world, **plan.to_dict()})
     else:
         click.echo(f"memory plan: {model.name}, {recipe.batch_size} x {recipe.max_length} tokens per micro-batch, "
-                   f"precision {recipe.precision}, quantization {recipe.quantization}, per process ({world})")
+                   f"precision {recipe.precision}, quantization {recipe.quantization}, gradient checkpointing "
+                   f"{'on' if plan.checkpointing else 'off'}"
+                   f"{' (auto)' if recipe.gradient_checkpointing == 'auto' else ''}, per process ({world}"
+                   f"{', fsdp' if recipe.strategy == 'fsdp' and world > 1 else ''})")
         for line in plan.lines():
             click.echo(f"  {line}")
     return 0 if plan.fits else 2
@@ -129,8 +143,16 @@ def _valid_device(device: str) -> bool:
     return device in ("auto", "cpu") or (bool(indices) and all(i.isdigit() for i in indices))
 
 
+def _with_overrides(recipe: Any, overrides: dict[str, Any] | None) -> Any:
+    """The recipe with command-line overrides, validated like recipe lines."""
+    from dataclasses import replace
+
+    return replace(recipe, **overrides) if overrides else recipe
+
+
 def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
-           device: str, wait: bool, as_json: bool, task: str | None = None, nproc: int | None = None) -> int:
+           device: str, wait: bool, as_json: bool, task: str | None = None, nproc: int | None = None,
+           overrides: dict[str, Any] | None = None) -> int:
     from appliance.access import require
     from appliance.jobs.records import get_job
     from appliance.paths import airlock_home
@@ -148,7 +170,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
     keys_for(db, airlock_home())  # fail now with "vault is locked", not inside the job
     require(db, airlock_home(), "train.start")  # operators and admins train; auditors never decrypt data
     if resume_run:
-        if base or dataset or recipe_path or task:
+        if base or dataset or recipe_path or task or overrides:
             raise runs.RunError("--resume continues a run with its own base model, data, recipe and task",
                                 hint="leave out --base, --data, --recipe and --task, or start a new run without "
                                      "--resume")
@@ -162,7 +184,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         from appliance.train.jobs import recipe_class, start_training
         from appliance.train.recipe import load_recipe
 
-        recipe = load_recipe(recipe_path, recipe_class(kind))
+        recipe = _with_overrides(load_recipe(recipe_path, recipe_class(kind)), overrides)
         run, _ = start_training(db, kind, base, dataset, recipe, device=device, task=task, nproc=nproc)
         verb = "started"
     if not as_json:

@@ -23,7 +23,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from appliance.base_models import BaseModel
@@ -206,7 +206,7 @@ def build_lora_model(base: BaseModel, recipe: LoraRecipe) -> tuple[Any, Any]:
     if precision.nf4:
         from peft import prepare_model_for_kbit_training
 
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=recipe.gradient_checkpointing,
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=recipe.gradient_checkpointing is True,
                                              gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = select_targets(lm, recipe)
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
@@ -216,7 +216,7 @@ def build_lora_model(base: BaseModel, recipe: LoraRecipe) -> tuple[Any, Any]:
     for parameter in model.parameters():  # LoRA weights (and so AdamW's state) in fp32, whatever the base
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-    if recipe.gradient_checkpointing:
+    if recipe.gradient_checkpointing is True:  # "auto" is decided by train_lora from the memory plan
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer
@@ -279,8 +279,10 @@ def clip_or_measure(parameters: Sequence[Any], max_norm: float) -> Any:
     import torch
 
     if max_norm:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor over the shards
 
 
 def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_records: Sequence[dict[str, Any]],
@@ -309,20 +311,32 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     rank, world = _distributed()
+    fsdp = recipe.strategy == "fsdp" and world > 1
+    if fsdp:
+        from appliance.train import fsdp as sharding
+
+        sharding.check_supported(recipe)
     precision = precision_of(recipe)
     device, autocast_dtype = precision.device, precision.autocast
     if device == "cuda":
         device = f"cuda:{rank % torch.cuda.device_count()}" if world > 1 else "cuda:0"
     from appliance.train.memory_plan import check_plan
+    from appliance.train.packed_attention import use_packed_attention
 
-    plan = check_plan(base, recipe, device=device, world=world)  # refuses before any weight is loaded
+    plan = check_plan(base, recipe, device=device, world=world,  # refuses before any weight is loaded
+                      shards=world if fsdp else 1)
+    recipe = replace(recipe, gradient_checkpointing=plan.checkpointing if plan is not None
+                     else recipe.gradient_checkpointing is True)  # auto: the plan decided (off where not modelled)
     model, tokenizer = build_lora_model(base, recipe)
+    # Packed rows attend per example without a rows x rows mask (train/packed_attention.py); the
+    # models that export and serve keep transformers' SDPA (build_lora_model's default).
+    model.get_base_model().set_attn_implementation(use_packed_attention())
     if init_adapter is not None:
         loaded = set_peft_model_state_dict(model, init_adapter)
         if getattr(loaded, "unexpected_keys", None):
             raise AirlockError("the adapter to continue from does not fit this recipe's LoRA structure",
                                hint="keep rank, alpha and target_modules of the parent run, or train fresh")
-    if not precision.nf4:  # bitsandbytes placed the 4-bit weights already
+    if not precision.nf4 and not fsdp:  # bitsandbytes placed the 4-bit weights already; FSDP moves shards
         model.to(device)
     model.train()
     ewc = None
@@ -337,8 +351,28 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         ewc = estimate_ewc(model, recipe.ewc_lambda, ewc_batches,
                            lambda b: lm_batch_loss(model, b, device, autocast_dtype))
     forward = model
-    if world > 1:
+    if fsdp:
+        sharding.shard(model, device)
+    elif world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
+
+    def adapter_now() -> dict[str, Any]:
+        """The whole adapter, on the CPU (under FSDP gathered from the shards: every rank calls this)."""
+        if fsdp:
+            return sharding.adapter_state(model)
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+    def load_adapter(adapter: dict[str, Any]) -> None:
+        if fsdp:
+            sharding.load_adapter(model, adapter)
+        else:
+            set_peft_model_state_dict(model, adapter)
+
+    def no_sync(last: bool) -> Any:
+        """Gradients are reduced once per step, on the rank's last micro-batch, not on each."""
+        if world == 1 or last:
+            return contextlib.nullcontext()
+        return sharding.gradient_sync(model, False) if fsdp else forward.no_sync()
     train_examples = encode(tokenizer, train_records, recipe.max_length, "train")
     val_batches = make_batches(encode(tokenizer, val_records, recipe.max_length, "val"), recipe,
                                tokenizer.pad_token_id, order_seed=None)
@@ -361,8 +395,11 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     saved = checkpoints.read_bytes(CHECKPOINT) if checkpoints else None
     if saved is not None:
         blob = torch.load(io.BytesIO(saved), weights_only=True)  # no pickle code, even from our own store
-        set_peft_model_state_dict(model, blob["adapter"])
-        optimizer.load_state_dict(blob["optimizer"])
+        load_adapter(blob["adapter"])
+        if fsdp:
+            sharding.load_optimizer_state(model, optimizer, blob["optimizer"])
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         if blob.get("scaler"):
             scaler.load_state_dict(blob["scaler"])
@@ -377,10 +414,16 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         result.curves.add(0, {"val/loss": state["initial_val"]})
 
     def save_checkpoint() -> None:
-        if checkpoints is None or rank != 0:
+        if checkpoints is None:
+            return
+        if fsdp:  # gathering the shards takes every rank
+            adapter, optimizer_state = adapter_now(), sharding.optimizer_state(model, optimizer)
+        elif rank == 0:
+            adapter, optimizer_state = get_peft_model_state_dict(model), optimizer.state_dict()
+        if rank != 0:
             return
         buffer = io.BytesIO()
-        torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+        torch.save({"adapter": adapter, "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **rng_states(),
                     "best_adapter": best_adapter, "state": state,
                     "train_losses": result.train_losses, "val_losses": result.val_losses,
@@ -407,9 +450,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             for index, batch in enumerate(mine):
                 inputs = {k: v.to(device) for k, v in batch.tensors().items()}
-                # Gradients are all-reduced once per step, on the rank's last micro-batch, not on each.
-                last = index == len(mine) - 1
-                with contextlib.nullcontext() if world == 1 or last else forward.no_sync():
+                with no_sync(last=index == len(mine) - 1):
                     # Token-weighted over the whole step (all ranks), not a mean of micro-batch means;
                     # DDP averages gradients over ranks, hence the x world.
                     loss = forward(**inputs, use_cache=False).loss * (batch.label_tokens / step_tokens * world)
@@ -441,8 +482,7 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
             if state["best_val"] is None or val_loss < state["best_val"]:
                 state["best_val"], state["bad_evals"] = val_loss, 0
                 if recipe.early_stopping_patience:
-                    best_adapter = {k: v.detach().to("cpu", copy=True)
-                                    for k, v in get_peft_model_state_dict(model).items()}
+                    best_adapter = adapter_now()
             else:
                 state["bad_evals"] += 1
             save_checkpoint()
@@ -462,8 +502,8 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
 
     finished = state["step"] >= total_steps or result.stopped_early  # not paused by a stop request
     if finished and best_adapter is not None:
-        set_peft_model_state_dict(model, best_adapter)  # the weights whose validation loss is reported
-    if test_records and finished and rank == 0:
+        load_adapter(best_adapter)  # the weights whose validation loss is reported
+    if test_records and finished and (rank == 0 or fsdp):  # a sharded model generates on every rank together
         from appliance.train.evaluate import evaluate_lm
 
         test_examples = encode(tokenizer, test_records, recipe.max_length, "test")
@@ -476,5 +516,5 @@ def train_lora(base: BaseModel, train_records: Sequence[dict[str, Any]], val_rec
     result.initial_val_loss = state.get("initial_val")
     result.real_tokens = tokens_seen
     result.ewc = ewc.summary() if ewc is not None else None
-    result.adapter_state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    result.adapter_state = adapter_now()
     return result

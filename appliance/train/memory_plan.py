@@ -13,7 +13,8 @@ would fit. The terms, per process:
   the tensors a Qwen2/Llama decoder layer keeps (norm inputs upcast to fp32, projections' inputs,
   q/k/v before and after RoPE, the attention output, gate/up/SiLU of the MLP, LoRA's dropout
   copies); with gradient checkpointing each layer keeps only its input, plus one layer's full
-  set while it is recomputed;
+  set while it is recomputed. `gradient_checkpointing = "auto"` (the default) turns it on exactly
+  when the activations without it outweigh all the other terms together;
 - logits: tokens x vocabulary x (compute dtype + 4 bytes of the fp32 upcast in the loss + 4 of its
   gradient), the largest single term for 152k-vocabulary models at long lengths;
 - overhead: the runtime (CUDA context, or Python and libraries on CPU), 1 GiB.
@@ -112,6 +113,8 @@ class MemoryPlan:
     available: int
     tokens: int
     """Tokens in one micro-batch (batch_size x max_length)."""
+    checkpointing: bool = False
+    """Whether the run recomputes activations (the recipe's choice, or `auto`'s decision here)."""
     suggestion: str = ""
 
     @property
@@ -132,8 +135,10 @@ class MemoryPlan:
         rows = [("weights", self.weights), ("adapter (fp32 weights + gradients)", self.adapter),
                 ("optimizer (AdamW, fp32)", self.optimizer),
                 (f"activations ({self.tokens} tokens per micro-batch)", self.activations),
-                ("  without gradient checkpointing", self.activations_without_checkpointing),
-                ("  with gradient checkpointing", self.activations_with_checkpointing),
+                ("  without gradient checkpointing" + ("" if self.checkpointing else " (this run)"),
+                 self.activations_without_checkpointing),
+                ("  with gradient checkpointing" + (" (this run)" if self.checkpointing else ""),
+                 self.activations_with_checkpointing),
                 ("logits and their gradient", self.logits), ("runtime", self.overhead),
                 ("total", self.total), (f"free on {self.device}", self.available)]
         out = [f"{name:<40} {_gib(value):>10}" for name, value in rows]
@@ -144,7 +149,7 @@ class MemoryPlan:
         return {"device": self.device, "weights": self.weights, "adapter": self.adapter, "optimizer": self.optimizer,
                 "activations": self.activations, "logits": self.logits, "overhead": self.overhead,
                 "total": self.total, "available": self.available, "fits": self.fits, "tokens": self.tokens,
-                "suggestion": self.suggestion}
+                "gradient_checkpointing": self.checkpointing, "suggestion": self.suggestion}
 
 
 def _gib(n: int | float) -> str:
@@ -190,15 +195,19 @@ def _lora_targets_in(shape: ModelShape, recipe: LoraRecipe) -> int:
     return sum(a for name, (a, _) in shape.linear_shapes().items() if name in names)  # a dropped copy of each input
 
 
-def plan_memory(shape: ModelShape, recipe: LoraRecipe, *, device: str, available: int) -> MemoryPlan:
-    """The plan for `recipe` on `shape`, with the first change that would fit when it does not."""
-    plan = _plan(shape, recipe, device, available)
+def plan_memory(shape: ModelShape, recipe: LoraRecipe, *, device: str, available: int, shards: int = 1) -> MemoryPlan:
+    """The plan for `recipe` on `shape`, with the first change that would fit when it does not.
+
+    `shards` > 1: FSDP over that many processes; each holds 1/shards of the weights, adapter and
+    optimizer state, plus one decoder layer's weights gathered at a time.
+    """
+    plan = _plan(shape, recipe, device, available, shards)
     if plan.fits:
         return plan
-    return replace(plan, suggestion=_suggestion(shape, recipe, device, available))
+    return replace(plan, suggestion=_suggestion(shape, recipe, device, available, shards))
 
 
-def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) -> MemoryPlan:
+def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int, shards: int = 1) -> MemoryPlan:
     on_cuda = device.startswith("cuda")
     e = _element_bytes(recipe, on_cuda)
     tokens = recipe.batch_size * recipe.max_length
@@ -206,22 +215,28 @@ def _plan(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) ->
     without = tokens * per_token_layer * shape.layers
     with_checkpointing = tokens * (shape.hidden * e * shape.layers + per_token_layer)
     lora = _lora_params(shape, recipe)
-    return MemoryPlan(device=device, weights=_weight_bytes(shape, recipe, on_cuda), adapter=lora * 8,
-                      optimizer=lora * 8,
-                      activations=with_checkpointing if recipe.gradient_checkpointing else without,
+    weights, logits = _weight_bytes(shape, recipe, on_cuda), tokens * shape.vocab * (e + 8)
+    if shards > 1:
+        weights = weights // shards + weights // shape.layers  # this rank's shard + one gathered layer
+        lora = -(-lora // shards)
+    checkpointing = recipe.gradient_checkpointing
+    if checkpointing == "auto":  # on where activations dominate: the recomputation (~1/3 more compute) pays
+        checkpointing = without > weights + 16 * lora + logits + OVERHEAD_BYTES
+    return MemoryPlan(device=device, weights=weights, adapter=lora * 8, optimizer=lora * 8,
+                      activations=with_checkpointing if checkpointing else without,
                       activations_without_checkpointing=without, activations_with_checkpointing=with_checkpointing,
-                      logits=tokens * shape.vocab * (e + 8), overhead=OVERHEAD_BYTES, available=available,
-                      tokens=tokens)
+                      logits=logits, overhead=OVERHEAD_BYTES, available=available, tokens=tokens,
+                      checkpointing=bool(checkpointing))
 
 
-def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: int) -> str:
+def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: int, shards: int = 1) -> str:
     """The first single change (then combination) that fits, named as recipe lines with the new total."""
     candidates: list[tuple[str, dict[str, Any]]] = []
     if recipe.precision == "fp32" or (recipe.precision == "auto" and not device.startswith("cuda")):
         candidates.append(('precision = "bf16"', {"precision": "bf16"}))
-    if not recipe.gradient_checkpointing:
+    if recipe.gradient_checkpointing is not True and not _plan(shape, recipe, device, available, shards).checkpointing:
         candidates.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
-    if device.startswith("cuda") and recipe.quantization != "nf4":
+    if device.startswith("cuda") and recipe.quantization != "nf4" and shards == 1:  # FSDP cannot shard 4-bit
         candidates.append(('quantization = "nf4" (QLoRA)', {"quantization": "nf4", "precision": "auto"}))
     if recipe.batch_size > 1:
         candidates.append(("batch_size = 1", {"batch_size": 1}))
@@ -229,19 +244,21 @@ def _suggestion(shape: ModelShape, recipe: LoraRecipe, device: str, available: i
     for changes in [[c] for c in candidates] + [candidates[:n] for n in range(2, len(candidates) + 1)]:
         values = {k: v for _, c in changes for k, v in c.items()}
         tried = values
-        plan = _plan(shape, replace(recipe, **values), device, available)
+        plan = _plan(shape, replace(recipe, **values), device, available, shards)
         if plan.fits:
             return f"would fit with {' and '.join(name for name, _ in changes)} ({_gib(plan.total)})"
     shorter = replace(recipe, **tried)
     length = shorter.max_length
     while length > 256:
         length //= 2
-        plan = _plan(shape, replace(shorter, max_length=length), device, available)
+        plan = _plan(shape, replace(shorter, max_length=length), device, available, shards)
         if plan.fits:
             named = [name for name, _ in candidates] + [f"max_length = {length}"]
             return f"would fit with {' and '.join(named)} ({_gib(plan.total)})"
-    return ("no recipe change fits: use a GPU with more memory, or a smaller model "
-            "(DDP keeps a full copy of the model on every GPU)")
+    if shards == 1 and device.startswith("cuda"):
+        return ('no recipe change fits one GPU: shard the model over several with strategy = "fsdp" and '
+                "--device cuda:0,1,... (DDP keeps a full copy of the model on every GPU)")
+    return "no recipe change fits: use a GPU with more memory, more GPUs, or a smaller model"
 
 
 def available_bytes(device: str, world: int = 1) -> int:
@@ -265,19 +282,19 @@ def shape_of(model_dir: Path) -> ModelShape | None:
 
 
 def plan_for(base: Any, recipe: LoraRecipe, *, device: str, world: int = 1,
-             available: int | None = None) -> MemoryPlan | None:
+             available: int | None = None, shards: int = 1) -> MemoryPlan | None:
     """The plan of `recipe` on base model `base` (config.json only) on `device`; None when not modelled."""
     shape = shape_of(base.path)
     if shape is None:
         return None
     free = available if available is not None else available_bytes(device, world)
-    return plan_memory(shape, recipe, device=device, available=free)
+    return plan_memory(shape, recipe, device=device, available=free, shards=shards)
 
 
 def check_plan(base: Any, recipe: LoraRecipe, *, device: str, world: int = 1,
-               available: int | None = None) -> MemoryPlan | None:
+               available: int | None = None, shards: int = 1) -> MemoryPlan | None:
     """Refuse, before any weight loads, a run whose plan does not fit; the plan otherwise (None: not modelled)."""
-    plan = plan_for(base, recipe, device=device, world=world, available=available)
+    plan = plan_for(base, recipe, device=device, world=world, available=available, shards=shards)
     if plan is None:
         return None
     if not plan.fits:

@@ -24,6 +24,10 @@ from appliance.errors import AirlockError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "nf4")
 SCHEDULES = ("cosine", "linear", "constant")
+STRATEGIES = ("ddp", "fsdp")
+CHECKPOINTING_WORDS: dict[str, str | bool] = {"auto": "auto", "true": True, "on": True, "yes": True,
+                                               "false": False, "off": False, "no": False}
+"""gradient_checkpointing as text (the TUI form, `--gradient-checkpointing`) -> its value."""
 
 
 class RecipeError(AirlockError):
@@ -67,8 +71,13 @@ class LoraRecipe:
     LoRA weights and optimizer state are always fp32."""
     quantization: str = "none"
     """none, or nf4: QLoRA, the base weights in 4-bit NF4 through bitsandbytes (CUDA GPUs only)."""
-    gradient_checkpointing: bool = False
-    """Trade compute for memory on large models."""
+    gradient_checkpointing: str | bool = "auto"
+    """Recompute each layer's activations in the backward pass instead of keeping them: true, false,
+    or auto (on where the memory plan's activations without it outweigh everything else it counts:
+    weights, adapter, optimizer, logits and runtime; off for small models and short rows)."""
+    strategy: str = "ddp"
+    """With several processes (--nproc): ddp (a full model per process) or fsdp (parameters sharded
+    over the processes, for a base that does not fit one GPU). One process ignores it."""
     eval_every: int = 50
     """Validation every N optimizer steps (1-100,000)."""
     early_stopping_patience: int = 0
@@ -112,6 +121,15 @@ class LoraRecipe:
         if self.quantization == "nf4" and self.precision == "fp32":
             raise RecipeError("quantization nf4 computes in bf16 or fp16, not fp32",
                               hint='use precision = "auto" with quantization = "nf4"')
+        if self.strategy not in STRATEGIES:
+            raise RecipeError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}",
+                              hint="ddp unless one GPU cannot hold the base model: then fsdp")
+        checkpointing = self.gradient_checkpointing
+        if isinstance(checkpointing, str) and checkpointing.strip().lower() in CHECKPOINTING_WORDS:
+            object.__setattr__(self, "gradient_checkpointing", CHECKPOINTING_WORDS[checkpointing.strip().lower()])
+        elif not isinstance(checkpointing, bool):
+            raise RecipeError(f"gradient_checkpointing {checkpointing!r} is not true, false or \"auto\"",
+                              hint="leave it out (auto) unless a run must force it on or off")
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != "auto":

@@ -104,7 +104,7 @@ def child(variant: str, model_dir: Path, seq: int) -> None:
                       "first_step_s": marks[0] - started, "step_s": marks[1] - marks[0],
                       "runtime_rss": baseline, "rss_between_steps": rss_after[-1],
                       "peak_anon": peaks.get("RssAnon", 0), "peak_file": peaks.get("RssFile", 0),
-                      "gradient_checkpointing": recipe.gradient_checkpointing}), flush=True)
+                      "gradient_checkpointing": plan.checkpointing}), flush=True)
 
 
 def run_variant(variant: str, model_dir: Path, seq: int) -> dict:

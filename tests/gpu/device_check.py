@@ -143,9 +143,40 @@ def check_nccl(out: Path) -> dict:
     return report
 
 
+def check_packed(out: Path) -> dict:
+    """Packed attention (train/packed_attention.py) on the GPU: a packed row's loss equals the per-example
+    losses under transformers' SDPA (fp32, so the comparison is tight); runs on CPU too where no GPU is."""
+    import torch
+
+    from appliance.base_models import resolve_base_model
+    from appliance.train.lm import build_lora_model
+    from appliance.train.packed_attention import use_packed_attention
+    from appliance.train.recipe import LoraRecipe
+    from appliance.train.sft_data import encode_record, packed_batches
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = build_lora_model(resolve_base_model("tiny-deepseek-r1"),
+                                        LoraRecipe(dropout=0.0, max_length=256, precision="fp32"))
+    model.to(device).eval()
+    examples = [encode_record(tokenizer, chat, 256) for chat in corpus_chats()[:6]]
+    (batch,) = list(packed_batches(examples, token_budget=4096))
+    counts = [e.label_tokens for e in examples]
+    with torch.no_grad():
+        alone = sum(model(input_ids=torch.tensor([e.input_ids], device=device),
+                          labels=torch.tensor([e.labels], device=device)).loss.item() * n
+                    for e, n in zip(examples, counts, strict=True)) / sum(counts)
+        model.get_base_model().set_attn_implementation(use_packed_attention())
+        packed = model(**{k: v.to(device) for k, v in batch.tensors().items()}).loss.item()
+    report = {"check": "packed_attention", "device": device, "examples": len(examples), "packed_loss": packed,
+              "per_example_loss": alone, "difference": abs(packed - alone), "pass": abs(packed - alone) < 1e-4}
+    (out / "packed.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 if __name__ == "__main__":
     kind, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = {"lora": lambda: check_lora(out_dir, Path(sys.argv[3])), "resume": lambda: check_resume(out_dir),
-              "nccl": lambda: check_nccl(out_dir), "classifier": lambda: check_classifier(out_dir)}
+              "nccl": lambda: check_nccl(out_dir), "classifier": lambda: check_classifier(out_dir),
+              "packed": lambda: check_packed(out_dir)}
     print(json.dumps(checks[kind]()))

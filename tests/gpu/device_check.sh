@@ -6,6 +6,7 @@
 # 3. CUDA resume exactness (tiny model, dropout on, checkpoint with CUDA RNG);
 # 4. torchrun --nproc-per-node 1 with NCCL through train_lora (collectives on the CUDA device).
 # 5. the image classifier trains on CUDA (phantom discs vs squares, val AUC > 0.9).
+# 6. packed attention on CUDA: a packed row's loss equals the per-example losses (tiny model, fp32).
 # Each step has its own time limit and its own JSON; a failed step is recorded and the next one runs.
 set -u
 cd "$(dirname "$0")/../.."
@@ -34,5 +35,6 @@ step resume 90 "$PY" tests/gpu/device_check.py resume "$OUT"
 step nccl 60 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29517 \
   tests/gpu/device_check.py nccl "$OUT"
 step classifier 60 "$PY" tests/gpu/device_check.py classifier "$OUT"
+step packed 60 "$PY" tests/gpu/device_check.py packed "$OUT"
 rm -rf "$(dirname "$MODEL")"
 cat "$OUT"/steps.jsonl

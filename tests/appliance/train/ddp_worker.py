@@ -1,6 +1,10 @@
 """Run under torchrun by test_ddp.py: train on the corpus with gloo and write rank 0's result.
 
-    torchrun --nproc_per_node 2 tests/appliance/train/ddp_worker.py OUT.json
+    torchrun --nproc_per_node 2 tests/appliance/train/ddp_worker.py OUT.json [fsdp CHECKPOINT_DIR]
+
+With `fsdp`, the run uses strategy = "fsdp", stops after step 3 (checkpointing into files under
+CHECKPOINT_DIR, rank 0 writing, every rank reading) and resumes to the end in a second `train_lora`:
+the losses written are the resumed run's whole curve.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ def adapter_checksum(adapter_state: dict) -> float:
     return sum(float(v.double().sum()) for v in adapter_state.values())
 
 
+class FileCheckpoints:
+    """The CheckpointStore protocol on plain files (the jobs use the vault's VaultCheckpoints)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        temp = self.folder / f".{name}.tmp"
+        temp.write_bytes(data)
+        temp.replace(self.folder / name)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        path = self.folder / name
+        return path.read_bytes() if path.exists() else None
+
+
 def main() -> None:
     import torch
     import torch.distributed as dist
@@ -36,7 +56,18 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     train, val = corpus_chats()
-    result = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val, LoraRecipe(**RECIPE_FIELDS))
+    base = resolve_base_model("tiny-deepseek-r1")
+    if sys.argv[2:3] == ["fsdp"]:
+        recipe = LoraRecipe(**RECIPE_FIELDS, strategy="fsdp")
+        store = FileCheckpoints(Path(sys.argv[3]))
+        steps: list[int] = []
+        first = train_lora(base, train, val, recipe, checkpoints=store, on_progress=lambda p: steps.append(p.step),
+                           should_stop=lambda: bool(steps) and steps[-1] >= 3)
+        assert first.steps == 3 and store.read_bytes("checkpoint.pt") is not None, first.steps
+        dist.barrier()  # rank 0 has written the checkpoint that every rank resumes from
+        result = train_lora(base, train, val, recipe, checkpoints=store)
+    else:
+        result = train_lora(base, train, val, LoraRecipe(**RECIPE_FIELDS))
     checksums = [None] * dist.get_world_size()
     dist.all_gather_object(checksums, adapter_checksum(result.adapter_state))
     micro_batches = [None] * dist.get_world_size()

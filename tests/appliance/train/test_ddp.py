@@ -15,20 +15,24 @@ from tests.appliance.train.ddp_worker import RECIPE_FIELDS, adapter_checksum, co
 from tests.conftest import REPO, needs_loopback
 
 
+def _two_ranks(tmp_path: Path, *worker_args: str) -> dict:
+    out = tmp_path / f"ranks-{'-'.join(worker_args[:1]) or 'ddp'}.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          str(REPO / "tests" / "appliance" / "train" / "ddp_worker.py"), str(out), *worker_args],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @needs_loopback  # gloo talks between the ranks over 127.0.0.1
 def test_two_gloo_ranks_match_one_process(tmp_path: Path):
     from appliance.base_models import resolve_base_model
     from appliance.train.lm import train_lora
     from appliance.train.recipe import LoraRecipe
 
-    out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          str(REPO / "tests" / "appliance" / "train" / "ddp_worker.py"), str(out)],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ddp = json.loads(out.read_text())
+    ddp = _two_ranks(tmp_path)
     assert ddp["checksums"][0] == pytest.approx(ddp["checksums"][1], rel=1e-6)  # ranks hold the same adapter
     # Equal forward/backward counts on every rank in every epoch, the short epoch 2 included.
     assert ddp["micro_batches"] == [{"0": 2, "1": 2, "2": 2}] * 2
@@ -38,6 +42,27 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path):
                         LoraRecipe(**RECIPE_FIELDS, grad_accumulation=2))
     assert ddp["losses"] == pytest.approx(single.train_losses, rel=1e-4, abs=1e-5)
     assert ddp["checksums"][0] == pytest.approx(adapter_checksum(single.adapter_state), rel=1e-4)
+
+
+@pytest.mark.slow  # two ranks trained twice (stop, resume) and one reference run: ~30 s of CPU, minutes when shared
+@needs_loopback
+def test_fsdp_two_ranks_stopped_and_resumed_match_one_process(tmp_path: Path):
+    """FSDP2 (fully_shard, gloo): the same run with every parameter sharded over the two ranks, stopped
+    after step 3 and resumed from its checkpoint (gathered, written by rank 0, scattered back)."""
+    from appliance.base_models import resolve_base_model
+    from appliance.train.lm import train_lora
+    from appliance.train.recipe import LoraRecipe
+
+    checkpoints = tmp_path / "fsdp-checkpoints"
+    checkpoints.mkdir()
+    fsdp = _two_ranks(tmp_path, "fsdp", str(checkpoints))
+    assert fsdp["checksums"][0] == pytest.approx(fsdp["checksums"][1], rel=1e-6)
+    assert fsdp["micro_batches"] == [{"1": 1, "2": 2}] * 2  # the resumed half: step 4 ends epoch 1, 5-6 are epoch 2
+    train, val = corpus_chats()
+    single = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val,
+                        LoraRecipe(**RECIPE_FIELDS, grad_accumulation=2))
+    assert fsdp["losses"] == pytest.approx(single.train_losses, rel=1e-4, abs=1e-5)
+    assert fsdp["checksums"][0] == pytest.approx(adapter_checksum(single.adapter_state), rel=1e-4)
 
 
 @pytest.mark.slow  # two launchers, two ranks and one reference run: ~35-90 s on two shared cores
