@@ -25,6 +25,9 @@ def ort_session(onnx_bytes: bytes, providers: Sequence[Any] = ("CPUExecutionProv
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3  # errors only: ORT's warnings are not for operators
+    # ORT's intra-op threads spin after each run by default: on a few cores shared with the server's request
+    # threads (and the batch scheduler) the spinning takes the cores the next step needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers):
         # ORT's CPU kernels run INT8 only for DQ -> op -> Q groups; TensorRT-style Q/DQ (inputs only) has none.
         # Treating Q/DQ as plain ops lets ORT fold the weights' DequantizeLinear into constants and fuse the
