@@ -62,6 +62,13 @@ _PLATFORM = re.compile(r"manylinux(_2_[0-9]{1,3}|1|2010|2014)_(x86_64|aarch64)")
 
 _TOP_KEYS = {"bundle_id", "created", "expires", "files", "format", "key_rotation", "lock", "models", "product",
              "sbom", "sequence", "signer", "split_files", "target", "version"}
+# Only a differential bundle has this key: a full bundle's manifest is what it always was, so an
+# installed release that predates differential bundles still verifies (and installs) full ones.
+DIFFERENTIAL_KEY = "differential"
+_DIFFERENTIAL_KEYS = {"base_bundle_id", "base_version", "held"}
+_HOLDABLE = re.compile(r"wheels/[^/]+\.whl|models/.+")
+"""What a differential bundle may leave out: wheels and model files (install.sh runs from the stick,
+and the security office reads the SBOM and the lock there)."""
 _TARGET_KEYS = {"arch", "cuda_major", "glibc_min", "min_driver", "platforms", "python_version"}
 _FILE_KEYS = {"path", "sha256", "size"}
 _SPLIT_KEYS = {"parts", "path", "sha256", "size"}
@@ -116,6 +123,16 @@ class KeyRotation:
 
 
 @dataclass(frozen=True)
+class Differential:
+    """A differential bundle ships only what changed since `base_bundle_id`; the target must already hold
+    `held` (listed files whose bytes come from the installed base release, checked by their listed SHA-256)."""
+
+    base_bundle_id: str
+    base_version: str
+    held: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A manifest whose signature and schema have been verified (only `verify_manifest` makes one from bytes)."""
 
@@ -133,10 +150,25 @@ class Manifest:
     lock: str
     sbom: str
     key_rotation: KeyRotation | None = None
+    differential: Differential | None = None
 
     @property
     def payload_bytes(self) -> int:
+        """Bytes the bundle carries (held files of a differential bundle are not on the stick)."""
+        held = set(self.differential.held) if self.differential else set()
+        return sum(f.size for f in self.files if f.path not in held)
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of every listed file, held or shipped: what the release installs from."""
         return sum(f.size for f in self.files)
+
+    def held_entries(self) -> tuple[FileEntry, ...]:
+        """The listed files a differential bundle leaves out (empty for a full bundle)."""
+        if self.differential is None:
+            return ()
+        held = set(self.differential.held)
+        return tuple(f for f in self.files if f.path in held)
 
 
 # ---------------------------------------------------------------- canonical form and keys
@@ -286,7 +318,7 @@ def _list(value: Any, where: str, limit: int = MAX_FILES) -> list[Any]:
 
 
 def _build_manifest(data: dict[str, Any]) -> Manifest:
-    _keys(data, _TOP_KEYS, "top level")
+    _keys(data, _TOP_KEYS | ({DIFFERENTIAL_KEY} if DIFFERENTIAL_KEY in data else set()), "top level")
     if data["format"] != FORMAT:
         raise _fail("format", f"{str(data['format'])[:40]!r} is not {FORMAT!r}")
     seen: set[str] = set()
@@ -322,6 +354,7 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
     for name in ("lock", "sbom"):
         if check_path(data[name]) not in listed:
             raise _fail(name, f"{data[name]} is not a listed file")
+    differential = _differential(data[DIFFERENTIAL_KEY], files, split_files) if DIFFERENTIAL_KEY in data else None
     rotation = None
     if data["key_rotation"] is not None:
         statement = _rotation_statement(data["key_rotation"])
@@ -335,8 +368,24 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
         expires=_text(data["expires"], "expires", re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")),
         signer=_text(data["signer"], "signer", _HEX64),
         target=target, files=tuple(files), split_files=tuple(split_files), models=models,
-        lock=data["lock"], sbom=data["sbom"], key_rotation=rotation,
+        lock=data["lock"], sbom=data["sbom"], key_rotation=rotation, differential=differential,
     )
+
+
+def _differential(raw: Any, files: list[FileEntry], split_files: list[SplitFile]) -> Differential:
+    entry = _keys(raw, _DIFFERENTIAL_KEYS, DIFFERENTIAL_KEY)
+    held = tuple(check_path(p, f"{DIFFERENTIAL_KEY}.held") for p in _list(entry["held"], f"{DIFFERENTIAL_KEY}.held"))
+    listed = {f.path for f in files}
+    parts = {p for s in split_files for p in s.parts}
+    if len(set(held)) != len(held) or list(held) != sorted(held):
+        raise _fail(f"{DIFFERENTIAL_KEY}.held", "paths must be sorted and unique")
+    for path in held:
+        # A held file is one whole listed file (never a part: splitting is how a file ships) that
+        # the installer may take from the installed release: a wheel or a model file.
+        if path not in listed or path in parts or not _HOLDABLE.fullmatch(path):
+            raise _fail(path, "held file is not a listed wheel or model file")
+    return Differential(_text(entry["base_bundle_id"], f"{DIFFERENTIAL_KEY}.base_bundle_id", _HEX64),
+                        _text(entry["base_version"], f"{DIFFERENTIAL_KEY}.base_version", _VERSION), held)
 
 
 def _b64(value: Any, where: str, limit: int) -> bytes:
