@@ -95,6 +95,10 @@ def build(spec_path: Path, key_path: Path, out_dir: Path, rotate_from: Path | No
                    f"files held by the installed base; ships {result.payload_bytes / 2**20:.1f} of "
                    f"{result.full_bytes / 2**20:.1f} MiB ({result.payload_bytes / max(result.full_bytes, 1):.1%})")
     click.echo(f"product {spec.product} {spec.version}, sequence {spec.sequence}, signed by {result.fingerprint}")
+    from bundler.wheels import optional_present
+
+    for requirement in optional_present(spec)[1]:
+        click.echo(f"note: optional {requirement} not shipped: no wheel of it in wheels.find_links")
 
 
 @cli.command()

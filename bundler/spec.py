@@ -105,6 +105,8 @@ class BundleSpec:
     """Pinned wheels (name==version); their dependencies are resolved and must be pinned too."""
     find_links: tuple[Path, ...] = ()
     """Directories of extra wheels (TensorRT and NVIDIA wheels that are not on the public index)."""
+    optional_requirements: tuple[str, ...] = ()
+    """Pinned wheels that ship when a find_links directory holds them and are skipped otherwise (TensorRT)."""
     use_index: bool = True
     """False: wheels come from find_links only (air-gapped build stations, tests)."""
     project: ProjectSpec | None = None
@@ -117,9 +119,11 @@ class BundleSpec:
             raise _spec_error("version", f"{self.version!r} is not a version like 1.2.0")
         if isinstance(self.sequence, bool) or not 1 <= self.sequence <= 2**53:
             raise _spec_error("sequence", "must be a positive integer")
-        for requirement in self.requirements:
-            if not _PINNED.fullmatch(requirement):
-                raise _spec_error("wheels.requirements", f"{requirement!r} is not pinned as name==version")
+        for field, values in (("requirements", self.requirements), ("optional_requirements",
+                                                                     self.optional_requirements)):
+            for requirement in values:
+                if not _PINNED.fullmatch(requirement):
+                    raise _spec_error(f"wheels.{field}", f"{requirement!r} is not pinned as name==version")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise _spec_error("models", "two models have the same name")
@@ -159,7 +163,7 @@ def load_spec(path: Path) -> BundleSpec:
         raise _spec_error("expires", "must be a TOML date like 2027-06-30", path)
     try:
         target = TargetSpec(**_table(data, "target", {"python", "platform", "cuda_major", "min_driver"}, path))
-        wheels = _table(data, "wheels", {"requirements", "find_links", "index"}, path)
+        wheels = _table(data, "wheels", {"requirements", "optional_requirements", "find_links", "index"}, path)
         project_raw = _table(data, "project", {"path", "extras"}, path) if "project" in data else None
         project = (ProjectSpec(base / project_raw["path"], tuple(project_raw.get("extras", ())))
                    if project_raw else None)
@@ -176,6 +180,7 @@ def load_spec(path: Path) -> BundleSpec:
         return BundleSpec(
             product=data["product"], version=str(data["version"]), sequence=data["sequence"],
             expires=data["expires"], target=target, requirements=tuple(wheels.get("requirements", ())),
+            optional_requirements=tuple(wheels.get("optional_requirements", ())),
             find_links=tuple(base / p for p in wheels.get("find_links", ())), use_index=bool(wheels.get("index", True)),
             project=project, models=tuple(models),
         )

@@ -90,10 +90,28 @@ def build_project_wheel(project: Path, out_dir: Path) -> Path:
     return wheels[0]
 
 
+def optional_present(spec: BundleSpec) -> tuple[list[str], list[str]]:
+    """(optional requirements a find_links directory holds a wheel of, the others)."""
+    held = set()
+    for directory in spec.find_links:
+        for path in directory.glob("*.whl") if directory.is_dir() else ():
+            try:
+                name, version, _ = parse_wheel_name(path.name)
+            except BundleError:
+                continue
+            held.add((name, version))
+    present, missing = [], []
+    for requirement in spec.optional_requirements:
+        name, version = requirement.split("==")
+        normalized = re.sub(r"[-_.]+", "-", name).lower()
+        (present if (normalized, version) in held else missing).append(requirement)
+    return present, missing
+
+
 def download_wheels(spec: BundleSpec, dest: Path) -> list[Wheel]:
     """Fill `dest` with every wheel the target needs and return them sorted by filename."""
     dest.mkdir(parents=True, exist_ok=True)
-    requirements = list(spec.requirements)
+    requirements = list(spec.requirements) + optional_present(spec)[0]
     with tempfile.TemporaryDirectory(prefix="airlock-project-") as project_dir:
         if spec.project is not None:
             wheel = build_project_wheel(spec.project.path, Path(project_dir))
@@ -109,6 +127,8 @@ def download_wheels(spec: BundleSpec, dest: Path) -> list[Wheel]:
         if not spec.use_index:
             command.append("--no-index")
         for directory in spec.find_links:
+            if not directory.is_dir() and spec.optional_requirements:
+                continue  # a directory only for optional wheels may be absent: they are skipped
             if not directory.is_dir():
                 raise BundleError(f"{directory}: wheels.find_links directory does not exist",
                                   hint="create it and put the wheels there, or remove it from the spec")

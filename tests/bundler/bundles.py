@@ -53,7 +53,8 @@ def write_spec(path: Path, *, version: str = "0.1.0", sequence: int = 1, product
              "[wheels]", f"requirements = {json.dumps(list(requirements))}",
              f"find_links = [{json.dumps(str(find_links))}]", "index = false"]
     if project:
-        lines += ["[project]", f"path = {json.dumps(str(project_path))}", f"extras = {json.dumps([extras] if extras else [])}"]
+        lines += ["[project]", f"path = {json.dumps(str(project_path))}",
+                  f"extras = {json.dumps([extras] if extras else [])}"]
     lines += ["[[models]]", 'name = "tiny-deepseek-r1"', f"path = {json.dumps(str(model))}"]
     path.write_text("\n".join(lines) + "\n")
     return path
