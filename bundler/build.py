@@ -27,7 +27,9 @@ the SBOM timestamp-free, the bundle id a hash of the rest).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -59,7 +61,7 @@ from bundler.sbom import ModelRecord, build_sbom
 from bundler.signing import public_pem, sign
 from bundler.spec import BundleSpec
 from bundler.split import DEFAULT_SPLIT_BYTES, file_sha256, stage_file
-from bundler.wheels import LOCK_NAME, download_wheels, highest_glibc, write_lock
+from bundler.wheels import LOCK_NAME, collect_wheels, highest_glibc, write_lock
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -162,31 +164,33 @@ def _assemble(spec: BundleSpec, key: ec.EllipticCurvePrivateKey, root: Path, spl
     add(stage_file(find_installer(spec), root, INSTALLER_NAME, split_bytes))
     (root / INSTALLER_NAME).chmod(0o755)
 
-    wheels = download_wheels(spec, root / "wheels")
-    for wheel in wheels:
-        if base_hashes is not None and wheel.sha256 in base_hashes:
-            held.append(FileEntry(f"wheels/{wheel.filename}", wheel.size, wheel.sha256))
-            (root / "wheels" / wheel.filename).unlink()
-            continue
-        add(stage_file(root / "wheels" / wheel.filename, root, f"wheels/{wheel.filename}", split_bytes, move=True))
+    # Model files are copied and hashed while pip resolves the wheels (its own process), and the
+    # wheels join the same pool as soon as pip has chosen them.
+    model_sources = [(model, model_files(model)) for model in spec.models]
+    model_tasks = [(source, f"models/{model.name}/{source.name}", False) for model, sources in model_sources
+                   for source in sources]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        futures = _submit(pool, model_tasks, root, split_bytes, base_hashes)
+        with collect_wheels(spec, root / "wheels") as resolved:
+            futures.update(_submit(pool, [(w.source, f"wheels/{w.filename}", w.downloaded) for w in resolved],
+                                   root, split_bytes, base_hashes))
+            placed = {rel: future.result() for rel, future in futures.items()}  # inside: the project wheel's dir
+    wheels = []
+    for wheel in resolved:
+        entry = placed[f"wheels/{wheel.filename}"]
+        wheels.append(wheel.placed(entry.sha256, entry.size))
+    for rel, entry in placed.items():
+        if isinstance(entry, _Held):
+            held.append(FileEntry(rel, entry.size, entry.sha256))
+        else:
+            add((entry.entries, entry.split))
     write_lock(wheels, root / "wheels" / LOCK_NAME)
     add(stage_file(root / "wheels" / LOCK_NAME, root, f"wheels/{LOCK_NAME}", split_bytes, move=True))
 
     model_records, model_entries = [], []
-    for model in spec.models:
-        before, held_before = len(files), len(held)
-        for source in model_files(model):
-            rel = f"models/{model.name}/{source.name}"
-            if base_hashes is not None:
-                digest = file_sha256(source)
-                if digest in base_hashes:
-                    held.append(FileEntry(rel, source.stat().st_size, digest))
-                    continue
-            add(stage_file(source, root, rel, split_bytes))
-        digests = {f.path: f.sha256 for f in [*files[before:], *held[held_before:]]}
-        digests.update({s.path: s.sha256 for s in split_files if s.path.startswith(f"models/{model.name}/")})
-        shipped = sorted(p for p in digests if not _is_part(p, split_files))
-        model_records.append(ModelRecord(model.name, tuple((p, digests[p]) for p in shipped)))
+    for model, sources in model_sources:
+        shipped = sorted(f"models/{model.name}/{source.name}" for source in sources)
+        model_records.append(ModelRecord(model.name, tuple((p, placed[p].sha256) for p in shipped)))
         model_entries.append({"name": model.name, "path": f"models/{model.name}"})
 
     (root / SBOM_NAME).write_bytes(build_sbom(spec.product, spec.version, wheels, model_records))
@@ -233,9 +237,51 @@ def _assemble(spec: BundleSpec, key: ec.EllipticCurvePrivateKey, root: Path, spl
     return manifest_bytes
 
 
+@dataclass(frozen=True)
+class _Shipped:
+    entries: list[FileEntry]
+    split: SplitFile | None
+
+    @property
+    def sha256(self) -> str:
+        return self.split.sha256 if self.split else self.entries[0].sha256
+
+    @property
+    def size(self) -> int:
+        return self.split.size if self.split else self.entries[0].size
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A file of a differential bundle that the installed base already has: listed, not shipped."""
+
+    sha256: str
+    size: int
+
+
+def _submit(pool: ThreadPoolExecutor, tasks: list[tuple[Path, str, bool]], root: Path, split_bytes: int,
+            base_hashes: frozenset[str] | None) -> dict[str, Future[_Shipped | _Held]]:
+    """Copy and hash each (source, bundle path, already-in-the-bundle) file on the pool, biggest first.
+
+    Each byte is read once (hashed while it is copied); hashlib and file I/O release the GIL on
+    large buffers, so threads keep several cores busy. A differential build hashes first and
+    copies only what the base lacks (a held file is read once and never written).
+    """
+    def place(source: Path, rel: str, move: bool) -> _Shipped | _Held:
+        if base_hashes is not None:
+            digest = file_sha256(source)
+            if digest in base_hashes:
+                size = source.stat().st_size
+                if move:
+                    source.unlink()
+                return _Held(digest, size)
+        return _Shipped(*stage_file(source, root, rel, split_bytes, move=move))
+
+    ordered = sorted(tasks, key=lambda task: -task[0].stat().st_size)
+    return {rel: pool.submit(place, source, rel, move) for source, rel, move in ordered}
+
+
 def _file_dict(entry: FileEntry) -> dict[str, object]:
     return {"path": entry.path, "sha256": entry.sha256, "size": entry.size}
 
 
-def _is_part(path: str, split_files: list[SplitFile]) -> bool:
-    return any(path in s.parts for s in split_files)
