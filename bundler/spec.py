@@ -165,7 +165,9 @@ def load_spec(path: Path) -> BundleSpec:
         target = TargetSpec(**_table(data, "target", {"python", "platform", "cuda_major", "min_driver"}, path))
         wheels = _table(data, "wheels", {"requirements", "optional_requirements", "find_links", "index"}, path)
         project_raw = _table(data, "project", {"path", "extras"}, path) if "project" in data else None
-        project = (ProjectSpec(base / project_raw["path"], tuple(project_raw.get("extras", ())))
+        # Resolved: a spec's "../.." would otherwise name the project ".." (its wheel is built from a copy
+        # named after it).
+        project = (ProjectSpec((base / project_raw["path"]).resolve(), tuple(project_raw.get("extras", ())))
                    if project_raw else None)
         models_raw = data.get("models", [])
         if not isinstance(models_raw, list):
