@@ -4,6 +4,7 @@
 #   sudo ./install.sh --trust FINGERPRINT [--prefix /opt/airlock] [--home /var/lib/airlock] [--user airlock]
 #                     [--python /usr/bin/python3.11] [--units-dir DIR] [--enable-services] [--allow-downgrade]
 #   ./install.sh --print-unit NAME [--prefix ..] [--home ..] [--user ..] [--gpu]   (review a unit; writes nothing)
+#   ./install.sh --trust FINGERPRINT --preflight-only [--prefix ..] [--home ..]   (verify + preflight; writes nothing)
 #
 # Order (nothing from the bundle but this script runs before step 2 passes, and after it only the
 # verified staging copy is used):
@@ -15,8 +16,10 @@
 #      files its manifest lists as held: the installed release under PREFIX must be its base, and
 #      each held file is found by its SHA-256 in that release's content (PREFIX/store, or the
 #      model store under --home) and checked the same way;
-#   3. preflight table (free space, glibc, CPU arch, Python, NVIDIA driver, existing install and
-#      its sequence); any failed row stops before anything is written;
+#   3. preflight table (free space for staging plus install on each filesystem, glibc, CPU arch,
+#      Python, for a CUDA bundle the NVIDIA driver against its CUDA major and each GPU's compute
+#      capability against the oldest the wheels support, existing install and its sequence); any
+#      failed row stops before anything is written (--preflight-only stops here in any case);
 #   4. copy to PREFIX/.staging.PID (root's, 0700), reassemble split files and check the copy again
 #      (the stick may change under us); from here on only the copy is read. Create the service
 #      account (--user, default airlock) when absent, PREFIX/releases/VERSION/venv at its final
@@ -185,11 +188,11 @@ die() {
 say() { printf '%s\n' "$*"; }
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 TRUST="" PREFIX="/opt/airlock" HOME_DIR="/var/lib/airlock" UNITS_DIR="" ENABLE=0 ALLOW_DOWNGRADE=0 PY=""
-SVC_USER="" PRINT_UNIT="" GPU=0
+SVC_USER="" PRINT_UNIT="" GPU=0 PREFLIGHT_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --trust) [ $# -ge 2 ] || die "--trust needs a value"; TRUST=$2; shift 2 ;;
@@ -200,6 +203,7 @@ while [ $# -gt 0 ]; do
         --user) [ $# -ge 2 ] || die "--user needs a value"; SVC_USER=$2; shift 2 ;;
         --print-unit) [ $# -ge 2 ] || die "--print-unit needs a unit name"; PRINT_UNIT=$2; shift 2 ;;
         --gpu) GPU=1; shift ;;
+        --preflight-only) PREFLIGHT_ONLY=1; shift ;;
         --enable-services) ENABLE=1; shift ;;
         --allow-downgrade) ALLOW_DOWNGRADE=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -282,6 +286,10 @@ GLIBC_MIN=$(str_field glibc_min) CUDA_MAJOR=$(num_field cuda_major) MIN_DRIVER=$
 for value in "$PRODUCT" "$VERSION" "$SEQUENCE" "$EXPIRES" "$ARCH" "$PYVER" "$GLIBC_MIN" "$CUDA_MAJOR" "$MIN_DRIVER"; do
     printf '%s\n' "$value" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._+-]*$' || die "MANIFEST.json: a required field is malformed"
 done
+# Optional: the oldest GPU architecture a CUDA bundle's wheels support ("7.5"); empty = not checked.
+MIN_CC=$(str_field min_compute_capability)
+[ -z "$MIN_CC" ] || printf '%s\n' "$MIN_CC" | grep -Eq '^[1-9][0-9]?[.][0-9]$' \
+    || die "MANIFEST.json: target.min_compute_capability is malformed"
 
 # "size sha256 path" per listed file; the manifest's path alphabet has no quotes, braces or spaces.
 sed -n 's/.*"files":\[\([^]]*\)\].*/\1/p' "$M" | tr '}' '\n' \
@@ -374,8 +382,15 @@ sed -n 's/.*"split_files":\[\(.*\)\],"target".*/\1/p' "$M" | tr '}' '\n' \
     | tr ',"' '  ' > "$WORK/split"
 
 # ---------------------------------------------------------------- 3. preflight
-PAYLOAD=$(awk '{ s += $1 } END { printf "%d", s }' "$WORK/files")
-NEED_KB=$(( PAYLOAD * 2 / 1024 + 1 ))
+# Space: PREFIX holds the staging copy (every listed file, held ones included), the venv (wheels
+# unpack to at most 4x their size: 3.5x measured for the CPU stack, 1.8x for CUDA 12) and, while a
+# split file is reassembled, its parts and the whole; PREFIX/store links the staged files (no
+# copy). HOME holds the model files once, by hash. One filesystem for both needs the sum.
+PREFIX_NEED_KB=$(awk '{ all += $1 } $3 ~ /^wheels\/.*[.]whl/ { wheels += $1 }
+    END { printf "%d", (all + 4 * wheels) / 1024 + 1 }' "$WORK/files")
+SPLIT_MAX=$(awk '$3 > m { m = $3 } END { printf "%d", m / 1024 }' "$WORK/split")
+PREFIX_NEED_KB=$((PREFIX_NEED_KB + SPLIT_MAX))
+HOME_NEED_KB=$(awk '$3 ~ /^models\// { s += $1 } END { printf "%d", s / 1024 + 1 }' "$WORK/files")
 FAILED=""
 ROWS=""
 row() {  # check, needed, found, status
@@ -388,11 +403,24 @@ free_kb() {
     while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
     df -Pk "$probe" | awk 'NR == 2 { print $4 }'
 }
-for dir in "$PREFIX" "$HOME_DIR"; do
-    free=$(free_kb "$dir")
-    if [ "$free" -ge "$NEED_KB" ]; then s=ok; else s=FAIL; fi
-    row "free space" ">= $((NEED_KB / 1024)) MiB (2x payload)" "$((free / 1024)) MiB under $dir" "$s"
-done
+fs_of() {
+    probe=$1
+    while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
+    df -Pk "$probe" | awk 'NR == 2 { print $1 " " $6 }'
+}
+if [ "$(fs_of "$PREFIX")" = "$(fs_of "$HOME_DIR")" ]; then
+    need=$((PREFIX_NEED_KB + HOME_NEED_KB)) free=$(free_kb "$PREFIX")
+    if [ "$free" -ge "$need" ]; then s=ok; else s=FAIL; fi
+    row "free space" ">= $((need / 1024)) MiB (staging+install)" "$((free / 1024)) MiB under $PREFIX and $HOME_DIR" "$s"
+else
+    for pair in "$PREFIX:$PREFIX_NEED_KB:staging+venv" "$HOME_DIR:$HOME_NEED_KB:models"; do
+        dir=${pair%%:*} need=${pair#*:}
+        what=${need#*:} need=${need%%:*}
+        free=$(free_kb "$dir")
+        if [ "$free" -ge "$need" ]; then s=ok; else s=FAIL; fi
+        row "free space" ">= $((need / 1024)) MiB ($what)" "$((free / 1024)) MiB under $dir" "$s"
+    done
+fi
 GLIBC=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{ print $2 }' || true)
 [ -n "$GLIBC" ] || GLIBC=$(ldd --version 2>/dev/null | head -n 1 | awk '{ print $NF }' || true)
 if [ -n "$GLIBC" ] && [ "${GLIBC#*.}" -ge "${GLIBC_MIN#*.}" ] 2>/dev/null; then s=ok; else s=FAIL; fi
@@ -407,7 +435,14 @@ row "python" "$PYVER with venv+ensurepip" "${HAVE_PY:-none}${PY:+ ($PY)}" "$s"
 if [ "$CUDA_MAJOR" -eq 0 ]; then
     row "nvidia driver" "none (CPU bundle)" "-" ok
 else
-    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+    # One line per GPU: "name, driver, compute capability"; drivers before 510 cannot report the
+    # capability (the query fails), then only the driver is asked for.
+    # A failing nvidia-smi (no driver loaded) prints its complaint on stdout: only a clean run counts.
+    if GPUS=$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null); then :
+    elif GPUS=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null); then :
+    else GPUS=""; fi
+    GPUS=$(printf '%s\n' "$GPUS" | awk -F', *' 'NF >= 2 && $2 ~ /^[0-9]+([.][0-9]+)*$/')
+    DRIVER=$(printf '%s\n' "$GPUS" | awk -F', *' 'NF >= 2 { print $2; exit }')
     if [ -z "$DRIVER" ]; then
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "no NVIDIA GPU/driver: runs CPU-only" notice
     elif [ "${DRIVER%%.*}" -ge "$MIN_DRIVER" ]; then
@@ -416,6 +451,21 @@ else
     else
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "$DRIVER" FAIL
     fi
+    index=0
+    printf '%s\n' "$GPUS" | awk -F', *' 'NF >= 2 { print $3 "|" $1 }' > "$WORK/gpus"
+    while IFS='|' read -r cc name; do
+        if [ -z "$MIN_CC" ]; then
+            row "gpu $index" "any compute capability" "$name (sm ${cc:-unknown})" ok
+        elif ! printf '%s\n' "$cc" | grep -Eq '^[0-9]+[.][0-9]+$'; then
+            row "gpu $index" "sm >= $MIN_CC (wheels, TensorRT)" "$name (driver too old to tell)" FAIL
+        elif [ "$(printf '%s %s\n' "$cc" "$MIN_CC" | awk '{ split($1, a, "."); split($2, b, ".");
+                print (a[1] * 100 + a[2] >= b[1] * 100 + b[2]) ? "ok" : "FAIL" }')" = ok ]; then
+            row "gpu $index" "sm >= $MIN_CC (wheels, TensorRT)" "$name (sm $cc)" ok
+        else
+            row "gpu $index" "sm >= $MIN_CC (wheels, TensorRT)" "$name (sm $cc)" FAIL
+        fi
+        index=$((index + 1))
+    done < "$WORK/gpus"
 fi
 INSTALLED_SEQ=0 INSTALLED_PRODUCT="" DOWNGRADE=0
 if [ -f "$PREFIX/etc/sequence" ]; then
@@ -440,6 +490,10 @@ if [ -n "$FAILED" ]; then
         product*) die "this bundle is for product '$PRODUCT', but '$INSTALLED_PRODUCT' is installed under $PREFIX" ;;
         *) die "preflight: $FAILED" ;;
     esac
+fi
+if [ "$PREFLIGHT_ONLY" -eq 1 ]; then
+    say "preflight passed (--preflight-only: nothing written)"
+    exit 0
 fi
 
 # ---------------------------------------------------------------- 4. install

@@ -43,6 +43,7 @@ from bundler.manifest import (
     MAX_KEY_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
+    MIN_CC_KEY,
     SIGNATURE_NAME,
     SIGNER_KEY_NAME,
     FileEntry,
@@ -225,6 +226,8 @@ def _assemble(spec: BundleSpec, key: ec.EllipticCurvePrivateKey, root: Path, spl
                    "python_version": spec.target.python},
         "version": spec.version,
     }
+    if spec.target.min_compute_capability:
+        body["target"][MIN_CC_KEY] = spec.target.min_compute_capability
     if base is not None:
         body[DIFFERENTIAL_KEY] = {"base_bundle_id": base.bundle_id, "base_version": base.version,
                                   "held": sorted(f.path for f in held)}

@@ -70,6 +70,8 @@ _HOLDABLE = re.compile(r"wheels/[^/]+\.whl|models/.+")
 """What a differential bundle may leave out: wheels and model files (install.sh runs from the stick,
 and the security office reads the SBOM and the lock there)."""
 _TARGET_KEYS = {"arch", "cuda_major", "glibc_min", "min_driver", "platforms", "python_version"}
+# Only GPU bundles whose spec names it carry this target key (older releases verify the others).
+MIN_CC_KEY = "min_compute_capability"
 _FILE_KEYS = {"path", "sha256", "size"}
 _SPLIT_KEYS = {"parts", "path", "sha256", "size"}
 _MODEL_KEYS = {"name", "path"}
@@ -106,6 +108,7 @@ class Target:
     glibc_min: str
     cuda_major: int  # 0 = CPU-only bundle
     min_driver: int  # 0 = no NVIDIA driver needed
+    min_compute_capability: str = ""  # "" = not checked; else like "7.5"
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,8 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
             raise _fail(path, "split file clashes with a file or names parts that are not listed")
         seen.add(path)
         split_files.append(SplitFile(path, _int(entry["size"], path), _text(entry["sha256"], path, _HEX64), parts))
-    target_raw = _keys(data["target"], _TARGET_KEYS, "target")
+    target_raw = _keys(data["target"], _TARGET_KEYS | ({MIN_CC_KEY} if isinstance(data["target"], dict)
+                                                       and MIN_CC_KEY in data["target"] else set()), "target")
     target = Target(
         arch=_text(target_raw["arch"], "target.arch", re.compile(r"x86_64|aarch64")),
         python_version=_text(target_raw["python_version"], "target.python_version", re.compile(r"3\.[0-9]{1,2}")),
@@ -347,6 +351,8 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
         glibc_min=_text(target_raw["glibc_min"], "target.glibc_min", re.compile(r"2\.[0-9]{1,3}")),
         cuda_major=_int(target_raw["cuda_major"], "target.cuda_major", 99),
         min_driver=_int(target_raw["min_driver"], "target.min_driver", 9999),
+        min_compute_capability=_text(target_raw[MIN_CC_KEY], f"target.{MIN_CC_KEY}",
+                                     re.compile(r"[1-9][0-9]?\.[0-9]")) if MIN_CC_KEY in target_raw else "",
     )
     models = tuple(ModelEntry(_text(m["name"], "models.name", _NAME), check_path(m["path"]))
                    for m in (_keys(raw, _MODEL_KEYS, "models") for raw in _list(data["models"], "models", 64)))

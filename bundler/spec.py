@@ -32,12 +32,18 @@ class TargetSpec:
     """CUDA major version the GPU wheels are built for (12, 13); 0 for a CPU-only bundle."""
     min_driver: int = 0
     """Lowest NVIDIA driver major the target needs; defaults from cuda_major (525 for 12, 580 for 13)."""
+    min_compute_capability: str = ""
+    """Oldest GPU architecture the GPU wheels (and TensorRT) run on, e.g. "7.5"; "" = not checked."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"3\.\d{1,2}", self.python):
             raise _spec_error("target.python", f"{self.python!r} is not like \"3.11\"")
         if not _PLATFORM.fullmatch(self.platform):
             raise _spec_error("target.platform", f"{self.platform!r} is not like manylinux_2_28_x86_64")
+        if self.min_compute_capability and not (self.cuda_major and re.fullmatch(r"[1-9][0-9]?\.[0-9]",
+                                                                                  self.min_compute_capability)):
+            raise _spec_error("target.min_compute_capability",
+                              f"{self.min_compute_capability!r} is not like \"7.5\" (GPU bundles only)")
         if self.cuda_major and self.cuda_major not in MIN_DRIVER_FOR_CUDA:
             raise _spec_error("target.cuda_major", f"{self.cuda_major} is not one of {sorted(MIN_DRIVER_FOR_CUDA)}")
 
@@ -162,7 +168,8 @@ def load_spec(path: Path) -> BundleSpec:
     if not isinstance(data["expires"], date):
         raise _spec_error("expires", "must be a TOML date like 2027-06-30", path)
     try:
-        target = TargetSpec(**_table(data, "target", {"python", "platform", "cuda_major", "min_driver"}, path))
+        target = TargetSpec(**_table(data, "target", {"python", "platform", "cuda_major", "min_driver",
+                                                            "min_compute_capability"}, path))
         wheels = _table(data, "wheels", {"requirements", "optional_requirements", "find_links", "index"}, path)
         project_raw = _table(data, "project", {"path", "extras"}, path) if "project" in data else None
         # Resolved: a spec's "../.." would otherwise name the project ".." (its wheel is built from a copy
