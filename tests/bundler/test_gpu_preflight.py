@@ -144,3 +144,25 @@ def test_free_space_counts_staging_and_install_per_filesystem(bundles, tmp_path)
     assert re.search(rf"free space\s+>= {home_kib // 1024} MiB \(models\)\s+\d+ MiB under {tmp_path}/home\s+ok",
                      apart.stdout), apart.stdout
     assert json.loads((bundles["cuda"] / "MANIFEST.json").read_bytes())["target"]["min_compute_capability"] == "7.5"
+
+
+def _real_gpus() -> list[list[str]]:
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+                          capture_output=True, text=True, check=False, timeout=60)
+    return [[f.strip() for f in line.split(",")] for line in done.stdout.splitlines() if line.strip()] \
+        if done.returncode == 0 else []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_gpus(), reason="needs an NVIDIA GPU with its driver (the real nvidia-smi)")
+def test_the_real_nvidia_smi_fills_the_gpu_rows(bundles, tmp_path):
+    result = preflight(bundles["cuda"], bundles["fp"], tmp_path / "prefix", tmp_path / "home", None)
+    table = rows(result.stdout)
+    gpus = _real_gpus()
+    assert gpus[0][1] in table["nvidia driver"], result.stdout
+    for index, (name, _driver, cc) in enumerate(gpus):
+        assert f"{name} (sm {cc})" in table[f"gpu {index}"], result.stdout
