@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -231,3 +232,56 @@ def test_a_differential_bundle_installs_only_over_its_intact_base(world, site):
     # v2's own new content joined the store: the next differential can be built over v2.
     new_wheel = next(f for f in manifest["files"] if f["path"].startswith("wheels/airlock-"))
     assert (prefix / "store" / new_wheel["sha256"]).is_file()
+
+
+def _installed_like_install_sh(world: dict, root: Path) -> tuple[Path, Path]:
+    """A prefix and home laid out as install.sh leaves them after installing v1 (its trust state, its
+    recorded manifest, its content stores by SHA-256), without the venv: what `airlock upgrade` reads."""
+    prefix, home = root / "prefix", root / "home"
+    release = prefix / "releases" / "0.1.0" / "bundle"
+    release.mkdir(parents=True)
+    for name in ("MANIFEST.json", "MANIFEST.json.sig", "signer.pub.pem"):
+        shutil.copy(world["v1"] / name, release / name)
+    (prefix / "current").symlink_to("releases/0.1.0")
+    (prefix / "etc").mkdir()
+    shutil.copy(world["v1"] / "signer.pub.pem", prefix / "etc" / "trusted-key.pem")
+    (prefix / "etc" / "sequence").write_text("1\n")
+    (prefix / "etc" / "product").write_text("airlock\n")
+    manifest = manifest_of(world["v1"])
+    parts = {p: s for s in manifest["split_files"] for p in s["parts"]}
+    for entry in manifest["files"]:
+        if entry["path"] in parts:
+            continue
+        store = home / "models" / "store" if entry["path"].startswith("models/") else prefix / "store"
+        store.mkdir(parents=True, exist_ok=True)
+        shutil.copy(world["v1"] / entry["path"], store / entry["sha256"])
+    for split in manifest["split_files"]:
+        (home / "models" / "store" / split["sha256"]).write_bytes(
+            b"".join((world["v1"] / part).read_bytes() for part in split["parts"]))
+    return prefix, home
+
+
+def test_the_installed_code_checks_held_files_before_running_anything(world, tmp_path):
+    from appliance.upgrade import verify_for_upgrade
+    from bundler.errors import BundleError
+
+    prefix, home = _installed_like_install_sh(world, tmp_path)
+    manifest = verify_for_upgrade(world["v2"], prefix, allow_downgrade=False, home=home)
+    assert manifest.differential is not None and len(manifest.held_entries()) > 10
+    held = {e.path: e for e in manifest.held_entries()}
+    wheel = next(p for p in held if p.startswith("wheels/torch-"))
+    copy = prefix / "store" / held[wheel].sha256
+    original = _flip(copy)
+    with pytest.raises(BundleError, match=rf"^{re.escape(wheel)}: the installed release's copy .* does not match"):
+        verify_for_upgrade(world["v2"], prefix, allow_downgrade=False, home=home)
+    copy.unlink()
+    with pytest.raises(BundleError, match=rf"^{re.escape(wheel)}: the differential bundle needs it from the "
+                                          r"installed release 0\.1\.0, which lacks it"):
+        verify_for_upgrade(world["v2"], prefix, allow_downgrade=False, home=home)
+    copy.write_bytes(original)
+    with pytest.raises(BundleError, match=r"needs airlock 0\.0\.9 \(bundle [0-9a-f]{16}\) installed, but .* runs "
+                                          r"0\.1\.0"):
+        verify_for_upgrade(world["wrong"], prefix, allow_downgrade=False, home=home)
+    (prefix / "current").unlink()
+    with pytest.raises(BundleError, match="no readable release is installed"):
+        verify_for_upgrade(world["v2"], prefix, allow_downgrade=False, home=home)
