@@ -255,9 +255,10 @@ def _installed_like_install_sh(world: dict, root: Path) -> tuple[Path, Path]:
         store = home / "models" / "store" if entry["path"].startswith("models/") else prefix / "store"
         store.mkdir(parents=True, exist_ok=True)
         shutil.copy(world["v1"] / entry["path"], store / entry["sha256"])
-    for split in manifest["split_files"]:
-        (home / "models" / "store" / split["sha256"]).write_bytes(
-            b"".join((world["v1"] / part).read_bytes() for part in split["parts"]))
+    for split in manifest["split_files"]:  # reassembled, like install.sh does (the test split size splits wheels too)
+        store = home / "models" / "store" if split["path"].startswith("models/") else prefix / "store"
+        store.mkdir(parents=True, exist_ok=True)
+        (store / split["sha256"]).write_bytes(b"".join((world["v1"] / part).read_bytes() for part in split["parts"]))
     return prefix, home
 
 
