@@ -15,7 +15,7 @@ TORCH := torch==2.13.0
 WHEELHOUSE := .cache/wheelhouse
 WHEELHOUSE_STAMP := $(WHEELHOUSE)/.downloaded
 
-.PHONY: venv demo demo-soak test lint unit bench models clean
+.PHONY: venv demo demo-soak test lint unit bench models clean gpu-bundle
 
 venv: $(STAMP) $(WHEELHOUSE_STAMP)
 
@@ -63,6 +63,13 @@ bench: venv
 # Regenerate the tiny demo models (deterministic; tests/test_tiny_models.py checks the hashes).
 models: venv
 	$(BIN)/python models/build_tiny_models.py
+
+# The CUDA 12 bundle (bundler/examples/cuda12.toml), for real and not part of `make test`: downloads
+# ~4.3 GB of wheels from the public index into .cache/gpu/wheels, builds (split at 512 MiB), verifies,
+# installs it here as root under `unshare -n` into a temporary prefix and checks `airlock doctor`
+# (GPU stack present, no driver: a warning). Prints the IT guide's sizing numbers.
+gpu-bundle: $(STAMP)
+	$(BIN)/python tests/bundler/gpu_bundle.py
 
 clean:
 	rm -rf $(VENV) $(WHEELHOUSE) .pytest_cache .ruff_cache .import_linter_cache

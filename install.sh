@@ -4,6 +4,7 @@
 #   sudo ./install.sh --trust FINGERPRINT [--prefix /opt/airlock] [--home /var/lib/airlock] [--user airlock]
 #                     [--python /usr/bin/python3.11] [--units-dir DIR] [--enable-services] [--allow-downgrade]
 #   ./install.sh --print-unit NAME [--prefix ..] [--home ..] [--user ..] [--gpu]   (review a unit; writes nothing)
+#   ./install.sh --trust FINGERPRINT --preflight-only [--prefix ..] [--home ..]   (verify + preflight; writes nothing)
 #
 # Order (nothing from the bundle but this script runs before step 2 passes, and after it only the
 # verified staging copy is used):
@@ -11,14 +12,20 @@
 #      the system's openssl (ECDSA P-256 / SHA-256);
 #   2. every entry on the stick must be a regular file listed in the manifest, and every listed
 #      file must exist with the listed size and SHA-256 (sha256sum); the first failure stops
-#      everything with one line naming the file;
-#   3. preflight table (free space, glibc, CPU arch, Python, NVIDIA driver, existing install and
-#      its sequence); any failed row stops before anything is written;
+#      everything with one line naming the file. A differential bundle (ADR 0018) leaves out the
+#      files its manifest lists as held: the installed release under PREFIX must be its base, and
+#      each held file is found by its SHA-256 in that release's content (PREFIX/store, or the
+#      model store under --home) and checked the same way;
+#   3. preflight table (free space for staging plus install on each filesystem, glibc, CPU arch,
+#      Python, for a CUDA bundle the NVIDIA driver against its CUDA major and each GPU's compute
+#      capability against the oldest the wheels support, existing install and its sequence); any
+#      failed row stops before anything is written (--preflight-only stops here in any case);
 #   4. copy to PREFIX/.staging.PID (root's, 0700), reassemble split files and check the copy again
 #      (the stick may change under us); from here on only the copy is read. Create the service
 #      account (--user, default airlock) when absent, PREFIX/releases/VERSION/venv at its final
 #      path, pip install from the staged wheels only (--no-index --require-hashes --no-deps),
-#      models into the store by hash, AIRLOCK_HOME owned by the service account (0700), smoke test
+#      models into the store by hash, the other files into PREFIX/store by hash (what a later
+#      differential bundle takes), AIRLOCK_HOME owned by the service account (0700), smoke test
 #      with `airlock doctor` as that account, then switch PREFIX/current atomically.
 #   5. sandboxed systemd units run as the service account (ADR 0010), written to --units-dir, or
 #      to /etc/systemd/system only for a root install into a system prefix (/opt, /usr/local, /srv).
@@ -181,11 +188,11 @@ die() {
 say() { printf '%s\n' "$*"; }
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 TRUST="" PREFIX="/opt/airlock" HOME_DIR="/var/lib/airlock" UNITS_DIR="" ENABLE=0 ALLOW_DOWNGRADE=0 PY=""
-SVC_USER="" PRINT_UNIT="" GPU=0
+SVC_USER="" PRINT_UNIT="" GPU=0 PREFLIGHT_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --trust) [ $# -ge 2 ] || die "--trust needs a value"; TRUST=$2; shift 2 ;;
@@ -196,6 +203,7 @@ while [ $# -gt 0 ]; do
         --user) [ $# -ge 2 ] || die "--user needs a value"; SVC_USER=$2; shift 2 ;;
         --print-unit) [ $# -ge 2 ] || die "--print-unit needs a unit name"; PRINT_UNIT=$2; shift 2 ;;
         --gpu) GPU=1; shift ;;
+        --preflight-only) PREFLIGHT_ONLY=1; shift ;;
         --enable-services) ENABLE=1; shift ;;
         --allow-downgrade) ALLOW_DOWNGRADE=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -278,6 +286,10 @@ GLIBC_MIN=$(str_field glibc_min) CUDA_MAJOR=$(num_field cuda_major) MIN_DRIVER=$
 for value in "$PRODUCT" "$VERSION" "$SEQUENCE" "$EXPIRES" "$ARCH" "$PYVER" "$GLIBC_MIN" "$CUDA_MAJOR" "$MIN_DRIVER"; do
     printf '%s\n' "$value" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._+-]*$' || die "MANIFEST.json: a required field is malformed"
 done
+# Optional: the oldest GPU architecture a CUDA bundle's wheels support ("7.5"); empty = not checked.
+MIN_CC=$(str_field min_compute_capability)
+[ -z "$MIN_CC" ] || printf '%s\n' "$MIN_CC" | grep -Eq '^[1-9][0-9]?[.][0-9]$' \
+    || die "MANIFEST.json: target.min_compute_capability is malformed"
 
 # "size sha256 path" per listed file; the manifest's path alphabet has no quotes, braces or spaces.
 sed -n 's/.*"files":\[\([^]]*\)\].*/\1/p' "$M" | tr '}' '\n' \
@@ -286,6 +298,7 @@ sed -n 's/.*"files":\[\([^]]*\)\].*/\1/p' "$M" | tr '}' '\n' \
 LISTED=$(sed -n 's/.*"files":\[\([^]]*\)\].*/\1/p' "$M" | tr '{' '\n' | grep -c '"path"' || true)
 [ "$LISTED" -gt 0 ] && [ "$LISTED" -eq "$(wc -l < "$WORK/files")" ] || die "MANIFEST.json: file list is malformed"
 cut -d' ' -f3 "$WORK/files" > "$WORK/paths"
+sort "$WORK/paths" > "$WORK/paths.sorted"
 BAD=$(grep -Ev '^[A-Za-z0-9_+][A-Za-z0-9._+-]*(/[A-Za-z0-9_+][A-Za-z0-9._+-]*)*$' "$WORK/paths" | head -n 1 || true)
 [ -z "$BAD" ] || die "MANIFEST.json: path '$BAD' is absolute, has '..' or characters outside [A-Za-z0-9._+-/]"
 BAD=$(grep -F '..' "$WORK/paths" | head -n 1 || true)
@@ -293,25 +306,72 @@ BAD=$(grep -F '..' "$WORK/paths" | head -n 1 || true)
 DUP=$(sort "$WORK/paths" | uniq -d | head -n 1)
 [ -z "$DUP" ] || die "MANIFEST.json: $DUP is listed twice"
 
+# A differential bundle: the paths of the listed files it leaves to the installed base release.
+BASE_ID="" BASE_VERSION=""
+: > "$WORK/held_paths"
+if grep -q '"differential":' "$M"; then
+    DIFF=$(sed -n 's/.*"differential":{"base_bundle_id":"\([0-9a-f]\{64\}\)","base_version":"\([A-Za-z0-9][A-Za-z0-9.+-]*\)","held":\[\([^]]*\)\]}.*/\1 \2 \3/p' "$M")
+    [ -n "$DIFF" ] || die "MANIFEST.json: the differential field is malformed"
+    BASE_ID=${DIFF%% *} DIFF=${DIFF#* }
+    BASE_VERSION=${DIFF%% *} DIFF=${DIFF#* }
+    printf '%s\n' "$DIFF" | tr ',' '\n' | sed -n 's/^"\([^"]*\)"$/\1/p' > "$WORK/held_paths"
+    [ "$(wc -l < "$WORK/held_paths")" -eq "$(printf '%s\n' "$DIFF" | tr ',' '\n' | grep -c .)" ] \
+        || die "MANIFEST.json: the differential field's held list is malformed"
+    BAD=$(grep -Ev '^(wheels/[^/]*[.]whl|models/.*)$' "$WORK/held_paths" | head -n 1 || true)
+    [ -z "$BAD" ] || die "MANIFEST.json: $BAD is held, but only wheels and model files may be"
+    BAD=$(sort "$WORK/held_paths" | comm -23 - "$WORK/paths.sorted" | head -n 1)
+    [ -z "$BAD" ] || die "MANIFEST.json: held file $BAD is not listed"
+fi
+# "size sha256 path": what the stick carries, and what the installed release must hold.
+awk 'FILENAME == ARGV[1] { held[$1] = 1; next } !($3 in held)' "$WORK/held_paths" "$WORK/files" > "$WORK/shipped"
+awk 'FILENAME == ARGV[1] { held[$1] = 1; next } ($3 in held)' "$WORK/held_paths" "$WORK/files" > "$WORK/held"
+
 ODD=$(cd "$BUNDLE" && find . ! -type d ! -type f | sed 's|^\./||' | head -n 1)
 [ -z "$ODD" ] || die "$ODD: is a symlink or special file; bundles hold regular files only"
 (cd "$BUNDLE" && find . -type f | sed 's|^\./||') | sort > "$WORK/on_disk"
-{ cat "$WORK/paths"; printf 'MANIFEST.json\nMANIFEST.json.sig\nsigner.pub.pem\n'; } | sort > "$WORK/expected"
+{ cut -d' ' -f3 "$WORK/shipped"; printf 'MANIFEST.json\nMANIFEST.json.sig\nsigner.pub.pem\n'; } | sort > "$WORK/expected"
+HELD_ON_STICK=$(sort "$WORK/held_paths" | comm -12 "$WORK/on_disk" - | head -n 1)
+[ -z "$HELD_ON_STICK" ] || die "$HELD_ON_STICK: on the stick, but the manifest says the installed release holds it (differential bundle)"
 EXTRA=$(comm -23 "$WORK/on_disk" "$WORK/expected" | head -n 1)
 [ -z "$EXTRA" ] || die "$EXTRA: not listed in the manifest (extra file)"
 MISSING=$(comm -13 "$WORK/on_disk" "$WORK/expected" | head -n 1)
 [ -z "$MISSING" ] || die "$MISSING: listed in the manifest but missing"
 
-check_tree() {  # $1 = root; every listed file: regular, size, SHA-256
+check_tree() {  # $1 = root, $2 = "size sha256 path" list; every file: regular, size, SHA-256
     while read -r size sha path; do
         [ ! -L "$1/$path" ] && [ -f "$1/$path" ] || die "$path: missing or not a regular file"
         actual=$(wc -c < "$1/$path" | tr -d ' ')
         [ "$actual" = "$size" ] || die "$path: size $actual bytes, manifest says $size"
         actual=$(sha256sum < "$1/$path" | cut -d' ' -f1)
         [ "$actual" = "$sha" ] || die "$path: SHA-256 does not match the manifest"
-    done < "$WORK/files"
+    done < "$2"
 }
-check_tree "$BUNDLE"
+check_tree "$BUNDLE" "$WORK/shipped"
+
+# A differential bundle installs only over its base: the installed release's content must hold
+# every held file, byte for byte (looked up by SHA-256, checked like the stick's files).
+: > "$WORK/held_from"
+if [ -n "$BASE_ID" ]; then
+    FULL_HINT="install the full bundle of $PRODUCT $VERSION instead"
+    BASE_REL=$(readlink "$PREFIX/current" 2>/dev/null || true)
+    [ -n "$BASE_REL" ] || die "this differential bundle ships only what changed since $PRODUCT $BASE_VERSION, and nothing is installed under $PREFIX; $FULL_HINT"
+    INSTALLED_ID=$(sed -n 's/.*"bundle_id":"\([0-9a-f]\{64\}\)".*/\1/p' "$PREFIX/$BASE_REL/bundle/MANIFEST.json" 2>/dev/null || true)
+    [ "$INSTALLED_ID" = "$BASE_ID" ] || die "this differential bundle needs $PRODUCT $BASE_VERSION (bundle $(printf '%.16s' "$BASE_ID")) installed, but $PREFIX runs ${BASE_REL#releases/} (bundle $(printf '%.16s' "${INSTALLED_ID:-unknown}")); $FULL_HINT"
+    while read -r size sha path; do
+        src=""
+        for store in "$PREFIX/store" "$HOME_DIR/models/store"; do
+            if [ -z "$src" ] && { [ -e "$store/$sha" ] || [ -L "$store/$sha" ]; }; then src="$store/$sha"; fi
+        done
+        [ -n "$src" ] || die "$path: the differential bundle needs it from the installed release ${BASE_REL#releases/}, which lacks it (SHA-256 $(printf '%.16s' "$sha")... in $PREFIX/store or $HOME_DIR/models/store); $FULL_HINT"
+        [ ! -L "$src" ] && [ -f "$src" ] || die "$path: the installed release's copy $src is not a regular file; $FULL_HINT"
+        actual=$(wc -c < "$src" | tr -d ' ')
+        actual_sha=$(sha256sum < "$src" | cut -d' ' -f1)
+        [ "$actual" = "$size" ] && [ "$actual_sha" = "$sha" ] \
+            || die "$path: the installed release's copy $src does not match the manifest's SHA-256 (tampered with or damaged); tell your security office, then $FULL_HINT"
+        printf '%s %s\n' "$path" "$src" >> "$WORK/held_from"
+    done < "$WORK/held"
+    say "differential over $PRODUCT $BASE_VERSION: $(wc -l < "$WORK/held" | tr -d ' ') files checked in the installed release"
+fi
 today=$(date -u +%Y%m%d)
 [ "$today" -le "$(printf '%s' "$EXPIRES" | tr -d '-')" ] || die "MANIFEST.json: bundle expired on $EXPIRES; ask for a fresh one (or check the clock)"
 say "verified: $PRODUCT $VERSION (sequence $SEQUENCE), $LISTED files, signed by $WANT"
@@ -322,8 +382,15 @@ sed -n 's/.*"split_files":\[\(.*\)\],"target".*/\1/p' "$M" | tr '}' '\n' \
     | tr ',"' '  ' > "$WORK/split"
 
 # ---------------------------------------------------------------- 3. preflight
-PAYLOAD=$(awk '{ s += $1 } END { printf "%d", s }' "$WORK/files")
-NEED_KB=$(( PAYLOAD * 2 / 1024 + 1 ))
+# Space: PREFIX holds the staging copy (every listed file, held ones included), the venv (wheels
+# unpack to at most 4x their size: 3.5x measured for the CPU stack, 1.8x for CUDA 12) and, while a
+# split file is reassembled, its parts and the whole; PREFIX/store links the staged files (no
+# copy). HOME holds the model files once, by hash. One filesystem for both needs the sum.
+PREFIX_NEED_KB=$(awk '{ all += $1 } $3 ~ /^wheels\/.*[.]whl/ { wheels += $1 }
+    END { printf "%d", (all + 4 * wheels) / 1024 + 1 }' "$WORK/files")
+SPLIT_MAX=$(awk '$3 > m { m = $3 } END { printf "%d", m / 1024 }' "$WORK/split")
+PREFIX_NEED_KB=$((PREFIX_NEED_KB + SPLIT_MAX))
+HOME_NEED_KB=$(awk '$3 ~ /^models\// { s += $1 } END { printf "%d", s / 1024 + 1 }' "$WORK/files")
 FAILED=""
 ROWS=""
 row() {  # check, needed, found, status
@@ -336,11 +403,24 @@ free_kb() {
     while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
     df -Pk "$probe" | awk 'NR == 2 { print $4 }'
 }
-for dir in "$PREFIX" "$HOME_DIR"; do
-    free=$(free_kb "$dir")
-    if [ "$free" -ge "$NEED_KB" ]; then s=ok; else s=FAIL; fi
-    row "free space" ">= $((NEED_KB / 1024)) MiB (2x payload)" "$((free / 1024)) MiB under $dir" "$s"
-done
+fs_of() {
+    probe=$1
+    while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
+    df -Pk "$probe" | awk 'NR == 2 { print $1 " " $6 }'
+}
+if [ "$(fs_of "$PREFIX")" = "$(fs_of "$HOME_DIR")" ]; then
+    need=$((PREFIX_NEED_KB + HOME_NEED_KB)) free=$(free_kb "$PREFIX")
+    if [ "$free" -ge "$need" ]; then s=ok; else s=FAIL; fi
+    row "free space" ">= $((need / 1024)) MiB (staging+install)" "$((free / 1024)) MiB under $PREFIX and $HOME_DIR" "$s"
+else
+    for pair in "$PREFIX:$PREFIX_NEED_KB:staging+venv" "$HOME_DIR:$HOME_NEED_KB:models"; do
+        dir=${pair%%:*} need=${pair#*:}
+        what=${need#*:} need=${need%%:*}
+        free=$(free_kb "$dir")
+        if [ "$free" -ge "$need" ]; then s=ok; else s=FAIL; fi
+        row "free space" ">= $((need / 1024)) MiB ($what)" "$((free / 1024)) MiB under $dir" "$s"
+    done
+fi
 GLIBC=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{ print $2 }' || true)
 [ -n "$GLIBC" ] || GLIBC=$(ldd --version 2>/dev/null | head -n 1 | awk '{ print $NF }' || true)
 if [ -n "$GLIBC" ] && [ "${GLIBC#*.}" -ge "${GLIBC_MIN#*.}" ] 2>/dev/null; then s=ok; else s=FAIL; fi
@@ -355,7 +435,14 @@ row "python" "$PYVER with venv+ensurepip" "${HAVE_PY:-none}${PY:+ ($PY)}" "$s"
 if [ "$CUDA_MAJOR" -eq 0 ]; then
     row "nvidia driver" "none (CPU bundle)" "-" ok
 else
-    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+    # One line per GPU: "name, driver, compute capability"; drivers before 510 cannot report the
+    # capability (the query fails), then only the driver is asked for.
+    # A failing nvidia-smi (no driver loaded) prints its complaint on stdout: only a clean run counts.
+    if GPUS=$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null); then :
+    elif GPUS=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null); then :
+    else GPUS=""; fi
+    GPUS=$(printf '%s\n' "$GPUS" | awk -F', *' 'NF >= 2 && $2 ~ /^[0-9]+([.][0-9]+)*$/')
+    DRIVER=$(printf '%s\n' "$GPUS" | awk -F', *' 'NF >= 2 { print $2; exit }')
     if [ -z "$DRIVER" ]; then
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "no NVIDIA GPU/driver: runs CPU-only" notice
     elif [ "${DRIVER%%.*}" -ge "$MIN_DRIVER" ]; then
@@ -364,6 +451,21 @@ else
     else
         row "nvidia driver" ">= $MIN_DRIVER (CUDA $CUDA_MAJOR)" "$DRIVER" FAIL
     fi
+    index=0
+    printf '%s\n' "$GPUS" | awk -F', *' 'NF >= 2 { print $3 "|" $1 }' > "$WORK/gpus"
+    while IFS='|' read -r cc name; do
+        if [ -z "$MIN_CC" ]; then
+            row "gpu $index" "any compute capability" "$name (sm ${cc:-unknown})" ok
+        elif ! printf '%s\n' "$cc" | grep -Eq '^[0-9]+[.][0-9]+$'; then
+            row "gpu $index" "sm >= $MIN_CC (wheels, TensorRT)" "$name (driver too old to tell)" FAIL
+        elif [ "$(printf '%s %s\n' "$cc" "$MIN_CC" | awk '{ split($1, a, "."); split($2, b, ".");
+                print (a[1] * 100 + a[2] >= b[1] * 100 + b[2]) ? "ok" : "FAIL" }')" = ok ]; then
+            row "gpu $index" "sm >= $MIN_CC (wheels, TensorRT)" "$name (sm $cc)" ok
+        else
+            row "gpu $index" "sm >= $MIN_CC (wheels, TensorRT)" "$name (sm $cc)" FAIL
+        fi
+        index=$((index + 1))
+    done < "$WORK/gpus"
 fi
 INSTALLED_SEQ=0 INSTALLED_PRODUCT="" DOWNGRADE=0
 if [ -f "$PREFIX/etc/sequence" ]; then
@@ -388,6 +490,10 @@ if [ -n "$FAILED" ]; then
         product*) die "this bundle is for product '$PRODUCT', but '$INSTALLED_PRODUCT' is installed under $PREFIX" ;;
         *) die "preflight: $FAILED" ;;
     esac
+fi
+if [ "$PREFLIGHT_ONLY" -eq 1 ]; then
+    say "preflight passed (--preflight-only: nothing written)"
+    exit 0
 fi
 
 # ---------------------------------------------------------------- 4. install
@@ -421,9 +527,13 @@ mkdir -m 700 "$STAGE"
 while read -r size sha path; do
     mkdir -p "$STAGE/$(dirname "$path")"
     cp "$BUNDLE/$path" "$STAGE/$path"
-done < "$WORK/files"
+done < "$WORK/shipped"
+while read -r path src; do
+    mkdir -p "$STAGE/$(dirname "$path")"
+    cp "$src" "$STAGE/$path"
+done < "$WORK/held_from"
 say "checking the staged copy ..."
-check_tree "$STAGE"
+check_tree "$STAGE" "$WORK/files"
 while read -r path sha size parts; do
     [ -n "$path" ] || continue
     : > "$STAGE/$path"
@@ -454,14 +564,32 @@ while read -r name mpath; do
     mkdir -p "$REL/models/$name"
     for file in "$STAGE/$mpath"/*; do
         sha=$(sha256sum < "$file" | cut -d' ' -f1)
-        if [ ! -f "$STORE/$sha" ]; then
-            cp "$file" "$STORE/.$sha.tmp" && chmod 444 "$STORE/.$sha.tmp" && mv "$STORE/.$sha.tmp" "$STORE/$sha"
+        # A copy already in the store is reused only when its bytes are right (the store is the
+        # service account's: a damaged or altered copy is replaced with the verified one).
+        if [ -L "$STORE/$sha" ] || [ ! -f "$STORE/$sha" ] || [ "$(sha256sum < "$STORE/$sha" | cut -d' ' -f1)" != "$sha" ]; then
+            rm -f "$STORE/.$sha.tmp"
+            cp "$file" "$STORE/.$sha.tmp" && chmod 444 "$STORE/.$sha.tmp" && mv -f "$STORE/.$sha.tmp" "$STORE/$sha"
         fi
         ln -s "$STORE/$sha" "$REL/models/$name/${file##*/}"
     done
     # The name operators use follows whichever release is current.
     [ -e "$HOME_DIR/models/$name" ] || [ -L "$HOME_DIR/models/$name" ] || ln -s "$PREFIX/current/models/$name" "$HOME_DIR/models/$name"
 done < "$WORK/models"
+
+# The release's other files (wheels, lock, SBOM, install.sh), whole and verified, by SHA-256 in the
+# root-owned PREFIX/store: what a later differential bundle takes instead of shipping them again.
+awk 'FILENAME == ARGV[1] { for (i = 4; i <= NF; i++) part[$i] = 1; next } !($3 in part)' "$WORK/split" "$WORK/files" \
+    > "$WORK/whole"
+awk '{ print $3, $2, $1 }' "$WORK/split" >> "$WORK/whole"
+mkdir -p "$PREFIX/store"
+chmod 755 "$PREFIX/store"
+while read -r size sha path; do
+    case "$path" in models/*) continue ;; esac
+    rm -f "$PREFIX/store/.$sha.tmp"
+    ln "$STAGE/$path" "$PREFIX/store/.$sha.tmp" 2>/dev/null || cp "$STAGE/$path" "$PREFIX/store/.$sha.tmp"
+    chmod 444 "$PREFIX/store/.$sha.tmp" && mv -f "$PREFIX/store/.$sha.tmp" "$PREFIX/store/$sha" \
+        || die "could not keep $path in $PREFIX/store"
+done < "$WORK/whole"
 
 mkdir -p "$REL/bundle"
 cp "$M" "$WORK/MANIFEST.json.sig" "$WORK/signer.pub.pem" "$REL/bundle/"

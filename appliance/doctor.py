@@ -64,7 +64,8 @@ def check_torch() -> list[Check]:
         return [Check("torch", "fail", "not installed", "install the appliance from its bundle (install.sh)")]
     import torch
 
-    checks = [Check("torch", "ok", torch.__version__)]
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    checks = [Check("torch", "ok", f"{torch.__version__} ({build})")]
     gpus = _nvidia_smi()
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -76,6 +77,10 @@ def check_torch() -> list[Check]:
         checks.append(Check("gpu", "warn", f"nvidia-smi sees {len(gpus)} GPU(s) but torch cannot use them "
                                            f"(torch CUDA build: {torch.version.cuda or 'none'})",
                             "install the bundle built for this machine's CUDA major version"))
+    elif torch.version.cuda:
+        checks.append(Check("gpu", "warn", f"the CUDA {torch.version.cuda} stack is installed, but there is no "
+                                           "NVIDIA driver or GPU: training and serving run on the CPU (slow)",
+                            "install the NVIDIA driver (install.sh's preflight names the version) and reboot"))
     else:
         checks.append(Check("gpu", "warn", "no NVIDIA GPU: training and serving run on the CPU (slow)",
                             "fine for the demo; production sites need an NVIDIA GPU"))

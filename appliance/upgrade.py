@@ -7,7 +7,9 @@ The installed (trusted) code first copies the bundle into a new root-owned direc
 PREFIX/.upgrade.XXXX (0700; symlinks and special files refused, never followed), then verifies
 that copy: the signature against PREFIX/etc/trusted-key.pem (or a key-rotation statement signed
 by it), every file's size and SHA-256, the product, the CPU architecture and the sequence
-(rollback protection; `--allow-downgrade` is audited). Only then does it run the copy's own, now
+(rollback protection; `--allow-downgrade` is audited), and for a differential bundle that the
+installed release is its base and still holds every held file byte for byte (ADR 0018). Only
+then does it run the copy's own, now
 verified, install.sh (from the copy, with an empty environment; the stick is never read again),
 which checks again with openssl and sha256sum, stages, installs into PREFIX/releases/VERSION,
 smoke-tests and switches PREFIX/current atomically. A failure at any step leaves the current
@@ -27,6 +29,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import click
@@ -43,6 +46,7 @@ from bundler.manifest import (
     verify_bundle,
     verify_manifest,
 )
+from bundler.verify import check_held_files
 
 DEFAULT_PREFIX = Path("/opt/airlock")
 # install.sh runs with this environment only: nothing from the caller's shell reaches it.
@@ -73,7 +77,38 @@ def _read_state(prefix: Path) -> tuple[str, int, str]:
     return fingerprint(load_public_key(key_pem, str(etc / "trusted-key.pem"))), sequence, product
 
 
-def verify_for_upgrade(bundle: Path, prefix: Path, *, allow_downgrade: bool) -> Manifest:
+def installed_manifest(prefix: Path) -> Manifest | None:
+    """The manifest of the release PREFIX/current points at (checked against its own signer key), or None."""
+    current = prefix / "current"
+    if not current.is_symlink():
+        return None
+    bundle = current / "bundle"
+    try:
+        key_pem = (bundle / SIGNER_KEY_NAME).read_bytes()
+        return verify_manifest((bundle / MANIFEST_NAME).read_bytes(), (bundle / SIGNATURE_NAME).read_bytes(),
+                               key_pem, {fingerprint(load_public_key(key_pem))}, today=date(1970, 1, 1))
+    except (OSError, BundleError):
+        return None
+
+
+def check_differential_base(manifest: Manifest, prefix: Path, home: Path) -> None:
+    """A differential bundle installs only over its base, which must still hold every held file."""
+    if manifest.differential is None:
+        return
+    base = manifest.differential
+    full = f"install the full bundle of {manifest.product} {manifest.version} instead"
+    installed = installed_manifest(prefix)
+    if installed is None:
+        raise BundleError(f"{MANIFEST_NAME}: this differential bundle ships only what changed since {manifest.product} "
+                          f"{base.base_version}, and no readable release is installed under {prefix}", hint=full)
+    if installed.bundle_id != base.base_bundle_id:
+        raise BundleError(f"{MANIFEST_NAME}: this differential bundle needs {manifest.product} {base.base_version} "
+                          f"(bundle {base.base_bundle_id[:16]}) installed, but {prefix} runs {installed.version} "
+                          f"(bundle {installed.bundle_id[:16]})", hint=full)
+    check_held_files(manifest, [prefix / "store", home / "models" / "store"], base=installed.version)
+
+
+def verify_for_upgrade(bundle: Path, prefix: Path, *, allow_downgrade: bool, home: Path | None = None) -> Manifest:
     """Everything the installed code checks before the new bundle's install.sh may run."""
     trusted, installed_sequence, installed_product = _read_state(prefix)
     manifest = verify_bundle(bundle, {trusted})
@@ -88,6 +123,11 @@ def verify_for_upgrade(bundle: Path, prefix: Path, *, allow_downgrade: bool) -> 
                           f"{installed_sequence} (rollback protection)",
                           hint="use a newer bundle; to go back to the previous release use `airlock upgrade "
                                "--rollback`; --allow-downgrade installs it anyway (audited)")
+    if home is not None:
+        check_differential_base(manifest, prefix, home)
+    elif manifest.differential is not None:
+        raise BundleError(f"{MANIFEST_NAME}: a differential bundle is checked against the installed release's "
+                          "content, and no AIRLOCK_HOME was given", hint="run `airlock upgrade` as installed")
     return manifest
 
 
@@ -254,7 +294,7 @@ def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefi
 
 
 def _verify_and_run(stage: Path, prefix: Path, home: Path, *, allow_downgrade: bool, python_exe: str | None) -> None:
-    manifest = verify_for_upgrade(stage, prefix, allow_downgrade=allow_downgrade)
+    manifest = verify_for_upgrade(stage, prefix, allow_downgrade=allow_downgrade, home=home)
     click.echo(f"verified with the installed key: {manifest.product} {manifest.version} (sequence "
                f"{manifest.sequence}); running its install.sh from the verified copy {stage}")
     command = ["/bin/sh", str(stage / "install.sh"), "--trust", manifest.signer, "--prefix", str(prefix),

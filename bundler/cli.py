@@ -66,25 +66,39 @@ def keygen(out_dir: Path) -> None:
               help="The currently trusted private key: adds a statement that it vouches for --key.")
 @click.option("--split-size", type=click.IntRange(min=1), default=None,
               help="Split files larger than this many bytes (default 3.9 GiB, for FAT32 sticks).")
-def build(spec_path: Path, key_path: Path, out_dir: Path, rotate_from: Path | None, split_size: int | None) -> None:
+@click.option("--differential-from", "base_path", type=click.Path(path_type=Path, exists=True),
+              help="An earlier bundle (or its MANIFEST.json): ship only wheels and model files it did not have; "
+                   "the target must have that bundle installed.")
+def build(spec_path: Path, key_path: Path, out_dir: Path, rotate_from: Path | None, split_size: int | None,
+          base_path: Path | None) -> None:
     """Build and sign a bundle from a spec."""
     import os
 
-    from bundler.build import build_bundle
+    from bundler.build import build_bundle, load_base_manifest
     from bundler.signing import load_private_key, read_passphrase
     from bundler.spec import load_spec
     from bundler.split import DEFAULT_SPLIT_BYTES
 
     spec = load_spec(spec_path)
+    base = load_base_manifest(base_path) if base_path is not None else None
     key = load_private_key(key_path, read_passphrase())
     old_key = None
     if rotate_from is not None:
         old_pass = os.environ.get("AIRLOCK_OLD_SIGNING_PASSPHRASE")
         old_key = load_private_key(rotate_from, old_pass.encode() if old_pass is not None else
                                    click.prompt("passphrase of the old key", hide_input=True).encode())
-    result = build_bundle(spec, key, out_dir, split_bytes=split_size or DEFAULT_SPLIT_BYTES, rotate_from=old_key)
+    result = build_bundle(spec, key, out_dir, split_bytes=split_size or DEFAULT_SPLIT_BYTES, rotate_from=old_key,
+                          differential_from=base)
     click.echo(f"bundle: {result.directory} ({result.files} files, {result.payload_bytes / 2**20:.1f} MiB)")
+    if base is not None:
+        click.echo(f"differential over {base.product} {base.version} (bundle id {base.bundle_id}): {result.held_files} "
+                   f"files held by the installed base; ships {result.payload_bytes / 2**20:.1f} of "
+                   f"{result.full_bytes / 2**20:.1f} MiB ({result.payload_bytes / max(result.full_bytes, 1):.1%})")
     click.echo(f"product {spec.product} {spec.version}, sequence {spec.sequence}, signed by {result.fingerprint}")
+    from bundler.wheels import optional_present
+
+    for requirement in optional_present(spec)[1]:
+        click.echo(f"note: optional {requirement} not shipped: no wheel of it in wheels.find_links")
 
 
 @cli.command()
@@ -108,6 +122,10 @@ def verify(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
                f"files, {manifest.payload_bytes / 2**20:.1f} MiB, signed by {manifest.signer}")
     if manifest.key_rotation:
         click.echo(f"key rotation: vouched for by trusted key {manifest.key_rotation.old_fingerprint}")
+    if manifest.differential:
+        click.echo(f"differential over {manifest.product} {manifest.differential.base_version} (bundle id "
+                   f"{manifest.differential.base_bundle_id}): {len(manifest.differential.held)} files come from that "
+                   "installed release and are checked there at install")
 
 
 def _describe(bundle: Path) -> dict[str, Any]:

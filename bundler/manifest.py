@@ -62,7 +62,16 @@ _PLATFORM = re.compile(r"manylinux(_2_[0-9]{1,3}|1|2010|2014)_(x86_64|aarch64)")
 
 _TOP_KEYS = {"bundle_id", "created", "expires", "files", "format", "key_rotation", "lock", "models", "product",
              "sbom", "sequence", "signer", "split_files", "target", "version"}
+# Only a differential bundle has this key: a full bundle's manifest is what it always was, so an
+# installed release that predates differential bundles still verifies (and installs) full ones.
+DIFFERENTIAL_KEY = "differential"
+_DIFFERENTIAL_KEYS = {"base_bundle_id", "base_version", "held"}
+_HOLDABLE = re.compile(r"wheels/[^/]+\.whl|models/.+")
+"""What a differential bundle may leave out: wheels and model files (install.sh runs from the stick,
+and the security office reads the SBOM and the lock there)."""
 _TARGET_KEYS = {"arch", "cuda_major", "glibc_min", "min_driver", "platforms", "python_version"}
+# Only GPU bundles whose spec names it carry this target key (older releases verify the others).
+MIN_CC_KEY = "min_compute_capability"
 _FILE_KEYS = {"path", "sha256", "size"}
 _SPLIT_KEYS = {"parts", "path", "sha256", "size"}
 _MODEL_KEYS = {"name", "path"}
@@ -99,6 +108,7 @@ class Target:
     glibc_min: str
     cuda_major: int  # 0 = CPU-only bundle
     min_driver: int  # 0 = no NVIDIA driver needed
+    min_compute_capability: str = ""  # "" = not checked; else like "7.5"
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,16 @@ class KeyRotation:
 
     old_fingerprint: str
     new_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Differential:
+    """A differential bundle ships only what changed since `base_bundle_id`; the target must already hold
+    `held` (listed files whose bytes come from the installed base release, checked by their listed SHA-256)."""
+
+    base_bundle_id: str
+    base_version: str
+    held: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -133,10 +153,25 @@ class Manifest:
     lock: str
     sbom: str
     key_rotation: KeyRotation | None = None
+    differential: Differential | None = None
 
     @property
     def payload_bytes(self) -> int:
+        """Bytes the bundle carries (held files of a differential bundle are not on the stick)."""
+        held = set(self.differential.held) if self.differential else set()
+        return sum(f.size for f in self.files if f.path not in held)
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of every listed file, held or shipped: what the release installs from."""
         return sum(f.size for f in self.files)
+
+    def held_entries(self) -> tuple[FileEntry, ...]:
+        """The listed files a differential bundle leaves out (empty for a full bundle)."""
+        if self.differential is None:
+            return ()
+        held = set(self.differential.held)
+        return tuple(f for f in self.files if f.path in held)
 
 
 # ---------------------------------------------------------------- canonical form and keys
@@ -286,7 +321,7 @@ def _list(value: Any, where: str, limit: int = MAX_FILES) -> list[Any]:
 
 
 def _build_manifest(data: dict[str, Any]) -> Manifest:
-    _keys(data, _TOP_KEYS, "top level")
+    _keys(data, _TOP_KEYS | ({DIFFERENTIAL_KEY} if DIFFERENTIAL_KEY in data else set()), "top level")
     if data["format"] != FORMAT:
         raise _fail("format", f"{str(data['format'])[:40]!r} is not {FORMAT!r}")
     seen: set[str] = set()
@@ -307,7 +342,8 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
             raise _fail(path, "split file clashes with a file or names parts that are not listed")
         seen.add(path)
         split_files.append(SplitFile(path, _int(entry["size"], path), _text(entry["sha256"], path, _HEX64), parts))
-    target_raw = _keys(data["target"], _TARGET_KEYS, "target")
+    target_raw = _keys(data["target"], _TARGET_KEYS | ({MIN_CC_KEY} if isinstance(data["target"], dict)
+                                                       and MIN_CC_KEY in data["target"] else set()), "target")
     target = Target(
         arch=_text(target_raw["arch"], "target.arch", re.compile(r"x86_64|aarch64")),
         python_version=_text(target_raw["python_version"], "target.python_version", re.compile(r"3\.[0-9]{1,2}")),
@@ -315,6 +351,8 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
         glibc_min=_text(target_raw["glibc_min"], "target.glibc_min", re.compile(r"2\.[0-9]{1,3}")),
         cuda_major=_int(target_raw["cuda_major"], "target.cuda_major", 99),
         min_driver=_int(target_raw["min_driver"], "target.min_driver", 9999),
+        min_compute_capability=_text(target_raw[MIN_CC_KEY], f"target.{MIN_CC_KEY}",
+                                     re.compile(r"[1-9][0-9]?\.[0-9]")) if MIN_CC_KEY in target_raw else "",
     )
     models = tuple(ModelEntry(_text(m["name"], "models.name", _NAME), check_path(m["path"]))
                    for m in (_keys(raw, _MODEL_KEYS, "models") for raw in _list(data["models"], "models", 64)))
@@ -322,6 +360,7 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
     for name in ("lock", "sbom"):
         if check_path(data[name]) not in listed:
             raise _fail(name, f"{data[name]} is not a listed file")
+    differential = _differential(data[DIFFERENTIAL_KEY], files, split_files) if DIFFERENTIAL_KEY in data else None
     rotation = None
     if data["key_rotation"] is not None:
         statement = _rotation_statement(data["key_rotation"])
@@ -335,8 +374,24 @@ def _build_manifest(data: dict[str, Any]) -> Manifest:
         expires=_text(data["expires"], "expires", re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")),
         signer=_text(data["signer"], "signer", _HEX64),
         target=target, files=tuple(files), split_files=tuple(split_files), models=models,
-        lock=data["lock"], sbom=data["sbom"], key_rotation=rotation,
+        lock=data["lock"], sbom=data["sbom"], key_rotation=rotation, differential=differential,
     )
+
+
+def _differential(raw: Any, files: list[FileEntry], split_files: list[SplitFile]) -> Differential:
+    entry = _keys(raw, _DIFFERENTIAL_KEYS, DIFFERENTIAL_KEY)
+    held = tuple(check_path(p, f"{DIFFERENTIAL_KEY}.held") for p in _list(entry["held"], f"{DIFFERENTIAL_KEY}.held"))
+    listed = {f.path for f in files}
+    parts = {p for s in split_files for p in s.parts}
+    if len(set(held)) != len(held) or list(held) != sorted(held):
+        raise _fail(f"{DIFFERENTIAL_KEY}.held", "paths must be sorted and unique")
+    for path in held:
+        # A held file is one whole listed file (never a part: splitting is how a file ships) that
+        # the installer may take from the installed release: a wheel or a model file.
+        if path not in listed or path in parts or not _HOLDABLE.fullmatch(path):
+            raise _fail(path, "held file is not a listed wheel or model file")
+    return Differential(_text(entry["base_bundle_id"], f"{DIFFERENTIAL_KEY}.base_bundle_id", _HEX64),
+                        _text(entry["base_version"], f"{DIFFERENTIAL_KEY}.base_version", _VERSION), held)
 
 
 def _b64(value: Any, where: str, limit: int) -> bytes:

@@ -32,12 +32,18 @@ class TargetSpec:
     """CUDA major version the GPU wheels are built for (12, 13); 0 for a CPU-only bundle."""
     min_driver: int = 0
     """Lowest NVIDIA driver major the target needs; defaults from cuda_major (525 for 12, 580 for 13)."""
+    min_compute_capability: str = ""
+    """Oldest GPU architecture the GPU wheels (and TensorRT) run on, e.g. "7.5"; "" = not checked."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"3\.\d{1,2}", self.python):
             raise _spec_error("target.python", f"{self.python!r} is not like \"3.11\"")
         if not _PLATFORM.fullmatch(self.platform):
             raise _spec_error("target.platform", f"{self.platform!r} is not like manylinux_2_28_x86_64")
+        if self.min_compute_capability and not (self.cuda_major and re.fullmatch(r"[1-9][0-9]?\.[0-9]",
+                                                                                  self.min_compute_capability)):
+            raise _spec_error("target.min_compute_capability",
+                              f"{self.min_compute_capability!r} is not like \"7.5\" (GPU bundles only)")
         if self.cuda_major and self.cuda_major not in MIN_DRIVER_FOR_CUDA:
             raise _spec_error("target.cuda_major", f"{self.cuda_major} is not one of {sorted(MIN_DRIVER_FOR_CUDA)}")
 
@@ -105,6 +111,8 @@ class BundleSpec:
     """Pinned wheels (name==version); their dependencies are resolved and must be pinned too."""
     find_links: tuple[Path, ...] = ()
     """Directories of extra wheels (TensorRT and NVIDIA wheels that are not on the public index)."""
+    optional_requirements: tuple[str, ...] = ()
+    """Pinned wheels that ship when a find_links directory holds them and are skipped otherwise (TensorRT)."""
     use_index: bool = True
     """False: wheels come from find_links only (air-gapped build stations, tests)."""
     project: ProjectSpec | None = None
@@ -117,9 +125,11 @@ class BundleSpec:
             raise _spec_error("version", f"{self.version!r} is not a version like 1.2.0")
         if isinstance(self.sequence, bool) or not 1 <= self.sequence <= 2**53:
             raise _spec_error("sequence", "must be a positive integer")
-        for requirement in self.requirements:
-            if not _PINNED.fullmatch(requirement):
-                raise _spec_error("wheels.requirements", f"{requirement!r} is not pinned as name==version")
+        for field, values in (("requirements", self.requirements), ("optional_requirements",
+                                                                     self.optional_requirements)):
+            for requirement in values:
+                if not _PINNED.fullmatch(requirement):
+                    raise _spec_error(f"wheels.{field}", f"{requirement!r} is not pinned as name==version")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise _spec_error("models", "two models have the same name")
@@ -158,10 +168,13 @@ def load_spec(path: Path) -> BundleSpec:
     if not isinstance(data["expires"], date):
         raise _spec_error("expires", "must be a TOML date like 2027-06-30", path)
     try:
-        target = TargetSpec(**_table(data, "target", {"python", "platform", "cuda_major", "min_driver"}, path))
-        wheels = _table(data, "wheels", {"requirements", "find_links", "index"}, path)
+        target = TargetSpec(**_table(data, "target", {"python", "platform", "cuda_major", "min_driver",
+                                                            "min_compute_capability"}, path))
+        wheels = _table(data, "wheels", {"requirements", "optional_requirements", "find_links", "index"}, path)
         project_raw = _table(data, "project", {"path", "extras"}, path) if "project" in data else None
-        project = (ProjectSpec(base / project_raw["path"], tuple(project_raw.get("extras", ())))
+        # Resolved: a spec's "../.." would otherwise name the project ".." (its wheel is built from a copy
+        # named after it).
+        project = (ProjectSpec((base / project_raw["path"]).resolve(), tuple(project_raw.get("extras", ())))
                    if project_raw else None)
         models_raw = data.get("models", [])
         if not isinstance(models_raw, list):
@@ -176,6 +189,7 @@ def load_spec(path: Path) -> BundleSpec:
         return BundleSpec(
             product=data["product"], version=str(data["version"]), sequence=data["sequence"],
             expires=data["expires"], target=target, requirements=tuple(wheels.get("requirements", ())),
+            optional_requirements=tuple(wheels.get("optional_requirements", ())),
             find_links=tuple(base / p for p in wheels.get("find_links", ())), use_index=bool(wheels.get("index", True)),
             project=project, models=tuple(models),
         )

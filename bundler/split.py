@@ -17,6 +17,14 @@ DEFAULT_SPLIT_BYTES = int(3.9 * 2**30)
 CHUNK = 4 * 2**20
 
 
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 def part_name(rel_path: str, index: int) -> str:
     return f"{rel_path}.part{index:03d}"
 

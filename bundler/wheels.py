@@ -1,22 +1,28 @@
 """Collect the target's wheels with pip, build the project's own wheel, write the hash lock.
 
-`pip download --only-binary=:all:` with the target's platform tags, Python version and ABI: the
-build station's own platform never leaks in. Anything that is not a wheel is refused, because a
+pip resolves (`install --dry-run --report`, `--only-binary=:all:`) with the target's platform
+tags, Python version and ABI: the build station's own platform never leaks in. Local wheels are
+not copied by pip: the builder copies and hashes them in one pass; only index wheels are
+downloaded (`pip download --no-deps` of the exact URLs pip chose). Anything that is not a wheel is refused, because a
 target has no network and no compiler; NVIDIA's public `tensorrt-cu*` packages are stub sdists
 that download the real wheels at install time, so they get a hint saying where the wheels are.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
 
 from bundler.errors import BundleError
 from bundler.spec import BundleSpec
@@ -52,14 +58,6 @@ def parse_wheel_name(filename: str) -> tuple[str, str, str]:
     return name, match["version"], match["plat"]
 
 
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(4 * 2**20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def _pip_env() -> dict[str, str]:
     return {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
             "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PYTHONHASHSEED": "0"}
@@ -90,42 +88,127 @@ def build_project_wheel(project: Path, out_dir: Path) -> Path:
     return wheels[0]
 
 
-def download_wheels(spec: BundleSpec, dest: Path) -> list[Wheel]:
-    """Fill `dest` with every wheel the target needs and return them sorted by filename."""
+def optional_present(spec: BundleSpec) -> tuple[list[str], list[str]]:
+    """(optional requirements a find_links directory holds a wheel of, the others)."""
+    held = set()
+    for directory in spec.find_links:
+        for path in directory.glob("*.whl") if directory.is_dir() else ():
+            try:
+                name, version, _ = parse_wheel_name(path.name)
+            except BundleError:
+                continue
+            held.add((name, version))
+    present, missing = [], []
+    for requirement in spec.optional_requirements:
+        name, version = requirement.split("==")
+        normalized = re.sub(r"[-_.]+", "-", name).lower()
+        (present if (normalized, version) in held else missing).append(requirement)
+    return present, missing
+
+
+@dataclass(frozen=True)
+class ResolvedWheel:
+    """A wheel pip chose for the target, not yet placed in the bundle."""
+
+    filename: str
+    name: str
+    version: str
+    source: Path
+    """Where its bytes are: a find_links file or the project's build directory (copied into the
+    bundle), or the bundle's wheels/ directory itself when pip had to download it."""
+    downloaded: bool
+    license: str
+
+    def placed(self, sha256: str, size: int) -> Wheel:
+        return Wheel(self.filename, self.name, self.version, sha256, size, self.license)
+
+
+@contextmanager
+def collect_wheels(spec: BundleSpec, dest: Path) -> Iterator[list[ResolvedWheel]]:
+    """Resolve every wheel the target needs (sorted by filename), without copying a local one.
+
+    pip resolves with `install --dry-run --report` for the target's tags (it reads only metadata);
+    wheels it found on a local path (find_links, the project's wheel) are left where they are for
+    the caller to copy and hash in one pass; only wheels from an index are downloaded, into `dest`.
+    Valid inside the `with` block (the project's wheel lives in a temporary directory).
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    requirements = list(spec.requirements)
-    with tempfile.TemporaryDirectory(prefix="airlock-project-") as project_dir:
+    requirements = list(spec.requirements) + optional_present(spec)[0]
+    with tempfile.TemporaryDirectory(prefix="airlock-project-") as scratch:
         if spec.project is not None:
-            wheel = build_project_wheel(spec.project.path, Path(project_dir))
+            wheel = build_project_wheel(spec.project.path, Path(scratch) / "project")
             extras = f"[{','.join(spec.project.extras)}]" if spec.project.extras else ""
             requirements.append(f"{wheel}{extras}")
         if not requirements:
-            return []
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(dest),
-                   "--python-version", spec.target.python, "--implementation", "cp",
-                   "--abi", f"cp{spec.target.python.replace('.', '')}"]
-        for tag in spec.target.platform_tags():
-            command += ["--platform", tag]
-        if not spec.use_index:
-            command.append("--no-index")
-        for directory in spec.find_links:
-            if not directory.is_dir():
-                raise BundleError(f"{directory}: wheels.find_links directory does not exist",
-                                  hint="create it and put the wheels there, or remove it from the spec")
-            command += ["--find-links", str(directory)]
-        result = subprocess.run([*command, *requirements], capture_output=True, text=True, env=_pip_env(),
-                                check=False)
-    if result.returncode != 0:
-        raise _explain_pip_failure(result.stderr, spec)
-    wheels = []
-    for path in sorted(dest.iterdir()):
-        if not path.name.endswith(".whl"):
-            raise BundleError(f"wheels/{path.name}: is a source distribution, not a wheel",
-                              hint="the target cannot build or download anything: ship a wheel for the target "
-                                   "platform instead")
-        name, version, _ = parse_wheel_name(path.name)
-        wheels.append(Wheel(path.name, name, version, _sha256(path), path.stat().st_size, wheel_license(path)))
-    return wheels
+            yield []
+            return
+        report_path = Path(scratch) / "report.json"
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                                 "--report", str(report_path), "--target", str(Path(scratch) / "target"),
+                                 *_target_options(spec), *requirements],
+                                capture_output=True, text=True, env=_pip_env(), check=False)
+        if result.returncode != 0:
+            raise _explain_pip_failure(result.stderr, spec)
+        resolved, remote = [], []
+        for item in json.loads(report_path.read_text(encoding="utf-8"))["install"]:
+            url = item["download_info"]["url"]
+            filename = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+            if not filename.endswith(".whl"):
+                raise BundleError(f"wheels/{filename}: is a source distribution, not a wheel",
+                                  hint="the target cannot build or download anything: ship a wheel for the target "
+                                       "platform instead")
+            name, version, _ = parse_wheel_name(filename)
+            local = urlparse(url).scheme == "file"
+            source = Path(url2pathname(unquote(urlparse(url).path))) if local else dest / filename
+            if not local:
+                remote.append(url)
+            resolved.append(ResolvedWheel(filename, name, version, source, not local,
+                                          license_from_metadata(item.get("metadata", {}))))
+        if remote:
+            fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest",
+                                      str(dest), *_target_options(spec), *remote],
+                                     capture_output=True, text=True, env=_pip_env(), check=False)
+            if fetched.returncode != 0:
+                raise _explain_pip_failure(fetched.stderr, spec)
+        names = [w.filename for w in resolved]
+        if len(set(names)) != len(names):
+            raise BundleError(f"wheels: pip chose two wheels of the same file name ({names})",
+                              hint="pin one version of each package")
+        yield sorted(resolved, key=lambda w: w.filename)
+
+
+def _target_options(spec: BundleSpec) -> list[str]:
+    """pip's options that pick wheels for the target (never this station), from the spec's sources."""
+    options = ["--only-binary=:all:", "--python-version", spec.target.python, "--implementation", "cp",
+               "--abi", f"cp{spec.target.python.replace('.', '')}"]
+    for tag in spec.target.platform_tags():
+        options += ["--platform", tag]
+    if not spec.use_index:
+        options.append("--no-index")
+    for directory in spec.find_links:
+        if not directory.is_dir() and spec.optional_requirements:
+            continue  # a directory only for optional wheels may be absent: they are skipped
+        if not directory.is_dir():
+            raise BundleError(f"{directory}: wheels.find_links directory does not exist",
+                              hint="create it and put the wheels there, or remove it from the spec")
+        options += ["--find-links", str(directory)]
+    return options
+
+
+def license_from_metadata(metadata: dict) -> str:
+    """The license of pip's JSON metadata (PEP 566 form), by the rules of `wheel_license`."""
+    return _pick_license(str(metadata.get("license_expression") or ""), str(metadata.get("license") or ""),
+                         [str(c) for c in metadata.get("classifier") or []])
+
+
+def _pick_license(expression: str, declared: str, classifiers: list[str]) -> str:
+    expression, declared = expression.strip(), declared.strip()
+    if expression:
+        return expression[:200]
+    if declared and "\n" not in declared and len(declared) <= 100:
+        return declared
+    names = [c.split("::")[-1].strip() for c in classifiers if c.startswith("License ::") and c.count("::") >= 2]
+    return ", ".join(dict.fromkeys(names))[:200]
 
 
 def wheel_license(path: Path) -> str:
@@ -144,15 +227,8 @@ def wheel_license(path: Path) -> str:
     except (OSError, zipfile.BadZipFile):
         return ""
     meta = HeaderParser().parsestr(text, headersonly=True)
-    expression = (meta.get("License-Expression") or "").strip()
-    if expression:
-        return expression[:200]
-    declared = (meta.get("License") or "").strip()
-    if declared and "\n" not in declared and len(declared) <= 100:
-        return declared
-    classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or []
-                   if c.startswith("License ::") and c.count("::") >= 2]
-    return ", ".join(dict.fromkeys(classifiers))[:200]
+    return _pick_license(meta.get("License-Expression") or "", meta.get("License") or "",
+                         list(meta.get_all("Classifier") or []))
 
 
 def _explain_pip_failure(stderr: str, spec: BundleSpec) -> BundleError:

@@ -47,13 +47,16 @@ def make_key(directory: Path) -> tuple[Path, str]:
 def write_spec(path: Path, *, version: str = "0.1.0", sequence: int = 1, product: str = "airlock",
                requirements: tuple[str, ...] = ("mdurl==0.1.2",), project: bool = False, extras: str = "appliance",
                model: Path = TINY_MODEL, platform: str = "manylinux_2_28_x86_64", expires: str = "2099-12-31",
-               find_links: Path = WHEELHOUSE) -> Path:
+               find_links: Path = WHEELHOUSE, project_path: Path = REPO, cuda_major: int = 0,
+               min_compute_capability: str = "") -> Path:
     lines = [f'product = "{product}"', f'version = "{version}"', f"sequence = {sequence}", f"expires = {expires}",
-             "[target]", 'python = "3.11"', f'platform = "{platform}"',
+             "[target]", 'python = "3.11"', f'platform = "{platform}"', f"cuda_major = {cuda_major}",
+             *([f'min_compute_capability = "{min_compute_capability}"'] if min_compute_capability else []),
              "[wheels]", f"requirements = {json.dumps(list(requirements))}",
              f"find_links = [{json.dumps(str(find_links))}]", "index = false"]
     if project:
-        lines += ["[project]", f"path = {json.dumps(str(REPO))}", f"extras = {json.dumps([extras] if extras else [])}"]
+        lines += ["[project]", f"path = {json.dumps(str(project_path))}",
+                  f"extras = {json.dumps([extras] if extras else [])}"]
     lines += ["[[models]]", 'name = "tiny-deepseek-r1"', f"path = {json.dumps(str(model))}"]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -145,3 +145,45 @@ def test_non_p256_key_is_refused():
     pem = public_pem(ed25519.Ed25519PrivateKey.generate().public_key())  # type: ignore[arg-type]
     with pytest.raises(BundleError, match="not an ECDSA P-256"):
         verify_manifest(b"{}", b"x" * 70, pem, set())
+
+
+def _differential_body(key, **differential) -> dict:
+    body = _body(key)
+    body["files"] += [{"path": "models/m/model.safetensors", "sha256": SHA, "size": 7},
+                      {"path": "wheels/a-1.0-py3-none-any.whl", "sha256": SHA, "size": 3}]
+    body["files"].sort(key=lambda f: f["path"])
+    body["differential"] = {"base_bundle_id": "ef" * 32, "base_version": "1.1.0",
+                            "held": ["models/m/model.safetensors", "wheels/a-1.0-py3-none-any.whl"], **differential}
+    return body
+
+
+def test_a_differential_manifest_lists_every_file_and_marks_the_held_ones(keys):
+    manifest = _verify(keys[0], _differential_body(keys[0]))
+    assert manifest.differential is not None and manifest.differential.base_version == "1.1.0"
+    assert [f.path for f in manifest.held_entries()] == ["models/m/model.safetensors", "wheels/a-1.0-py3-none-any.whl"]
+    # The stick carries 16 bytes; the release installs from 26.
+    assert (manifest.payload_bytes, manifest.full_bytes) == (16, 26)
+    # A full bundle's manifest has no differential key at all (what releases before ADR 0018 verify).
+    assert _verify(keys[0], _body(keys[0])).differential is None
+
+
+@pytest.mark.parametrize(("held", "message"), [
+    (["install.sh"], "held file is not a listed wheel or model file"),  # the installer always ships
+    (["wheels/requirements.lock"], "held file is not a listed wheel or model file"),
+    (["wheels/b-2.0-py3-none-any.whl"], "held file is not a listed wheel or model file"),  # not listed
+    (["wheels/a-1.0-py3-none-any.whl", "models/m/model.safetensors"], "sorted and unique"),
+    (["models/m/model.safetensors", "models/m/model.safetensors"], "sorted and unique"),
+])
+def test_a_differential_manifest_holds_only_listed_wheels_and_models(keys, held, message):
+    with pytest.raises(BundleError, match=message):
+        _verify(keys[0], _differential_body(keys[0], held=held))
+
+
+def test_a_differential_manifest_never_holds_a_part_of_a_split_file(keys):
+    body = _differential_body(keys[0], held=["models/m/w.safetensors.part000"])
+    body["files"] += [{"path": "models/m/w.safetensors.part000", "sha256": SHA, "size": 4}]
+    body["files"].sort(key=lambda f: f["path"])
+    body["split_files"] = [{"parts": ["models/m/w.safetensors.part000"], "path": "models/m/w.safetensors",
+                            "sha256": SHA, "size": 4}]
+    with pytest.raises(BundleError, match="held file is not a listed wheel or model file"):
+        _verify(keys[0], body)
