@@ -165,19 +165,20 @@ def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET,
 SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
 
 # The longest units first (longest-processing-time scheduling): a 4-minute unit handed out last would keep
-# one worker busy while the other idles. Measured on two quiet cores, seconds, longest first; every other
+# one worker busy while the other idles. Seconds per unit under `make test` on two cores, longest first; every other
 # unit follows in the seed's random order, and tests inside a unit keep their random order.
 LONGEST_FIRST = (
-    "tests/appliance/serve",                              # ~400: the served appliance (150) and its tests
-    "tests/e2e/test_bundle_install.py",                   # ~230: build, install, upgrade, roll back
-    "tests/appliance/optimize",                           # ~150: exports shared by the optimize tests
-    "tests/appliance/train/test_train_jobs.py",           # ~140: kill -9 / SIGTERM and resume
-    "tests/test_tiny_models.py",                          # ~100: regenerate the tiny models
-    "tests/appliance/registry/test_lm_engine_gate.py",    # ~90
-    "tests/e2e/test_demo.py",                             # ~85
-    "tests/appliance/registry/test_retrain_scenario.py",  # ~85
-    "tests/appliance/registry/test_ewc.py",               # ~80
-    "tests/tui/test_acceptance_flow.py",                  # ~80
+    "tests/appliance/serve",                              # ~250: the served appliance and its tests
+    "tests/bundler/test_differential.py",                 # ~210: a full install, then differential upgrades
+    "tests/e2e/test_bundle_install.py",                   # ~200: build, install, upgrade, roll back
+    "tests/appliance/optimize",                           # ~170: exports shared by the optimize tests
+    "tests/e2e/test_demo.py",                             # ~140
+    "tests/test_tiny_models.py",                          # ~135: regenerate the tiny models
+    "tests/appliance/train/test_ddp.py",                  # ~110: torchrun, two nodes, FSDP
+    "tests/tui/test_acceptance_flow.py",                  # ~85
+    "tests/appliance/train/test_train_jobs.py",           # ~80: kill -9 / SIGTERM and resume
+    "tests/appliance/train/test_train_ddp_job.py",        # ~75
+    "tests/appliance/registry/test_retrain_scenario.py",  # ~60
 )
 
 
