@@ -101,10 +101,11 @@ SERVICE_USER = "airlock-test"
 
 @contextlib.contextmanager
 def service_account_lock():
-    """Held while the test service account may be created: by `ensure_service_user`, or by an install.sh run
-    with `--user airlock-test` (which creates it when absent, the path the installer tests cover on a fresh
-    machine). Parallel test workers would otherwise race: one `useradd` fails ("cannot lock /etc/passwd", or
-    the account already exists) and prints to the installer's stderr."""
+    """Held around every account creation or removal of the tests: `ensure_service_user`, and the install.sh
+    run that creates (and the test then removes) an account of its own. Parallel test workers would otherwise
+    race: one `useradd` fails ("cannot lock /etc/passwd", or the account already exists) and prints to the
+    installer's stderr. The full installs create nothing (the account exists before they start), so they never
+    wait for this lock while another install runs."""
     import fcntl
 
     with open(Path(tempfile.gettempdir()) / "airlock-test-account.lock", "a") as lock:

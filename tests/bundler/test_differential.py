@@ -24,7 +24,7 @@ import pytest
 
 from bundler.wheels import BUILD_STATE
 from tests.bundler.bundles import build, make_key, manifest_of, require_wheelhouse, run_bundler, write_spec
-from tests.conftest import REPO, SERVICE_USER, needs_unshare, service_account_lock
+from tests.conftest import REPO, SERVICE_USER, ensure_service_user, needs_unshare
 
 # The code-only change of v2: one line appended to a module the installed `airlock doctor` imports.
 CHANGED_MODULE = "appliance/doctor.py"
@@ -158,8 +158,8 @@ def test_a_differential_bundle_installs_only_over_its_intact_base(world, site):
     prefix, home = site / "opt-airlock", site / "var-lib-airlock"
     install = ["sh", world["v1"] / "install.sh", "--trust", world["fp"], "--prefix", prefix, "--home", home,
                "--python", system_python(), "--user", SERVICE_USER]
-    with service_account_lock():  # it may create the account: not while another worker does
-        first = _run(*install, home=home)
+    ensure_service_user()  # created beforehand: no other worker's useradd races this install's
+    first = _run(*install, home=home)
     assert first.returncode == 0, first.stdout + first.stderr
     airlock = prefix / "bin" / "airlock"
     v2 = world["v2"]

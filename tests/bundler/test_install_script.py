@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.bundler.bundles import build, make_key, require_wheelhouse, write_spec
-from tests.conftest import REPO, SERVICE_USER, needs_unshare, service_account_lock
+from tests.conftest import REPO, needs_unshare, service_account_lock
 
 INSTALL_SH = REPO / "install.sh"
 UNITS = ("airlock-serve.service", "airlock-retrain.service", "airlock-retrain.timer")
@@ -184,13 +184,20 @@ def test_nothing_planted_in_the_working_directory_or_on_the_stick_runs(small_bun
     (tmp_path / "attacker").mkdir()
     python = attacker_python(tmp_path / "attacker" / "python3.11", stick, marker)
     prefix, home = tmp_path / "prefix", tmp_path / "home"
-    with service_account_lock():  # it may create the account: not while another worker does
-        result = subprocess.run(
-            ["unshare", "-n", "sh", str(stick / "install.sh"), "--trust", fingerprint, "--prefix", str(prefix),
-             "--home", str(home), "--python", str(python), "--user", SERVICE_USER],
-            cwd=cwd, capture_output=True, text=True, check=False, timeout=300,
-            env={**os.environ, "PYTHONPATH": str(cwd), "PYTHONSTARTUP": str(cwd / "venv.py"),
-                 "PYTHONUSERBASE": str(cwd)})
+    # An account of this test's own, absent before: install.sh creates it (the path a fresh site takes),
+    # under the lock that keeps parallel workers' useradd/userdel apart; removed afterwards.
+    account = f"airlock-t{os.getpid()}"
+    with service_account_lock():
+        try:
+            result = subprocess.run(
+                ["unshare", "-n", "sh", str(stick / "install.sh"), "--trust", fingerprint, "--prefix", str(prefix),
+                 "--home", str(home), "--python", str(python), "--user", account],
+                cwd=cwd, capture_output=True, text=True, check=False, timeout=300,
+                env={**os.environ, "PYTHONPATH": str(cwd), "PYTHONSTARTUP": str(cwd / "venv.py"),
+                     "PYTHONUSERBASE": str(cwd)})
+        finally:
+            subprocess.run(["userdel", account], capture_output=True, check=False)
+    assert f"service account: {account} (created: system account, no login shell)" in result.stdout, result.stdout
     # The attack happened (the stick changed during the install)...
     assert (stick / "venv.py").exists() and "touch" in (stick / "install.sh").read_text()
     # ...the install went on from its verified copy up to the smoke test this bundle cannot pass

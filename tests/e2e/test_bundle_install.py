@@ -30,7 +30,7 @@ import pytest
 
 from tests.bundler.bundles import build, make_key, require_wheelhouse, write_spec
 from tests.bundler.test_install_script import attacker_python, plant
-from tests.conftest import SERVICE_USER, needs_unshare, service_account_lock
+from tests.conftest import SERVICE_USER, ensure_service_user, needs_unshare
 
 pytestmark = [needs_unshare, pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(os.geteuid() != 0, reason="installs as root (creates the service account)")]
@@ -110,12 +110,15 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path, site):
     units_before = units_listing()
     stamp = tmp_path / "stamp"
     stamp.touch()
-    with service_account_lock():  # it may create the account: not while another worker does
-        first = subprocess.run(["unshare", "-n", "sh", str(stick / "install.sh"), "--trust", bundles["fp"],
-                                "--prefix", str(prefix), "--home", str(home), "--python", str(python), "--user",
-                                SERVICE_USER, "--enable-services"], cwd=stick, capture_output=True, text=True,
-                               timeout=600, check=False, env={**os.environ, **attack_env})
+    # The account exists before (tests/bundler/test_install_script.py covers install.sh creating one), so that
+    # no other worker's useradd can race this install's.
+    ensure_service_user()
+    first = subprocess.run(["unshare", "-n", "sh", str(stick / "install.sh"), "--trust", bundles["fp"],
+                            "--prefix", str(prefix), "--home", str(home), "--python", str(python), "--user",
+                            SERVICE_USER, "--enable-services"], cwd=stick, capture_output=True, text=True,
+                           timeout=600, check=False, env={**os.environ, **attack_env})
     assert first.returncode == 0, first.stdout + first.stderr
+    assert f"service account: {SERVICE_USER} (exists; reused)" in first.stdout
     assert "touch" in (stick / "install.sh").read_text() and (stick / "venv.py").exists()  # the attack happened
     assert not marker.exists(), marker.read_text()  # and nothing planted ran
     assert first.stderr == "", first.stderr  # no shell error (once: `vault: not found`)
