@@ -38,13 +38,17 @@ def unlocked(vault_init, unlock):  # noqa: F811 - the fixtures imported above
     unlock()
 
 
-@pytest.fixture
-def qa_source(tmp_path: Path) -> Path:
-    """A folder holding one JSONL file of 40 chat Q&A records (the demo corpus)."""
-    source = tmp_path / "usb" / "qa-export"
+def write_qa_source(root: Path) -> Path:
+    """`root`/usb/qa-export holding one JSONL file of 40 chat Q&A records (the demo corpus)."""
+    source = root / "usb" / "qa-export"
     source.mkdir(parents=True)
     (source / "qa.jsonl").write_text("\n".join(corpus_chats(40)) + "\n", encoding="utf-8")
     return source
+
+
+@pytest.fixture
+def qa_source(tmp_path: Path) -> Path:
+    return write_qa_source(tmp_path)
 
 
 class Templates:
@@ -87,10 +91,7 @@ class Templates:
         try:
             if stage == "dataset":
                 fix_site_secret(home)
-                source = self.root / "usb" / "qa-export"
-                source.mkdir(parents=True)
-                (source / "qa.jsonl").write_text("\n".join(corpus_chats(40)) + "\n", encoding="utf-8")
-                self._cli(home, "data", "import", str(source), "--name", "qa", "--near-dup", "off")
+                self._cli(home, "data", "import", str(write_qa_source(self.root)), "--name", "qa", "--near-dup", "off")
             elif stage == "trained":
                 recipe = self.root / "tiny.toml"
                 recipe.write_text(TINY_LM_RECIPE, encoding="utf-8")
