@@ -144,6 +144,32 @@ needs_unshare = pytest.mark.skipif(not unshare_available(),
                                    reason="`unshare -n` is not permitted here (needs root or user namespaces)")
 
 
+_REMOVALS: list[subprocess.Popen] = []
+
+
+def remove_in_background(path: Path) -> None:
+    """Delete a large tree (an installed release: 3 GB, 80,000 files) without holding up the worker. On this
+    project's machines / is ext4 mounted with `discard`, so deleting just-written files waits on the disk:
+    measured, `shutil.rmtree` of the e2e install's site took 56 s of wall time for 1.9 s of CPU, and up to 237 s
+    as a test teardown while other tests wrote. The worker goes on; the session's end waits for the removals."""
+    _REMOVALS.append(subprocess.Popen(["rm", "-rf", "--one-file-system", str(path)], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for removal in _REMOVALS:
+        removal.wait()
+
+
+@pytest.fixture(scope="session")
+def release_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The releases of tests/bundler/bundles.py's `release_bundles`, built once for the install tests (the e2e
+    install and the differential tests are one xdist unit, `SHARED_UNITS`, so one worker builds them)."""
+    from tests.bundler.bundles import release_bundles as build
+
+    return build(tmp_path_factory.mktemp("release-bundles"))
+
+
 FIXED_SITE_SECRET = bytes(range(32))
 """The site secret of test vaults whose outcome depends on a split (see `fix_site_secret`)."""
 
@@ -179,14 +205,15 @@ def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET,
 # folders builds a served appliance or a set of exports once per session. Elsewhere a module is the unit
 # (its module fixtures are built once per worker that runs it).
 SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
+# Modules that share a session fixture across folders: one unit, named by its first module.
+SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_install.py"}  # `release_bundles`
 
 # The longest units first (longest-processing-time scheduling): a 4-minute unit handed out last would keep
 # one worker busy while the other idles. Seconds per unit under `make test` on two cores, longest first; every other
 # unit follows in the seed's random order, and tests inside a unit keep their random order.
 LONGEST_FIRST = (
     "tests/appliance/serve",                              # ~250: the served appliance and its tests
-    "tests/bundler/test_differential.py",                 # ~210: a full install, then differential upgrades
-    "tests/e2e/test_bundle_install.py",                   # ~200: build, install, upgrade, roll back
+    "tests/e2e/test_bundle_install.py",                   # ~250: build, install, upgrade (differential), roll back
     "tests/appliance/optimize",                           # ~170: exports shared by the optimize tests
     "tests/e2e/test_demo.py",                             # ~140
     "tests/test_tiny_models.py",                          # ~135: regenerate the tiny models
@@ -204,7 +231,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("xdist_group"):
             continue
         path = Path(str(item.path)).relative_to(REPO).as_posix()
-        group = next((folder for folder in SESSION_GROUPS if path.startswith(folder + "/")), path)
+        group = next((folder for folder in SESSION_GROUPS if path.startswith(folder + "/")),
+                     SHARED_UNITS.get(path, path))
         item.add_marker(pytest.mark.xdist_group(group))
     # pytest-randomly has shuffled already (its hook wraps this one); a stable sort keeps its order elsewhere.
     rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}

@@ -78,6 +78,15 @@ def manifest_of(bundle: Path) -> dict:
     return json.loads((bundle / "MANIFEST.json").read_bytes())
 
 
+def flip_bit(path: Path) -> bytes:
+    """Flip one bit in the middle of `path` (a file altered on disk); returns the original bytes."""
+    original = path.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0x01
+    path.write_bytes(bytes(changed))
+    return original
+
+
 def resign(bundle: Path, key: Path, manifest: dict) -> None:
     """Write `manifest` (canonical) and a valid signature by `key`: for cases a signer could produce."""
     from bundler.manifest import canonical_json
@@ -86,3 +95,43 @@ def resign(bundle: Path, key: Path, manifest: dict) -> None:
     data = canonical_json(manifest)
     (bundle / "MANIFEST.json").write_bytes(data)
     (bundle / "MANIFEST.json.sig").write_bytes(sign(load_private_key(key, PASSPHRASE.encode()), data))
+
+
+# The code-only change of the differential v2 in `release_bundles`: one line appended to a module the
+# installed `airlock doctor` imports.
+CHANGED_MODULE = "appliance/doctor.py"
+CHANGED_MARKER = "# differential-bundle test: the v2 code change\n"
+
+
+def release_bundles(root: Path) -> dict:
+    """The signed releases the install tests use, built once (tests/conftest.py's `release_bundles` fixture):
+    a full bundle of the appliance with its pinned CPU stack (v1), a differential v2 over it whose only change is
+    one line of the appliance's code, a differential over another base (`wrong`), a bundle of another product,
+    one without the appliance (its smoke test fails), and two signed by a new key, with and without a rotation
+    statement from the trusted key."""
+    from bundler.wheels import BUILD_STATE
+
+    require_wheelhouse("torch-2.13.0*.whl", "onnxruntime-1.32.0-*.whl", "mdurl-0.1.2-*.whl")
+    key, fingerprint = make_key(root / "key")
+    v1 = build(write_spec(root / "v1.toml", version="0.1.0", sequence=1, requirements=(), project=True),
+               key, root / "airlock-0.1.0")
+    changed = root / "source-v2" / REPO.name
+    shutil.copytree(REPO, changed, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_STATE))
+    with (changed / CHANGED_MODULE).open("a", encoding="utf-8") as handle:
+        handle.write(CHANGED_MARKER)
+    v2 = build(write_spec(root / "v2.toml", version="0.2.0", sequence=2, requirements=(), project=True,
+                          project_path=changed), key, root / "airlock-0.2.0-diff", "--differential-from", str(v1))
+    # A differential over some other release of the product: the wrong base for an install of v1.
+    other_base = build(write_spec(root / "base.toml", version="0.0.9", sequence=1), key, root / "airlock-0.0.9")
+    wrong = build(write_spec(root / "wrong.toml", version="0.3.0", sequence=3), key, root / "airlock-0.3.0-diff",
+                  "--differential-from", str(other_base))
+    other = build(write_spec(root / "other.toml", product="other-product", version="9.0.0", sequence=9),
+                  key, root / "other-9.0.0")
+    # Signed and intact, but without the appliance: its smoke test (`airlock doctor`) must fail.
+    no_app = build(write_spec(root / "no-app.toml", version="0.5.0", sequence=5), key, root / "airlock-0.5.0")
+    new_key, _ = make_key(root / "new-key")
+    rotated = build(write_spec(root / "rotated.toml", version="0.6.0", sequence=6), new_key, root / "rotated",
+                    "--rotate-from", str(key))
+    unvouched = build(write_spec(root / "unvouched.toml", version="0.7.0", sequence=7), new_key, root / "unvouched")
+    return {"fp": fingerprint, "key": key, "v1": v1, "v2": v2, "wrong": wrong, "other": other, "no_app": no_app,
+            "rotated": rotated, "unvouched": unvouched, "root": root}

@@ -1,61 +1,29 @@
 """Differential bundles (ADR 0018): only what changed ships; the rest comes from the installed base.
 
-One module fixture builds, from the local wheelhouse, a full bundle of the appliance (v1), a
-differential v2 over it whose only change is one line of the appliance's code, and a small
-differential over another base (the wrong base for v1). The cheap tests read and verify those;
-the slow one installs v1 once under `unshare -n` and then, on that one install, sees install.sh
-and `airlock upgrade` refuse v2 while a held file is missing or altered in the installed release
-(one line naming the file, nothing written), refuse the differential over another base, and
-finally install v2 over its base. About 3 minutes on two idle cores (two venv installs of
-~300 MB of wheels, as in tests/e2e/test_bundle_install.py).
+The session fixture `release_bundles` (tests/conftest.py) builds, from the local wheelhouse, a full bundle
+of the appliance (v1), a differential v2 over it whose only change is one line of the appliance's code,
+and a small differential over another base (the wrong base for v1). These tests read and verify those,
+and check the installed code's refusals on a prefix laid out like install.sh's. The real install of v1
+and the differential upgrade to v2 over it (refused while a held file is missing or altered, refused
+over the wrong base, then installed) are part of tests/e2e/test_bundle_install.py's one install story:
+each full install of the ~300 MB stack costs a minute or more, so the suite does it once.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from bundler.wheels import BUILD_STATE
-from tests.bundler.bundles import build, make_key, manifest_of, require_wheelhouse, run_bundler, write_spec
-from tests.conftest import REPO, SERVICE_USER, ensure_service_user, needs_unshare
+from tests.bundler.bundles import flip_bit, manifest_of, run_bundler
+from tests.conftest import needs_unshare
 
-# The code-only change of v2: one line appended to a module the installed `airlock doctor` imports.
-CHANGED_MODULE = "appliance/doctor.py"
-MARKER = "# differential-bundle test: the v2 code change\n"
 # A code change ships the project wheel (~1 MB), install.sh, the lock and the SBOM: ~0.5% of the
 # ~300 MB full payload (torch alone is ~200 MB). 5% leaves a margin of ten times.
 MAX_SHIPPED_FRACTION = 0.05
-
-
-def _build_differential(spec: Path, key: Path, out: Path, base: Path) -> Path:
-    return build(spec, key, out, "--differential-from", str(base))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    require_wheelhouse("torch-2.13.0*.whl", "onnxruntime-1.32.0-*.whl", "mdurl-0.1.2-*.whl")
-    root = tmp_path_factory.mktemp("differential")
-    key, fingerprint = make_key(root / "key")
-    v1 = build(write_spec(root / "v1.toml", version="0.1.0", sequence=1, requirements=(), project=True),
-               key, root / "airlock-0.1.0")
-    changed = root / "source-v2" / REPO.name
-    shutil.copytree(REPO, changed, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_STATE))
-    with (changed / CHANGED_MODULE).open("a", encoding="utf-8") as handle:
-        handle.write(MARKER)
-    v2 = _build_differential(write_spec(root / "v2.toml", version="0.2.0", sequence=2, requirements=(), project=True,
-                                        project_path=changed), key, root / "airlock-0.2.0-diff", v1)
-    # A differential over some other release of the product: the wrong base for an install of v1.
-    other_base = build(write_spec(root / "other.toml", version="0.0.9", sequence=1), key, root / "airlock-0.0.9")
-    wrong = _build_differential(write_spec(root / "wrong.toml", version="0.3.0", sequence=3), key,
-                                root / "airlock-0.3.0-diff", other_base)
-    return {"fp": fingerprint, "key": key, "v1": v1, "v2": v2, "wrong": wrong, "root": root}
 
 
 def _bundle_bytes(bundle: Path) -> int:
@@ -69,7 +37,8 @@ def _whole_files(manifest: dict) -> dict[str, str]:
     return whole
 
 
-def test_a_code_only_change_ships_a_small_fraction_and_lists_every_file(world):
+def test_a_code_only_change_ships_a_small_fraction_and_lists_every_file(release_bundles, tmp_path):
+    world = release_bundles  # built once per session (tests/conftest.py)
     v1, v2 = manifest_of(world["v1"]), manifest_of(world["v2"])
     assert "differential" not in v1  # a full bundle's manifest is what it always was
     held = v2["differential"]["held"]
@@ -102,14 +71,15 @@ def test_a_code_only_change_ships_a_small_fraction_and_lists_every_file(world):
     assert verified.returncode == 0, verified.stderr
     assert f"{len(held)} files come from that installed release" in verified.stdout
     # A held file that is on the stick after all is refused, like any file the manifest does not ship.
-    stray = shutil.copytree(world["v2"], world["root"] / "stray")
+    stray = shutil.copytree(world["v2"], tmp_path / "stray")
     shutil.copy2(world["v1"] / "wheels" / "requirements.lock", stray / held[-1])
     refused = run_bundler("verify", str(stray), "--trust", world["fp"])
     assert refused.returncode == 2 and f"{held[-1]}: on the stick, but the manifest says" in refused.stderr
 
 
 @needs_unshare
-def test_a_differential_bundle_is_refused_over_a_fresh_prefix(world, tmp_path):
+def test_a_differential_bundle_is_refused_over_a_fresh_prefix(release_bundles, tmp_path):
+    world = release_bundles  # built once per session (tests/conftest.py)
     prefix, home = tmp_path / "prefix", tmp_path / "home"
     result = subprocess.run(["unshare", "-n", "sh", str(world["v2"] / "install.sh"), "--trust", world["fp"],
                              "--prefix", str(prefix), "--home", str(home)],
@@ -119,120 +89,6 @@ def test_a_differential_bundle_is_refused_over_a_fresh_prefix(world, tmp_path):
         f"install.sh: REFUSED: this differential bundle ships only what changed since airlock 0.1.0, and nothing is "
         f"installed under {prefix}; install the full bundle of airlock 0.2.0 instead"]
     assert not prefix.exists() and not home.exists()
-
-
-def _listing(*roots: Path) -> list[tuple[str, int, int]]:
-    """Every entry under `roots` with its size and mtime: equal before and after means nothing was written."""
-    return sorted((str(p), p.lstat().st_size, p.lstat().st_mtime_ns) for root in roots for p in root.rglob("*"))
-
-
-def _flip(path: Path) -> bytes:
-    original = path.read_bytes()
-    changed = bytearray(original)
-    changed[len(changed) // 2] ^= 0x01
-    path.write_bytes(bytes(changed))
-    return original
-
-
-@pytest.fixture
-def site() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="airlock-diff-"))
-    root.chmod(0o755)  # the service account enters it, as it would /opt and /var/lib
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def _run(*command: str | Path, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    # The installed wrapper takes AIRLOCK_HOME from the environment when set (this test's own is elsewhere).
-    return subprocess.run(["unshare", "-n", *map(str, command)], capture_output=True, text=True, timeout=timeout,
-                          check=False, env={**os.environ, "AIRLOCK_HOME": str(home)})
-
-
-@needs_unshare
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.skipif(os.geteuid() != 0, reason="installs as root (creates the service account)")
-def test_a_differential_bundle_installs_only_over_its_intact_base(world, site):
-    from tests.bundler.test_install_script import system_python
-
-    prefix, home = site / "opt-airlock", site / "var-lib-airlock"
-    install = ["sh", world["v1"] / "install.sh", "--trust", world["fp"], "--prefix", prefix, "--home", home,
-               "--python", system_python(), "--user", SERVICE_USER]
-    ensure_service_user()  # created beforehand: no other worker's useradd races this install's
-    first = _run(*install, home=home)
-    assert first.returncode == 0, first.stdout + first.stderr
-    airlock = prefix / "bin" / "airlock"
-    v2 = world["v2"]
-    diff_install = ["sh", v2 / "install.sh", "--trust", world["fp"], "--prefix", prefix, "--home", home]
-    manifest = manifest_of(v2)
-    sizes = {f["path"]: f for f in manifest["files"]}
-    wheel = next(p for p in manifest["differential"]["held"] if p.startswith("wheels/torch-"))
-    model = "models/tiny-deepseek-r1/model.safetensors"
-    wheel_copy = prefix / "store" / sizes[wheel]["sha256"]
-    model_copy = home / "models" / "store" / sizes[model]["sha256"]
-    assert wheel_copy.is_file() and model_copy.is_file()  # the base keeps its content by hash
-    before = _listing(prefix)
-
-    def refused_by_both(expected: str) -> None:
-        by_script = _run(*diff_install, home=home)
-        assert by_script.returncode == 1, by_script.stdout + by_script.stderr
-        assert by_script.stderr.splitlines() == [f"install.sh: REFUSED: {expected}"], by_script.stderr
-        by_upgrade = _run(airlock, "upgrade", v2, home=home)
-        assert by_upgrade.returncode == 2, by_upgrade.stdout + by_upgrade.stderr
-        assert by_upgrade.stderr.startswith("error: "), by_upgrade.stderr
-        assert expected.split(":")[0] in by_upgrade.stderr.splitlines()[0]
-        assert _listing(prefix) == before  # nothing written: no release, no staging copy, no store change
-        assert os.readlink(prefix / "current") == "releases/0.1.0"
-
-    # A held wheel missing from the installed release: refused, naming it.
-    wheel_bytes = wheel_copy.read_bytes()
-    wheel_copy.unlink()
-    before = _listing(prefix)
-    refused_by_both(f"{wheel}: the differential bundle needs it from the installed release 0.1.0, which lacks it "
-                    f"(SHA-256 {sizes[wheel]['sha256'][:16]}... in {prefix}/store or {home}/models/store); "
-                    "install the full bundle of airlock 0.2.0 instead")
-    # The same wheel present but altered (one bit): refused, naming it.
-    wheel_copy.write_bytes(wheel_bytes)
-    wheel_copy.chmod(0o444)
-    _flip(wheel_copy)
-    before = _listing(prefix)
-    refused_by_both(f"{wheel}: the installed release's copy {wheel_copy} does not match the manifest's SHA-256 "
-                    "(tampered with or damaged); tell your security office, then install the full bundle of "
-                    "airlock 0.2.0 instead")
-    wheel_copy.write_bytes(wheel_bytes)
-    # A held model file altered in the model store (the service account's): refused too.
-    model_bytes = _flip(model_copy)
-    before = _listing(prefix)
-    refused_by_both(f"{model}: the installed release's copy {model_copy} does not match the manifest's SHA-256 "
-                    "(tampered with or damaged); tell your security office, then install the full bundle of "
-                    "airlock 0.2.0 instead")
-    model_copy.write_bytes(model_bytes)
-
-    # A differential built over another release of the product: refused before anything is checked.
-    wrong = _run("sh", world["wrong"] / "install.sh", "--trust", world["fp"], "--prefix", prefix, "--home", home,
-                 home=home)
-    assert wrong.returncode == 1 and "this differential bundle needs airlock 0.0.9 (bundle " in wrong.stderr
-    assert f"but {prefix} runs 0.1.0 (bundle {manifest['differential']['base_bundle_id'][:16]})" in wrong.stderr
-    wrong_upgrade = _run(airlock, "upgrade", world["wrong"], home=home)
-    assert wrong_upgrade.returncode == 2 and "needs airlock 0.0.9" in wrong_upgrade.stderr
-    assert _listing(prefix) == before
-
-    # Over its intact base the differential installs: the held files come from the installed release.
-    upgraded = _run(airlock, "upgrade", v2, home=home)
-    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
-    assert f"differential over airlock 0.1.0: {len(manifest['differential']['held'])} files checked" in upgraded.stdout
-    assert os.readlink(prefix / "current") == "releases/0.2.0"
-    doctor = _run(airlock, "doctor", "--json", home=home)
-    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    checks = {c["name"]: c["status"] for c in json.loads(doctor.stdout)["checks"]}
-    assert checks["torch"] == checks["onnxruntime"] == "ok"
-    installed = list((prefix / "releases" / "0.2.0" / "venv").glob(f"lib/python3.*/site-packages/{CHANGED_MODULE}"))
-    assert len(installed) == 1 and installed[0].read_text(encoding="utf-8").endswith(MARKER)
-    models = json.loads(_run(airlock, "base-models", "list", "--json", home=home).stdout)["models"]
-    assert models[0]["has_weights"]
-    # v2's own new content joined the store: the next differential can be built over v2.
-    new_wheel = next(f for f in manifest["files"] if f["path"].startswith("wheels/airlock-"))
-    assert (prefix / "store" / new_wheel["sha256"]).is_file()
 
 
 def _installed_like_install_sh(world: dict, root: Path) -> tuple[Path, Path]:
@@ -263,7 +119,8 @@ def _installed_like_install_sh(world: dict, root: Path) -> tuple[Path, Path]:
     return prefix, home
 
 
-def test_the_installed_code_checks_held_files_before_running_anything(world, tmp_path):
+def test_the_installed_code_checks_held_files_before_running_anything(release_bundles, tmp_path):
+    world = release_bundles  # built once per session (tests/conftest.py)
     from appliance.upgrade import verify_for_upgrade
     from bundler.errors import BundleError
 
@@ -273,7 +130,7 @@ def test_the_installed_code_checks_held_files_before_running_anything(world, tmp
     held = {e.path: e for e in manifest.held_entries()}
     wheel = next(p for p in held if p.startswith("wheels/torch-"))
     copy = prefix / "store" / held[wheel].sha256
-    original = _flip(copy)
+    original = flip_bit(copy)
     with pytest.raises(BundleError, match=rf"^{re.escape(wheel)}: the installed release's copy .* does not match"):
         verify_for_upgrade(world["v2"], prefix, allow_downgrade=False, home=home)
     copy.unlink()

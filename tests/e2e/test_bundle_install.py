@@ -1,18 +1,19 @@
 """Build, install, upgrade and roll back real bundles with no network.
 
-Two bundles of the appliance with its full pinned CPU stack and the tiny model (split in parts)
-are built from the local wheelhouse (`make venv` fills it), then installed into a temporary
-prefix inside `unshare -n`: first install with install.sh, the installed `airlock doctor`,
-refusals that must change nothing (lower sequence, another product), `airlock upgrade` to the
-second bundle with a killed earlier install to clean up, and `airlock upgrade --rollback`. On the
-way: a tampered bundle's install.sh never runs, and a release failing its smoke test is dropped.
+The releases come from the session fixture `release_bundles` (tests/bundler/bundles.py): a full bundle
+of the appliance with its pinned CPU stack and the tiny model (split in parts), and a differential v2
+over it whose only change is one line of code, both built from the local wheelhouse. One install story
+runs inside `unshare -n`: the first install with install.sh, the installed `airlock doctor`, refusals
+that must change nothing (lower sequence, another product, a tampered bundle, a release failing its
+smoke test, a new signing key without the trusted key's statement), the differential v2 refused while a
+file it takes from the installed release is missing or altered and over the wrong base (ADR 0018), then
+`airlock upgrade` to v2 with a killed earlier install to clean up, and `airlock upgrade --rollback`.
 The first install and the upgrade run under attack (ADR 0010): modules planted in the operator's
-working directory (the stick) and in PYTHON* variables, and the stick's install.sh rewritten while
-it runs; nothing planted runs, the service account owns AIRLOCK_HOME (0700), the units (run as
-that account) go under the prefix, and nothing is written outside prefix and home but the
-account itself.
-Two venv installs of ~300 MB of wheels dominate: about three minutes on two idle cores before ADR
-0010 added two copies of the bundle; 13:44 measured with five other test runs sharing the two cores.
+working directory (the stick) and in PYTHON* variables, and the stick's install.sh rewritten while it
+runs; nothing planted runs, the service account owns AIRLOCK_HOME (0700), the units (run as that
+account) go under the prefix, and nothing is written outside prefix and home but the account itself.
+A full install of the ~300 MB stack dominates (about a minute on two idle cores, more while other
+tests run): the suite does it once, here, and the upgrade installs the second venv.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.bundler.bundles import build, make_key, require_wheelhouse, write_spec
+from tests.bundler.bundles import CHANGED_MARKER, CHANGED_MODULE, flip_bit, manifest_of
 from tests.bundler.test_install_script import attacker_python, plant
-from tests.conftest import SERVICE_USER, ensure_service_user, needs_unshare
+from tests.conftest import SERVICE_USER, ensure_service_user, needs_unshare, remove_in_background
 
 pytestmark = [needs_unshare, pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(os.geteuid() != 0, reason="installs as root (creates the service account)")]
@@ -47,7 +48,7 @@ def site() -> Path:
     root = Path(tempfile.mkdtemp(prefix="airlock-e2e-"))
     root.chmod(0o755)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    remove_in_background(root)
 
 
 def written_since(stamp: Path) -> list[str]:
@@ -64,26 +65,9 @@ def units_listing() -> list[tuple[str, int]]:
     return sorted((str(p), p.lstat().st_mtime_ns) for p in units.rglob("*")) if units.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    require_wheelhouse("torch-2.13.0*.whl", "onnxruntime-1.32.0-*.whl", "mdurl-0.1.2-*.whl")
-    root = tmp_path_factory.mktemp("e2e-bundles")
-    key, fingerprint = make_key(root / "key")
-    v1 = build(write_spec(root / "v1.toml", version="0.1.0", sequence=1, requirements=(), project=True),
-               key, root / "airlock-0.1.0")
-    v2 = build(write_spec(root / "v2.toml", version="0.2.0", sequence=2, requirements=(), project=True),
-               key, root / "airlock-0.2.0")
-    other = build(write_spec(root / "other.toml", product="other-product", version="9.0.0", sequence=9),
-                  key, root / "other-9.0.0")
-    # Signed and intact, but without the appliance: its smoke test (`airlock doctor`) must fail.
-    no_app = build(write_spec(root / "no-app.toml", version="0.5.0", sequence=5), key, root / "airlock-0.5.0")
-    # Signed by a new key: once with a rotation statement from the trusted key, once without.
-    new_key, _ = make_key(root / "new-key")
-    rotated = build(write_spec(root / "rotated.toml", version="0.6.0", sequence=6), new_key, root / "rotated",
-                    "--rotate-from", str(key))
-    unvouched = build(write_spec(root / "unvouched.toml", version="0.7.0", sequence=7), new_key, root / "unvouched")
-    return {"fp": fingerprint, "v1": v1, "v2": v2, "other": other, "no_app": no_app, "rotated": rotated,
-            "unvouched": unvouched, "root": root}
+def _listing(*roots: Path) -> list[tuple[str, int, int]]:
+    """Every entry under `roots` with its size and mtime: equal before and after means nothing was written."""
+    return sorted((str(p), p.lstat().st_size, p.lstat().st_mtime_ns) for root in roots for p in root.rglob("*"))
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -91,7 +75,8 @@ def _run(*command: str | Path, env: dict[str, str] | None = None, timeout: int =
                           check=False, env={**os.environ, **(env or {})})
 
 
-def test_install_doctor_upgrade_rollback(bundles, tmp_path, site):
+def test_install_doctor_upgrade_rollback(release_bundles, tmp_path, site):
+    bundles = release_bundles
     prefix, home = site / "opt-airlock", site / "var-lib-airlock"
     # No --units-dir and a prefix outside /opt, /usr/local and /srv: the units go under the prefix.
     units = prefix / "systemd"
@@ -182,6 +167,57 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path, site):
     assert rotated.returncode == 2 and "smoke test failed" in rotated.stderr
     assert (prefix / "etc" / "trusted-key.pem").read_bytes() == trusted_before
 
+    # The differential v2 takes what it does not ship (torch's wheel, the model...) from the installed
+    # release, by SHA-256: while one of those is missing or altered, or over another base, install.sh and
+    # `airlock upgrade` both refuse with one line naming the file, and nothing is written.
+    v2 = bundles["v2"]
+    manifest = manifest_of(v2)
+    held = manifest["differential"]["held"]
+    sizes = {f["path"]: f for f in manifest["files"]}
+    wheel = next(p for p in held if p.startswith("wheels/torch-"))
+    model = "models/tiny-deepseek-r1/model.safetensors"
+    wheel_copy = prefix / "store" / sizes[wheel]["sha256"]
+    model_copy = home / "models" / "store" / sizes[model]["sha256"]
+    assert wheel_copy.is_file() and model_copy.is_file()  # the base keeps its content by hash
+    full_bundle = "install the full bundle of airlock 0.2.0 instead"
+
+    def refused_by_both(expected: str) -> None:
+        before = _listing(prefix)
+        by_script = _run("sh", v2 / "install.sh", "--trust", bundles["fp"], "--prefix", prefix, "--home", home,
+                         env=env)
+        assert by_script.returncode == 1, by_script.stdout + by_script.stderr
+        assert by_script.stderr.splitlines() == [f"install.sh: REFUSED: {expected}"], by_script.stderr
+        by_upgrade = _run(airlock, "upgrade", v2, env=env)
+        assert by_upgrade.returncode == 2, by_upgrade.stdout + by_upgrade.stderr
+        assert by_upgrade.stderr.startswith("error: "), by_upgrade.stderr
+        assert expected.split(":")[0] in by_upgrade.stderr.splitlines()[0]
+        assert _listing(prefix) == before  # no release, no staging copy, no store change
+        assert os.readlink(prefix / "current") == "releases/0.1.0"
+
+    wheel_bytes = wheel_copy.read_bytes()
+    wheel_copy.unlink()
+    refused_by_both(f"{wheel}: the differential bundle needs it from the installed release 0.1.0, which lacks it "
+                    f"(SHA-256 {sizes[wheel]['sha256'][:16]}... in {prefix}/store or {home}/models/store); "
+                    f"{full_bundle}")
+    wheel_copy.write_bytes(wheel_bytes)
+    wheel_copy.chmod(0o444)
+    flip_bit(wheel_copy)  # present, one bit altered
+    refused_by_both(f"{wheel}: the installed release's copy {wheel_copy} does not match the manifest's SHA-256 "
+                    f"(tampered with or damaged); tell your security office, then {full_bundle}")
+    wheel_copy.write_bytes(wheel_bytes)
+    model_bytes = flip_bit(model_copy)  # a held model file in the service account's model store
+    refused_by_both(f"{model}: the installed release's copy {model_copy} does not match the manifest's SHA-256 "
+                    f"(tampered with or damaged); tell your security office, then {full_bundle}")
+    model_copy.write_bytes(model_bytes)
+    before = _listing(prefix)
+    wrong = _run("sh", bundles["wrong"] / "install.sh", "--trust", bundles["fp"], "--prefix", prefix, "--home", home,
+                 env=env)
+    assert wrong.returncode == 1 and "this differential bundle needs airlock 0.0.9 (bundle " in wrong.stderr
+    assert f"but {prefix} runs 0.1.0 (bundle {manifest['differential']['base_bundle_id'][:16]})" in wrong.stderr
+    wrong_upgrade = _run(airlock, "upgrade", bundles["wrong"], env=env)
+    assert wrong_upgrade.returncode == 2 and "needs airlock 0.0.9" in wrong_upgrade.stderr
+    assert _listing(prefix) == before
+
     # A killed earlier install left a half release and a staging copy: the next run removes them.
     (prefix / "releases" / "0.1.5").mkdir()
     (prefix / "releases" / "0.1.5" / ".incomplete").touch()
@@ -202,6 +238,18 @@ def test_install_doctor_upgrade_rollback(bundles, tmp_path, site):
     assert os.readlink(prefix / "previous") == "releases/0.1.0"
     assert not (prefix / "releases" / "0.1.5").exists() and not (prefix / ".staging.99999").exists()
     assert (prefix / "etc" / "sequence").read_text().strip() == "2"
+    # Over its intact base the differential installed: the held files came from the installed release.
+    assert f"differential over airlock 0.1.0: {len(held)} files checked" in upgraded.stdout
+    doctor = _run(airlock, "doctor", "--json", env=env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    checks = {c["name"]: c["status"] for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["torch"] == checks["onnxruntime"] == "ok"
+    installed = list((prefix / "releases" / "0.2.0" / "venv").glob(f"lib/python3.*/site-packages/{CHANGED_MODULE}"))
+    assert len(installed) == 1 and installed[0].read_text(encoding="utf-8").endswith(CHANGED_MARKER)
+    assert json.loads(_run(airlock, "base-models", "list", "--json", env=env).stdout)["models"][0]["has_weights"]
+    # v2's own new content joined the store: the next differential can be built over v2.
+    new_wheel = next(f for f in manifest["files"] if f["path"].startswith("wheels/airlock-"))
+    assert (prefix / "store" / new_wheel["sha256"]).is_file()
 
     downgrade = _run(airlock, "upgrade", bundles["v1"], env=env)
     assert downgrade.returncode == 2 and "rollback protection" in downgrade.stderr
