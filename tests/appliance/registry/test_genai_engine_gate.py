@@ -16,7 +16,12 @@ from tests.conftest import fix_site_secret, run_cli
 
 SHORT_RECIPE = "max_steps = 6\neval_every = 6\nbatch_size = 2\nmax_length = 96\nlr = 3e-3\nseed = 3\n"
 # The coarsest int4 the builder offers (one scale per 256 weights, the LM head quantized too) under a task that
-# allows no perplexity increase at all: what a careless recipe for a small model does.
+# allows no perplexity increase at all. The tiny model barely notices int4 (measured with the fixed site secret:
+# held-out perplexity 2.13809 vs float 2.13790, +8.9e-5 relative; the default block 32 on the next retrain: 2.2245 vs
+# 2.2169, +0.34%, 4.7 points inside the default +5%), so what
+# breaks the gate here is the task's zero tolerance, and the margin is only that +8.9e-5 (deterministic on one
+# machine: RTN and ORT CPU; another CPU's int4 kernels could move it, so the test prints
+# the numbers it saw). A real-size model regresses for real under such a recipe.
 BROKEN_INT4 = "int4_block_size = 256\nquantize_lm_head = true\nmax_perplexity_increase = 0.0\n"
 GOOD_INT4 = "int4_block_size = 32\nint4_algo = \"rtn\"\n"
 
@@ -60,7 +65,7 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     print(f"\nbroken recipe: genai-int4 perplexity {quality['variant']:.4f} vs float {quality['float']:.4f} "
           f"({quality['increase']:+.2%})")
     assert v2["state"] == "rejected" and gate["status"] == "fail" and gate["runtime"] == "onnxruntime-genai (CPU)"
-    assert quality["increase"] > quality["max_increase"] == 0.0  # __MARGIN__
+    assert quality["increase"] > quality["max_increase"] == 0.0  # measured +8.9e-5: see BROKEN_INT4
     line = (f"engine parity: genai-int4 export on onnxruntime-genai (CPU): optimize validation: quality: perplexity "
             f"{quality['variant']:.4g} vs float {quality['float']:.4g} ({quality['increase']:+.1%}; the task allows "
             f"+0.0%)")
@@ -86,7 +91,7 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     print(f"default recipe: genai-int4 perplexity {gate['quality']['variant']:.4f} vs float "
           f"{gate['quality']['float']:.4f} ({gate['quality']['increase']:+.2%})")
     assert v3["state"] == "candidate" and gate["status"] == "pass", v3["reasons"]
-    assert gate["quality"]["increase"] <= 0.05
+    assert gate["quality"]["increase"] <= 0.05  # measured +0.34%
     export = v3["artifacts"]["genai_int4"]
     run3 = get_run(db, v3["run_id"])
     report = stored_report(db, keys, airlock_home, run3)
