@@ -418,12 +418,67 @@ def _migration_11(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE model_tasks ADD COLUMN {column}")
 
 
+def _migration_12(db: sqlite_utils.Database) -> None:
+    """genai exports as the variant a task serves; a task's own quantization recipe (docs/adr/0016).
+
+    `engine_variant` may now name an onnxruntime-genai export (`genai-int4` ...) besides the Q/DQ ones,
+    and `engine_recipe` holds the quantization recipe (JSON of appliance.optimize.recipe.QuantRecipe's
+    fields; `{}` = its defaults) the retrain's engine gate builds and judges the variant with. SQLite cannot
+    change a CHECK constraint in place, so `model_tasks` is rebuilt by SQLite's documented procedure
+    (https://sqlite.org/lang_altertable.html#otheralter): foreign keys are off around this migration (see
+    `_REBUILDS`), a new table is filled from the old one, the old one dropped, the new one renamed, and
+    `PRAGMA foreign_key_check` must find nothing before the transaction commits.
+    """
+    variants = ", ".join(f"'{v}'" for v in _ENGINE_VARIANTS_12)
+    db.execute(f"""
+        CREATE TABLE model_tasks_new (
+            name TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('lm', 'classifier')),
+            dataset_id TEXT NOT NULL REFERENCES datasets(id),
+            base_model TEXT NOT NULL,
+            auto_promote INTEGER NOT NULL DEFAULT 0 CHECK (auto_promote IN (0, 1)),
+            max_forgetting REAL NOT NULL DEFAULT 0.05 CHECK (max_forgetting >= 0),
+            new_data_tolerance REAL NOT NULL DEFAULT 0.01 CHECK (new_data_tolerance >= 0),
+            deploys_engines INTEGER NOT NULL DEFAULT 0 CHECK (deploys_engines IN (0, 1)),
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            updated_at TEXT,
+            updated_by TEXT,
+            ewc_lambda REAL NOT NULL DEFAULT 0 CHECK (ewc_lambda >= 0),
+            engine_variant TEXT NOT NULL DEFAULT 'int8' CHECK (engine_variant IN ({variants})),
+            engine_qat INTEGER NOT NULL DEFAULT 1 CHECK (engine_qat IN (0, 1)),
+            engine_max_rel_diff REAL CHECK (engine_max_rel_diff IS NULL OR engine_max_rel_diff >= 0),
+            engine_min_top1 REAL CHECK (engine_min_top1 IS NULL OR engine_min_top1 BETWEEN 0 AND 1),
+            operating_class TEXT,
+            operating_specificity REAL CHECK (operating_specificity IS NULL OR
+                                              (operating_specificity > 0 AND operating_specificity < 1)),
+            operating_threshold REAL CHECK (operating_threshold IS NULL OR operating_threshold BETWEEN 0 AND 1),
+            engine_recipe TEXT NOT NULL DEFAULT '{{}}' CHECK (json_valid(engine_recipe)
+                                                             AND json_type(engine_recipe) = 'object')
+        )""")
+    columns = ("name, kind, dataset_id, base_model, auto_promote, max_forgetting, new_data_tolerance, "
+               "deploys_engines, created_at, created_by, updated_at, updated_by, ewc_lambda, engine_variant, "
+               "engine_qat, engine_max_rel_diff, engine_min_top1, operating_class, operating_specificity, "
+               "operating_threshold")
+    db.execute(f"INSERT INTO model_tasks_new ({columns}) SELECT {columns} FROM model_tasks")
+    db.execute("DROP TABLE model_tasks")
+    db.execute("ALTER TABLE model_tasks_new RENAME TO model_tasks")
+
+
+_ENGINE_VARIANTS_12 = ("fp32", "fp16", "int8", "genai-fp32", "genai-int8", "genai-int4", "genai-fp16-cuda",
+                       "genai-bf16-cuda", "genai-int4-cuda")
+"""What migration 12 lets `model_tasks.engine_variant` hold (frozen here: a released migration never changes)."""
+
+
 # Append only: a released migration is never edited, a new one is added at the end.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
                                                              _migration_5, _migration_6, _migration_7,
                                                              _migration_8, _migration_9, _migration_10,
-                                                             _migration_11]
+                                                             _migration_11, _migration_12]
 SCHEMA_VERSION = len(MIGRATIONS)
+_REBUILDS = frozenset({12})
+"""Migrations that rebuild a table other tables reference: they run with foreign keys off (it cannot change inside
+a transaction) and must leave `PRAGMA foreign_key_check` empty, else they roll back."""
 
 
 def catalog_path(home: Path | None = None) -> Path:
@@ -476,14 +531,33 @@ def migrate_catalog(db: sqlite_utils.Database, path: Path | str = "catalog") -> 
             hint="run the newer airlock release that wrote it, or `airlock upgrade` to it",
         )
     for version in range(current + 1, SCHEMA_VERSION + 1):
-        with transaction(db):
-            # Re-check under the write lock: another process may have migrated meanwhile.
-            if schema_version(db) >= version:
-                continue
-            MIGRATIONS[version - 1](db)
-            db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                       [version, datetime.now(UTC).isoformat()])
+        rebuild = version in _REBUILDS
+        if rebuild:
+            db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with transaction(db):
+                # Re-check under the write lock: another process may have migrated meanwhile.
+                if schema_version(db) >= version:
+                    continue
+                MIGRATIONS[version - 1](db)
+                if rebuild:
+                    _check_foreign_keys(db, path, version)
+                db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                           [version, datetime.now(UTC).isoformat()])
+        finally:
+            if rebuild:
+                db.execute("PRAGMA foreign_keys=ON")
     return SCHEMA_VERSION
+
+
+def _check_foreign_keys(db: sqlite_utils.Database, path: Path | str, version: int) -> None:
+    broken = db.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        table, rowid, parent = broken[0][0], broken[0][1], broken[0][2]
+        raise CatalogError(
+            f"migration {version} of the catalog {path} would leave {len(broken)} row(s) pointing nowhere "
+            f"(first: {table} row {rowid} -> {parent}); nothing was changed",
+            hint="restore the catalog from its last backup and report this; the appliance keeps the old schema")
 
 
 # Work that must happen only once the transaction it belongs to has committed (the audit anchor's

@@ -105,13 +105,14 @@ SERVE_MAX_NEW_TOKENS = 32768
 
 
 def serve_profile_limits(context: int, *, max_prompt_tokens: int = SERVE_MAX_PROMPT_TOKENS,
-                         max_new_tokens: int = SERVE_MAX_NEW_TOKENS) -> dict[str, int]:
+                         max_new_tokens: int = SERVE_MAX_NEW_TOKENS, rows: int | None = None) -> dict[str, int]:
     """`causal_lm_profiles` sizes that hold every request a server with these limits admits for a model with
-    this context: the longest prompt in one prefill call, and the KV cache of the longest request.
+    this context: the longest prompt in one prefill call, and the KV cache of the longest request; with `rows`
+    (requests per call, appliance.serve.limits.lm_rows_per_call), the batch dimension too.
 
     A request of P prompt and N new tokens feeds P tokens once, then one token on a past of up to P + N - 2."""
     prompt, total = admitted_lengths(context, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
-    return {"max_sequence": prompt, "max_past": max(1, total - 2)}
+    return {"max_sequence": prompt, "max_past": max(1, total - 2), **({"max_batch": rows} if rows else {})}
 
 
 def admitted_lengths(context: int, *, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
@@ -133,10 +134,25 @@ def lm_profile_capacity(profiles: list[Any]) -> tuple[int, int]:
     return prompt, total
 
 
+def lm_profile_rows(profiles: list[Any]) -> int:
+    """Most requests (batch rows) one call may carry on profile 0: the smallest max batch over its inputs."""
+    return min(int(next(iter(shapes[2]))) for shapes in profiles[0].values())
+
+
 def check_lm_profile(profiles: list[Any], *, context: int, max_prompt_tokens: int, max_new_tokens: int,
-                     run_id: str = "RUN") -> None:
+                     run_id: str = "RUN", rows: int = 1, max_batch: int | None = None) -> None:
     """Refuse (EngineError, one line + hint) an engine whose profile cannot hold every request the server admits:
-    such a request would fail mid-generation instead of being served."""
+    such a request would fail mid-generation instead of being served.
+
+    `rows`: requests the server puts in one call to this engine (appliance.serve.limits.lm_rows_per_call: the
+    server's `--max-batch` where the backend batches, else 1); `max_batch` the server's --max-batch, for the line."""
+    can_rows = lm_profile_rows(profiles)
+    if rows > can_rows:
+        raise EngineError(
+            f"the TensorRT engine decodes at most {can_rows} request(s) per call, but this server batches {rows} "
+            f"(--max-batch {max_batch if max_batch is not None else rows})",
+            hint=f"serve with --max-batch {can_rows}, or rebuild the engine: `airlock engine build {run_id} "
+                 f"--max-batch {rows}`")
     can_prompt, can_total = lm_profile_capacity(profiles)
     prompt, total = admitted_lengths(context, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
     if prompt <= can_prompt and total <= can_total:

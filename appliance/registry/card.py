@@ -161,6 +161,10 @@ def _engine_row(gate: dict[str, Any]) -> list[Any]:
     measured, limits = gate.get("measured", {}), gate.get("thresholds", {})
     numbers = ", ".join(f"{k} {_cell(v)}" for k, v in measured.items() if k in ("max_rel_diff", "top1_agreement",
                                                                                     "accuracy_onnx", "greedy_equal"))
+    quality = gate.get("quality") or {}
+    if quality.get("metric") == "perplexity":
+        numbers = ", ".join(x for x in (numbers, f"perplexity {_cell(quality.get('variant'))} vs float "
+                                                 f"{_cell(quality.get('float'))}") if x)
     engine = gate.get("engine", {})
     where = "TensorRT engine built" if engine.get("built") else "ONNX Runtime only (no engine built)"
     result = gate["status"] + (f": {'; '.join(gate['failures'])}" if gate.get("failures") else "")
@@ -342,7 +346,8 @@ def card_blocks(db: sqlite_utils.Database, version_id: str) -> list[Block]:
         blocks.append(Block("ul", items=tuple(f"rejected: {r}" for r in version.reasons)))
 
     blocks += [_h(2, "Quantization and engines")]
-    derived = {k: v for k, v in version.artifacts.items() if k in ("onnx_fp32", "onnx_fp16", "onnx_int8", "engine")}
+    derived = {k: v for k, v in version.artifacts.items() if k in ("onnx_fp32", "onnx_fp16", "onnx_int8", "engine",
+                                                                     "genai_fp32", "genai_int8", "genai_int4")}
     engine_gate = version.gates.get("engine_parity", {})
     if engine_gate.get("status") in ("pass", "fail"):
         engine = engine_gate.get("engine") or {}

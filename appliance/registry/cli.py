@@ -231,6 +231,18 @@ def models_delete(version_id: str, yes: bool) -> None:
     click.echo(f"{version_id} deleted: its weights' data key is destroyed")
 
 
+def _recipe_fields(path: Path | None) -> dict[str, Any] | None:
+    """The fields a recipe file sets, checked as `airlock optimize --recipe` checks them (errors name the file)."""
+    if path is None:
+        return None
+    import tomllib
+
+    from appliance.optimize.recipe import load_quant_recipe
+
+    load_quant_recipe(path)
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
 @models.command("policy")
 @click.argument("task")
 @click.option("--max-forgetting", type=click.FloatRange(0, 1),
@@ -243,8 +255,12 @@ def models_delete(version_id: str, yes: bool) -> None:
               help="The task deploys QAT/TensorRT engines: retrains run the optimize stage, parity is gate 3.")
 @click.option("--ewc-lambda", type=click.FloatRange(0, 1e12),
               help="EWC penalty strength for retrains (0 = off); e.g. 1e5 for the tiny models.")
-@click.option("--engine-variant", type=click.Choice(["int8", "fp16", "fp32"]),
-              help="The export gate 3 checks (default int8).")
+@click.option("--engine-variant", type=click.Choice(["int8", "fp16", "fp32", "genai-int4", "genai-int8", "genai-fp32"]),
+              help="The export gate 3 checks and production serves (default int8; genai-*: an LM served by "
+                   "onnxruntime-genai on the CPU).")
+@click.option("--engine-recipe", type=click.Path(dir_okay=False, path_type=Path),
+              help="Quantization recipe (TOML, as for `airlock optimize --recipe`) gate 3 builds the variant with, "
+                   "including its quality tolerance (max_perplexity_increase, max_accuracy_drop).")
 @click.option("--engine-qat/--engine-ptq", "engine_qat", default=None,
               help="int8: quantization-aware fine-tuning after calibration (default), or calibration only.")
 @click.option("--engine-max-rel-diff", type=click.FloatRange(0),
@@ -262,7 +278,8 @@ def models_delete(version_id: str, yes: bool) -> None:
 @_json
 def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: float | None,
                   auto_promote: bool | None, deploys_engines: bool | None, ewc_lambda: float | None,
-                  engine_variant: str | None, engine_qat: bool | None, engine_max_rel_diff: float | None,
+                  engine_variant: str | None, engine_recipe: Path | None, engine_qat: bool | None,
+                  engine_max_rel_diff: float | None,
                   engine_min_top1: float | None, operating_class: str | None, operating_specificity: float | None,
                   operating_threshold: float | None, clear_operating_point: bool, as_json: bool) -> None:
     """Show or change a task's gates, operating point, EWC strength and auto-promotion (changes need an admin;
@@ -272,7 +289,8 @@ def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: f
     db = _open()
     changes = {"max_forgetting": max_forgetting, "new_data_tolerance": new_data_tolerance,
                "auto_promote": auto_promote, "deploys_engines": deploys_engines, "ewc_lambda": ewc_lambda,
-               "engine_variant": engine_variant, "engine_qat": engine_qat,
+               "engine_variant": engine_variant, "engine_recipe": _recipe_fields(engine_recipe),
+               "engine_qat": engine_qat,
                "engine_max_rel_diff": engine_max_rel_diff, "engine_min_top1": engine_min_top1,
                "operating_class": operating_class, "operating_specificity": operating_specificity,
                "operating_threshold": operating_threshold}
@@ -294,7 +312,9 @@ def models_policy(task: str, max_forgetting: float | None, new_data_tolerance: f
                                 + (f" ({'QAT' if result.engine_qat else 'PTQ'})" if result.engine_variant == "int8"
                                    else "")
                                 + f", max rel diff {_limit(result.engine_max_rel_diff)}, min top-1 "
-                                  f"{_limit(result.engine_min_top1)}")]
+                                  f"{_limit(result.engine_min_top1)}"),
+                ("engine recipe", ", ".join(f"{k} = {v}" for k, v in sorted(result.engine_recipe.items()))
+                 or "defaults")]
                + ([("operating point", _operating_text(result))] if result.kind == "classifier" else []),
                ["field", "value"])
 

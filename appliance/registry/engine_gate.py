@@ -11,6 +11,14 @@ the PyTorch model on ONNX Runtime over held-out inputs) and judges the measured 
   perplexity (LMs) or accuracy and ROC AUC (classifiers) against the float candidate's, within the recipe's
   tolerance; its failure is one of the optimize validation's failures, so it rejects the candidate with the numbers.
 
+A task may name an onnxruntime-genai export as its `engine_variant` (genai-int4, genai-int8, genai-fp32: the
+LM production serves on the CPU, docs/adr/0016). The gate then builds that export from the candidate with the
+task's `engine_recipe` (block size, method, quality tolerance), validates it (og.Generator decodes a batch;
+the float export matches PyTorch), and judges its perplexity against the float candidate's: a retrain whose
+served genai variant regresses beyond the tolerance is rejected with both numbers. Only the judged variant is
+stored in the candidate's vault object, so it is exactly what the runtime chooser serves when the version is
+promoted. No TensorRT engine is built from a genai export.
+
 When the gate passes, the exports are stored in the candidate run's vault object (as `airlock optimize`
 stores them) and, where this job runs on a GPU that has TensorRT, the engine is built from the
 validated export. Elsewhere the gate says so: the ONNX serves through ONNX Runtime, and parity was
@@ -26,24 +34,37 @@ from appliance.registry.gates import FAIL, NOT_APPLICABLE, PASS
 
 NOT_EVALUATED = "not_evaluated"
 RUNTIME = "ONNX Runtime (CPU)"
+GENAI_RUNTIME = "onnxruntime-genai (CPU)"
 
 
-def thresholds(task: Any, tolerance: dict[str, float]) -> dict[str, Any]:
-    """The limits the gate applies: the task's where set, else the optimize stage's tolerance for the variant."""
-    return {"max_rel_diff": tolerance["max_rel_diff"] if task.engine_max_rel_diff is None
-            else min(task.engine_max_rel_diff, tolerance["max_rel_diff"]),
-            "min_top1_agreement": tolerance["top1_agreement"] if task.engine_min_top1 is None
-            else max(task.engine_min_top1, tolerance["top1_agreement"]),
+def thresholds(task: Any, tolerance: dict[str, float] | None) -> dict[str, Any]:
+    """The limits the gate applies: the task's where set, else the optimize stage's tolerance for the variant.
+
+    `tolerance` None: the optimize stage does not judge the variant's parity (weight-only genai int4/int8 differ
+    from the float model by design; the quality gate judges them), so only the task's own limits apply."""
+    def tightest(own: float | None, stage: float | None, pick: Any) -> float | None:
+        return stage if own is None else own if stage is None else pick(own, stage)
+
+    return {"max_rel_diff": tightest(task.engine_max_rel_diff, tolerance and tolerance["max_rel_diff"], min),
+            "min_top1_agreement": tightest(task.engine_min_top1, tolerance and tolerance["top1_agreement"], max),
             "source": "task policy" if task.engine_max_rel_diff is not None or task.engine_min_top1 is not None
             else "optimize stage defaults"}
 
 
+def stage_tolerance(variant: str) -> dict[str, float] | None:
+    """The optimize stage's parity tolerance for a variant (None: parity not judged, quality is)."""
+    from appliance.optimize import genai_validate, validate
+    from appliance.optimize.genai_export import is_genai
+
+    return genai_validate.TOLERANCES.get(variant) if is_genai(variant) else validate.TOLERANCES[variant]
+
+
 def judge(validation: dict[str, Any], task: Any) -> dict[str, Any]:
     """Gate 3 from one variant's validation report (appliance.optimize.validate). Pure: same numbers, same verdict."""
-    from appliance.optimize.validate import TOLERANCES
+    from appliance.optimize.genai_export import is_genai
 
     variant = validation["variant"]
-    limits = thresholds(task, TOLERANCES[variant])
+    limits = thresholds(task, stage_tolerance(variant))
     parity = validation.get("parity", {})
     measured = {k: parity[k] for k in ("max_abs_diff", "max_rel_diff", "top1_agreement", "samples", "prompts",
                                        "positions", "accuracy_pytorch", "accuracy_onnx", "greedy_equal")
@@ -54,7 +75,8 @@ def judge(validation: dict[str, Any], task: Any) -> dict[str, Any]:
         failures.append(f"max relative difference {rel:.3g} > {task.engine_max_rel_diff:g} (task policy)")
     if task.engine_min_top1 is not None and top1 is not None and top1 < task.engine_min_top1:
         failures.append(f"top-1 agreement {top1:.3f} < {task.engine_min_top1:g} (task policy)")
-    return {"status": FAIL if failures else PASS, "variant": variant, "runtime": RUNTIME, "measured": measured,
+    runtime = GENAI_RUNTIME if is_genai(variant) else RUNTIME
+    return {"status": FAIL if failures else PASS, "variant": variant, "runtime": runtime, "measured": measured,
             "thresholds": limits, "failures": failures, "onnx_sha256": validation.get("sha256"),
             "onnx_bytes": validation.get("bytes"), "quality": validation.get("quality")}
 
@@ -79,6 +101,7 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
     """
     import hashlib
 
+    from appliance.optimize.genai_export import is_genai, scratch_dir
     from appliance.optimize.jobs import (
         build_and_store_engine,
         engine_build_refusal,
@@ -89,7 +112,11 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
     from appliance.optimize.recipe import QuantRecipe
 
     variant = task.engine_variant
-    quant = QuantRecipe(qat=task.engine_qat)
+    if is_genai(variant):
+        # The builder writes the export as files: they must outlive `store_exports`, and go with the gate.
+        with scratch_dir(ctx.home, f"engine-gate-{ctx.job.id}") as work:
+            return _measure_genai(ctx, keys, run, task, work)
+    quant = QuantRecipe(**{**getattr(task, "engine_recipe", {}), "qat": task.engine_qat})
     ctx.progress("engine parity: quantizing and exporting the candidate", variant=variant)
     try:
         outcome = measure_exports(ctx, keys, run, quant, [variant])
@@ -129,6 +156,44 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
                            "sha256": details["plan_sha256"], "bytes": details["plan_bytes"], "variant": variant,
                            "sm": details["sm"], "tensorrt": details["tensorrt"]}
     return gate, artifacts
+
+
+def _measure_genai(ctx: Any, keys: Any, run: Any, task: Any, work: Any
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Gate 3 for a genai `engine_variant`: build it with the task's recipe, validate, gate on quality, store it."""
+    from appliance.optimize.jobs import measure_exports, store_exports
+    from appliance.optimize.recipe import QuantRecipe
+
+    variant = task.engine_variant
+    quant = QuantRecipe(**task.engine_recipe)
+    ctx.progress(f"engine parity: building {variant} of the candidate with onnxruntime-genai", variant=variant)
+    try:
+        outcome = measure_exports(ctx, keys, run, quant, [variant], work)
+    except AirlockError as exc:
+        return {"status": FAIL, "variant": variant, "runtime": GENAI_RUNTIME,
+                "failures": [f"the optimize stage failed: {exc.message}"]}, {}
+    if outcome is None:
+        raise AirlockError("the retrain was cancelled while measuring engine parity",
+                           hint="start the retrain again (`airlock retrain TASK`)")
+    report, exports = outcome
+    gate = judge(report["variants"][variant], task)
+    gate["quantization"] = GENAI_QUANTIZATION.get(variant)
+    gate["recipe"] = {k: v for k, v in quant.to_dict().items()
+                      if k.startswith("int4_") or k in ("quantize_lm_head", "max_perplexity_increase")}
+    gate["metrics"] = {stage: _numbers(report.get(stage)) for stage in ("float",) if report.get(stage)}
+    gate["engine"] = {"built": False, "reason": "a genai export serves through onnxruntime-genai, not TensorRT",
+                      "parity_measured_on": GENAI_RUNTIME}
+    if gate["status"] != PASS:
+        return gate, {}
+    stored = store_exports(ctx, keys, run, report, exports)
+    summary = report["variants"][variant]
+    artifacts = {variant.replace("-", "_"): {
+        "object": stored["artifact"], "files": sorted(summary["file"]), "sha256": summary["sha256"],
+        "bytes": summary["bytes"], "runtime": stored.get("runtime"), "quantization": gate["quantization"]}}
+    return gate, artifacts
+
+
+GENAI_QUANTIZATION = {"genai-int4": "weight-only int4", "genai-int8": "weight-only int8"}
 
 
 def _numbers(metrics: Any) -> dict[str, float] | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 STATES = ("candidate", "production", "retired", "rejected", "deleted")
 KINDS = ("lm", "classifier")
-ARTIFACT_NAMES = ("adapter", "classifier", "onnx_fp32", "onnx_fp16", "onnx_int8", "engine")
+ARTIFACT_NAMES = ("adapter", "classifier", "onnx_fp32", "onnx_fp16", "onnx_int8", "engine", "genai_fp32",
+                  "genai_int8", "genai_int4")
 _TASK_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
@@ -69,7 +70,8 @@ class Task:
     ewc_lambda: float = 0.0
     """EWC penalty strength for retrains (0 = off): how hard training pulls weights back to production's."""
     engine_variant: str = "int8"
-    """The export the engine-parity gate checks: int8 (quantized), fp16 or fp32."""
+    """The export the engine-parity gate checks and production serves: int8 (quantized), fp16 or fp32 (Q/DQ, for
+    TensorRT), or an onnxruntime-genai export of an LM (genai-int4, genai-int8, genai-fp32: served on the CPU)."""
     engine_qat: bool = True
     """int8: quantization-aware fine-tuning after calibration (QAT); False = calibration only (PTQ)."""
     engine_max_rel_diff: float | None = None
@@ -82,6 +84,9 @@ class Task:
     """Classifiers: the operating point as a specificity target (threshold set on validation images)."""
     operating_threshold: float | None = None
     """Classifiers: the operating point as a fixed threshold on the positive class's probability."""
+    engine_recipe: dict[str, Any] = field(default_factory=dict)
+    """The quantization recipe the engine gate builds and judges the variant with (QuantRecipe fields; {} = its
+    defaults, where the quality tolerance is +5% perplexity / -1 pt accuracy and AUC)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -146,6 +151,7 @@ def _task(row: tuple) -> Task:
     values = dict(zip(_TASK_COLUMNS, row, strict=True))
     for flag in ("auto_promote", "deploys_engines", "engine_qat"):
         values[flag] = bool(values[flag])
+    values["engine_recipe"] = json.loads(values["engine_recipe"])
     return Task(**values)
 
 
@@ -201,9 +207,12 @@ def check_run_fits_task(db: sqlite_utils.Database, name: str, kind: str, dataset
 
 POLICY_FIELDS = ("auto_promote", "max_forgetting", "new_data_tolerance", "deploys_engines", "ewc_lambda",
                  "engine_variant", "engine_qat", "engine_max_rel_diff", "engine_min_top1", "operating_class",
-                 "operating_specificity", "operating_threshold")
+                 "operating_specificity", "operating_threshold", "engine_recipe")
 OPERATING_FIELDS = ("operating_class", "operating_specificity", "operating_threshold")
-ENGINE_VARIANTS = ("fp32", "fp16", "int8")
+ENGINE_VARIANTS = ("fp32", "fp16", "int8", "genai-int4", "genai-int8", "genai-fp32")
+"""What a task's engine gate may judge. The CUDA genai exports are not: the optimize stage validates them only on a
+GPU with onnxruntime-genai-cuda, which a retrain job does not do yet (the catalog's CHECK already admits them)."""
+GENAI_ENGINE_VARIANTS = ("genai-int4", "genai-int8", "genai-fp32")
 MAX_EWC_LAMBDA = 1e12
 
 
@@ -229,7 +238,14 @@ def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, clear_operat
                             hint="0 turns EWC off; try 1-1000 and read the forgetting gate's numbers")
     if "engine_variant" in changes and changes["engine_variant"] not in ENGINE_VARIANTS:
         raise RegistryError(f"engine variant {changes['engine_variant']!r} is not one of {', '.join(ENGINE_VARIANTS)}",
-                            hint="int8 for TensorRT INT8 engines, fp16 or fp32 otherwise")
+                            hint="int8 for TensorRT INT8 engines, fp16 or fp32 otherwise; genai-int4 for an LM "
+                                 "served by onnxruntime-genai on the CPU")
+    if changes.get("engine_variant", "").startswith("genai-") and task.kind != "lm":
+        raise RegistryError(f"engine variant {changes['engine_variant']}: onnxruntime-genai exports are for language "
+                            f"models; task {name!r} holds {task.kind} models",
+                            hint="use int8, fp16 or fp32 for a classifier")
+    if "engine_recipe" in changes:
+        changes["engine_recipe"] = _checked_recipe(changes["engine_recipe"])
     if "engine_max_rel_diff" in changes and not changes["engine_max_rel_diff"] >= 0:
         raise RegistryError(f"engine max relative difference {changes['engine_max_rel_diff']} is negative",
                             hint="e.g. 0.05 for int8; see `airlock optimize show RUN` for measured values")
@@ -245,9 +261,27 @@ def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, clear_operat
     with transaction(db):
         sets = ", ".join(f"{k} = ?" for k in changes)
         db.execute(f"UPDATE model_tasks SET {sets}, updated_at = ?, updated_by = ? WHERE name = ?",
-                   [int(v) if isinstance(v, bool) else v for v in changes.values()] + [now(), actor, name])
+                   [int(v) if isinstance(v, bool) else canonical_json(v) if isinstance(v, dict) else v
+                    for v in changes.values()] + [now(), actor, name])
         append_audit(db, "models.policy", name, {"before": before, "after": changes}, actor=actor)
     return get_task(db, name)
+
+
+def _checked_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """A task's quantization recipe: QuantRecipe's own checks (unknown fields, ranges), kept as the fields given."""
+    from appliance.optimize.errors import OptimizeError
+    from appliance.optimize.recipe import QuantRecipe
+
+    known = {f.name for f in fields(QuantRecipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RegistryError(f"engine recipe: unknown field(s) {', '.join(unknown)}",
+                            hint=f"known fields: {', '.join(sorted(known))}")
+    try:
+        QuantRecipe(**values)
+    except OptimizeError as exc:
+        raise RegistryError(f"engine recipe: {exc.message}", hint=exc.hint) from None
+    return dict(values)
 
 
 def _operating_changes(task: Task, changes: dict[str, Any], clear: bool) -> dict[str, Any]:

@@ -70,6 +70,17 @@ class ServeLimits:
                              hint="lower the default or raise the limit (--max-tokens)")
 
 
+def lm_rows_per_call(limits: ServeLimits, backend_kind: str) -> int:
+    """Requests one forward call of a language model carries on this server: `max_batch` where the backend is
+    batched (continuous batching, appliance.serve.batching.BATCHED_KINDS), else 1 (a request per worker thread).
+
+    A TensorRT engine's profile must hold this many rows, besides the longest prompt and request
+    (appliance.optimize.tensorrt_engine.check_lm_profile, at start-up)."""
+    from appliance.serve.batching import BATCHED_KINDS
+
+    return limits.max_batch if limits.max_batch > 1 and backend_kind in BATCHED_KINDS else 1
+
+
 class _Pool:
     """Places of one kind: rows of the language models' running batches, or worker threads."""
 

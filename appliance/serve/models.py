@@ -143,9 +143,11 @@ def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, t
     model = loader(db, keys, home, name, target, run, device, backend)
     if limits is not None and model.kind == "lm" and model.backend.kind == "tensorrt":
         from appliance.optimize.tensorrt_engine import check_lm_profile
+        from appliance.serve.limits import lm_rows_per_call
 
         check_lm_profile(model.backend.runner.profiles, context=model.context_length, run_id=run.id,
-                         max_prompt_tokens=limits.max_prompt_tokens, max_new_tokens=limits.max_tokens)
+                         max_prompt_tokens=limits.max_prompt_tokens, max_new_tokens=limits.max_tokens,
+                         rows=lm_rows_per_call(limits, model.backend.kind), max_batch=limits.max_batch)
     if limits is not None and model.kind == "lm" and limits.max_batch > 1:
         from appliance.serve.batching import BatchingLMBackend, batchable
 

@@ -116,3 +116,85 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
     assert len(promoted) == 1 and promoted[0].object == "qa-v1" and promoted[0].actor.startswith("admin")
     assert "passed review" in str(promoted[0].details)
     db.close()
+
+
+@pilot_test
+async def test_quantize_form_offers_the_genai_variants_with_the_cli_checks(trained_run: str, tmp_path):
+    """The quantize form of an LM run lists the onnxruntime-genai exports and takes a recipe file; what it refuses,
+    it refuses with the CLI's own message (the same appliance functions), and a valid form starts the same job."""
+    import json
+
+    import pytest
+
+    from appliance.optimize.errors import OptimizeError
+    from appliance.optimize.jobs import parse_variants
+    from appliance.optimize.recipe import load_quant_recipe
+
+    bad, good = tmp_path / "bad.toml", tmp_path / "int4.toml"
+    bad.write_text("int4_block_size = 24\n", encoding="utf-8")
+    good.write_text("int4_block_size = 64\nint4_algo = \"k_quant\"\n", encoding="utf-8")
+    with pytest.raises(OptimizeError) as unknown:
+        parse_variants("fp32,genai-int3")
+    with pytest.raises(OptimizeError) as block:
+        load_quant_recipe(bad)
+
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.session is not None, "the session")
+        await pilot.press("4")
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen)
+                         and first_row(app, "#unregistered")[:1] == [trained_run], "the unregistered run",
+                         seen=lambda: first_row(app, "#unregistered"))
+        await pilot.press("tab")  # the runs' table: the form acts on the selected run
+
+        async def submit(**values: str) -> None:
+            await pilot.press("o")
+            await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the quantize dialog")
+            for name, value in values.items():
+                app.screen.set_value(name, value)
+            await pilot.press("enter")
+
+        await pilot.press("o")
+        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the quantize dialog")
+        notes = {spec.name: spec.note for spec in app.screen.fields}
+        assert "genai-int4, genai-int8, genai-fp32 (onnxruntime-genai, CPU)" in notes["variants"]
+        assert "onnxruntime-genai" in app.screen.text and "--recipe" in notes["recipe"]
+        await pilot.press("escape")
+
+        for values, refusal in (({"variants": "fp32,genai-int3"}, unknown.value),
+                                ({"variants": "genai-int4", "recipe": str(bad)}, block.value)):
+            await submit(**values)
+            await wait_until(pilot, lambda: isinstance(app.screen, ErrorDialog), "the refusal")
+            assert (app.screen.message, app.screen.hint) == (refusal.message, refusal.hint)
+            await pilot.press("escape")
+        assert not [j for j in _jobs() if j[0] == "optimize"]  # nothing started
+
+        await submit(qat="no", variants="genai-int4", recipe=str(good))
+        await wait_until(pilot, lambda: isinstance(app.screen, JobScreen), "the optimize job")
+    jobs = [params for kind, params in _jobs() if kind == "optimize"]
+    assert len(jobs) == 1 and jobs[0]["run"] == trained_run and jobs[0]["variants"] == ["genai-int4"]
+    assert (jobs[0]["recipe"]["int4_block_size"], jobs[0]["recipe"]["int4_algo"], jobs[0]["recipe"]["qat"]) == \
+        (64, "k_quant", False)
+    assert json.dumps(jobs[0])  # the job's parameters as the CLI's `optimize` writes them
+    # Building the export is another test's job (tests/appliance/optimize/test_genai_jobs.py): cancel it here and
+    # wait for it to stop (it checks between stages; a builder run already started finishes first).
+    from appliance.jobs.records import FINAL_STATES, list_jobs
+    from appliance.jobs.runner import cancel_job, wait_for
+
+    db = open_catalog()
+    try:
+        job = next(j for j in list_jobs(db, limit=100) if j.kind == "optimize")
+        cancel_job(db, job.id)
+        assert wait_for(db, job.id, timeout_s=900).state in FINAL_STATES
+    finally:
+        db.close()
+
+
+def _jobs() -> list[tuple[str, dict]]:
+    import json
+
+    db = open_catalog()
+    try:
+        return [(kind, json.loads(params)) for kind, params in db.execute("SELECT kind, params FROM jobs")]
+    finally:
+        db.close()

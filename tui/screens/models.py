@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 VARIANTS_DEFAULT = "fp32,fp16,int8"
 
 
+def variants_note(kind: str) -> str:
+    """The exports a run of this kind may ask for (the CLI's `--variants`; the same check refuses the others)."""
+    if kind != "lm":
+        return "comma-separated: fp32, fp16, int8"
+    return ("comma-separated: fp32, fp16, int8 (TensorRT / ONNX Runtime); genai-int4, genai-int8, genai-fp32 "
+            "(onnxruntime-genai, CPU); genai-fp16-cuda, genai-bf16-cuda, genai-int4-cuda (GPU)")
+
+
 def metric_text(kind: str, metrics: dict) -> str:
     """The one number that says how good a version or run is: validation loss (LM) or AUC (classifier)."""
     if kind == "classifier":
@@ -72,35 +80,49 @@ class ModelActions:
             screen.notify("select a model version or a training run first", severity="warning")
             return
 
+        version, run = self.target()
+        kind = version.kind if version is not None else run.kind if run is not None else "lm"
+
         def chosen(values: dict[str, str] | None) -> None:
             if values is not None:
-                self.start_optimize(run_id, values["qat"] == "yes", values["variants"] or VARIANTS_DEFAULT)
+                self.start_optimize(run_id, values["qat"] == "yes", values["variants"] or VARIANTS_DEFAULT,
+                                    values["recipe"])
 
         screen.app.push_screen(FormDialog(
             f"Quantize and export run {run_id}",
             "A job: INT8 calibration (PTQ), then quantization-aware fine-tuning (QAT, about 10% of the run's steps), "
-            "ONNX exports, and each export's parity with PyTorch. Exports are stored encrypted with the run.",
+            "ONNX exports, and each export's parity with PyTorch"
+            + (("; genai-* exports are built by onnxruntime-genai (weight-only int4/int8, any model size) and "
+                "gated on held-out perplexity") if kind == "lm" else "")
+            + ". Exports are stored encrypted with the run.",
             [FormField("qat", "QAT", "yes", choices=(("yes: PTQ then QAT", "yes"), ("no: PTQ only", "no"))),
-             FormField("variants", "Exports", VARIANTS_DEFAULT, note="comma-separated: fp32, fp16, int8")]),
+             FormField("variants", "Exports", VARIANTS_DEFAULT, note=variants_note(kind)),
+             FormField("recipe", "Recipe", "", placeholder="optional: path of a quantization recipe (TOML)",
+                       note="as `airlock optimize --recipe`: int4_block_size, int4_algo, "
+                            "max_perplexity_increase ...")]),
             chosen)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="model-action")
-    def start_optimize(self, run_id: str, qat: bool, variants: str) -> None:
+    def start_optimize(self, run_id: str, qat: bool, variants: str, recipe_path: str = "") -> None:
+        """What `airlock optimize RUN --variants ... [--recipe FILE] [--no-qat]` does, with its checks and errors."""
         import dataclasses
+        from pathlib import Path
 
         from appliance.access import require
         from appliance.optimize.jobs import parse_variants, start_optimize
-        from appliance.optimize.recipe import QuantRecipe
+        from appliance.optimize.recipe import load_quant_recipe
         from appliance.vault.lifecycle import keys_for
 
         screen: AirlockScreen = self  # type: ignore[assignment]
         home = screen.airlock.home
+        chosen = parse_variants(variants)
+        recipe = load_quant_recipe(Path(recipe_path.strip()).expanduser() if recipe_path.strip() else None)
+        if not qat:
+            recipe = dataclasses.replace(recipe, qat=False)
         with catalog(home) as db:
             keys_for(db, home)
             session = require(db, home, "optimize.run")
-            recipe = dataclasses.replace(QuantRecipe(), qat=qat)
-            job = start_optimize(db, run_id, recipe, parse_variants(variants),
-                                 actor=session.actor if session else None)
+            job = start_optimize(db, run_id, recipe, chosen, actor=session.actor if session else None)
         screen.post_message(JobStarted(job.id, f"quantize and export run {run_id}"))
 
     def action_build_engine(self) -> None:

@@ -103,3 +103,40 @@ def test_each_thread_gets_its_own_object_and_keeps_it():
         thread.join()
     assert all(got[0] is got[1] is got[2] for got in seen.values())  # the same one on every call in a thread
     assert len({id(got[0]) for got in seen.values()}) == 4 and per_thread.made == 4
+
+
+def test_the_batch_rows_of_a_profile_are_checked_against_max_batch(config):
+    """--max-batch decides how many requests share one call where the backend batches; an engine whose profile
+    holds fewer rows is refused at start-up with both numbers and the two ways out."""
+    from appliance.optimize.tensorrt_engine import lm_profile_rows
+    from appliance.serve.limits import lm_rows_per_call
+
+    limits = ServeLimits()
+    # Batched backends carry max_batch rows per call; TensorRT (not batched by the server) and --max-batch 1 one.
+    assert (lm_rows_per_call(limits, "ort-cpu"), lm_rows_per_call(limits, "pytorch")) == (32, 32)
+    assert lm_rows_per_call(limits, "tensorrt") == lm_rows_per_call(ServeLimits(max_batch=1), "ort-cpu") == 1
+
+    context = config.max_position_embeddings
+    small = causal_lm_profiles(config, **serve_profile_limits(context))  # the build's default: 4 rows
+    assert lm_profile_rows(small) == 4
+    check_lm_profile(small, context=context, max_prompt_tokens=SERVE_MAX_PROMPT_TOKENS,
+                     max_new_tokens=SERVE_MAX_NEW_TOKENS, rows=lm_rows_per_call(limits, "tensorrt"))
+    with pytest.raises(EngineError) as refused:
+        check_lm_profile(small, context=context, max_prompt_tokens=SERVE_MAX_PROMPT_TOKENS,
+                         max_new_tokens=SERVE_MAX_NEW_TOKENS, run_id="lm-1", rows=32, max_batch=32)
+    assert refused.value.message == ("the TensorRT engine decodes at most 4 request(s) per call, but this server "
+                                     "batches 32 (--max-batch 32)")
+    assert refused.value.hint == "serve with --max-batch 4, or rebuild the engine: `airlock engine build lm-1 " \
+                                 "--max-batch 32`"
+    assert "\n" not in refused.value.message + refused.value.hint
+
+    # Derived with the rows: every input's max batch is 32, and the same lengths as without.
+    sizes = serve_profile_limits(context, rows=32)
+    assert sizes == {"max_sequence": 2047, "max_past": 2046, "max_batch": 32}
+    wide = causal_lm_profiles(config, **sizes)
+    assert lm_profile_rows(wide) == 32 and {shapes[2][0] for shapes in wide[0].values()} == {32}
+    assert lm_profile_capacity(wide) == lm_profile_capacity(small)
+    check_lm_profile(wide, context=context, max_prompt_tokens=SERVE_MAX_PROMPT_TOKENS,
+                     max_new_tokens=SERVE_MAX_NEW_TOKENS, rows=32, max_batch=32)
+    recorded = json.loads(json.dumps([{n: [list(s) for s in shapes] for n, shapes in wide[0].items()}]))
+    assert lm_profile_rows(recorded) == 32  # as the engine's sidecar stores them
