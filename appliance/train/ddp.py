@@ -189,7 +189,8 @@ def _job_result(ctx: JobContext, run: Run, world: int, outcomes: dict[int, dict[
             ctx.log(f"rank {failure['rank']} ended with an error after rank 0 finished: {failure['error']}")
         checksums = [o["result"]["adapter_checksum"] for _, o in sorted(outcomes.items()) if o["state"] == "ok"]
         agree = all(math.isclose(c, checksums[0], rel_tol=CHECKSUM_REL_TOLERANCE, abs_tol=1e-9) for c in checksums)
-        ctx.log(f"{len(checksums)} of {len(mine)} ranks{' on this node' if len(mine) < nproc else ''} reported, {'in agreement' if agree else 'DISAGREEING'}: "
+        here = " on this node" if len(mine) < nproc else ""
+        ctx.log(f"{len(checksums)} of {len(mine)} ranks{here} reported, {'in agreement' if agree else 'DISAGREEING'}: "
                 "adapter checksums " + ", ".join(f"{c:.10g}" for c in checksums))
         result = {k: v for k, v in lead["result"].items() if k not in ("rank", "adapter_checksum")}
         return {**result, "ranks": nproc, "rank_checksums": checksums, "ranks_agree": agree}

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.train.conftest import cli_json
 from tests.conftest import BIN, REPO, needs_loopback, run_cli
 
 # 2 nodes x 1 rank x grad_accumulation 1 take the same micro-batches per step as 1 process x grad_accumulation 2;
@@ -31,6 +30,8 @@ dropout = 0.0
 seed = {seed}
 grad_accumulation = {accumulation}
 """
+# Three trainings share two cores here: OpenMP's spinning threads would starve each other on a loaded machine.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def _free_port() -> int:
@@ -50,7 +51,7 @@ def _node(rank: int, port: int, recipe: str, *extra: str) -> subprocess.Popen:
                              "--device", "cpu", "--recipe", recipe, "--nnodes", "2", "--node-rank", str(rank),
                              "--master-addr", "127.0.0.1", "--master-port", str(port), *extra, "--wait", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, **ONE_THREAD})
 
 
 def _both(*nodes: subprocess.Popen) -> list[tuple[int, str, str]]:
@@ -90,8 +91,10 @@ def test_two_nodes_on_loopback_through_the_cli_match_one_process(qa_dataset, tmp
     assert node1["job"]["result"]["rank_checksums"][0] == pytest.approx(node0["job"]["result"]["rank_checksums"][0],
                                                                         rel=1e-6)
 
-    one = cli_json("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--device", "cpu",
-                   "--recipe", _recipe(tmp_path, "one.toml", accumulation=2), "--wait", "--json")
+    reference = run_cli("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--device", "cpu",
+                        "--recipe", _recipe(tmp_path, "one.toml", accumulation=2), "--wait", "--json", env=ONE_THREAD)
+    assert reference.returncode == 0, reference.stderr
+    one = json.loads(reference.stdout)
     ours, reference = node0["run"]["metrics"], one["run"]["metrics"]
     assert ours["steps"] == reference["steps"] == 4
     assert [v for _, v in ours["train_losses"]] == pytest.approx([v for _, v in reference["train_losses"]],
@@ -102,7 +105,7 @@ def test_two_nodes_on_loopback_through_the_cli_match_one_process(qa_dataset, tmp
     # Node 1 alone: nobody at the master's port, so it cannot join; one line after the join timeout.
     alone = run_cli("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--device", "cpu", "--recipe", recipe,
                     "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port",
-                    str(_free_port()), "--join-timeout", "3", "--wait")
+                    str(_free_port()), "--join-timeout", "3", "--wait", env=ONE_THREAD)
     assert alone.returncode == 2
     assert "node 1 of 2 could not join the others at 127.0.0.1:" in alone.stderr and "within 3 s" in alone.stderr
     assert "Traceback" not in alone.stderr
