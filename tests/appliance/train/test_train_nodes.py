@@ -63,7 +63,7 @@ def _both(*nodes: subprocess.Popen) -> list[tuple[int, str, str]]:
                 node.kill()
 
 
-@pytest.mark.slow  # five trainings (two pairs of nodes, one process) and a failed join: 102 s at load 10 on 2 cores
+@pytest.mark.slow  # five trainings (two pairs of nodes, one process), a failed join: 102-223 s at load ~10 on 2 cores
 @needs_loopback  # gloo and the rendezvous talk over 127.0.0.1
 def test_two_nodes_on_loopback_through_the_cli_match_one_process(qa_dataset, tmp_path):
     # A node whose inputs differ (here its recipe's seed) stops every rank before step 1, with one line.
