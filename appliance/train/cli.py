@@ -4,6 +4,7 @@
     airlock train lm --base tiny-deepseek-r1 --data qa --recipe recipe.toml --wait   # ... and follows it
     airlock train lm --base tiny-deepseek-r1 --data qa --device cpu --nproc 2        # 2 processes (torchrun, gloo)
     airlock train lm --base NAME --data qa --device cuda:0,1                          # one process per GPU (NCCL)
+    airlock train lm ... --nnodes 2 --node-rank 0|1 --master-addr HOST          # two machines (train/nodes.py)
     airlock train lm --resume RUN [--wait]                                            # after kill -9 / cancel / failure
     airlock train runs [--json] / airlock train show RUN [--json]
     airlock train export-curves RUN --out DIR                                         # TensorBoard event file
@@ -81,15 +82,35 @@ def _start_options(func):
 @click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
               help="Override the recipe's strategy for --nproc N: ddp (a full model per process) or fsdp "
                    "(parameters sharded over the processes, for a base that does not fit one GPU).")
+@click.option("--nnodes", type=int, default=None,
+              help="Machines training this run together (torchrun's static rendezvous); run the same command on "
+                   "each, with its own --node-rank. Node 0 records the run.")
+@click.option("--node-rank", type=int, default=None, help="This machine's number among --nnodes, 0 to N-1.")
+@click.option("--master-addr", default=None, help="Address of node 0, where the machines meet (every node the same).")
+@click.option("--master-port", type=int, default=None, help="TCP port on node 0 for the rendezvous (default 29500).")
+@click.option("--join-timeout", "join_timeout", type=int, default=None,
+              help="Seconds a node waits for the others to join before it fails (default 600).")
 def train_lm(base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None, device: str,
              nproc: int | None, wait: bool, task: str | None, as_json: bool, plan_only: bool,
-             checkpointing: str | None, strategy: str | None) -> int:
+             checkpointing: str | None, strategy: str | None, nnodes: int | None, node_rank: int | None,
+             master_addr: str | None, master_port: int | None, join_timeout: int | None) -> int:
     """LoRA supervised fine-tuning of a causal LM on a text dataset (chat or plain text records)."""
     overrides: dict[str, Any] = {"gradient_checkpointing": checkpointing, "strategy": strategy}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if plan_only:
         return _print_plan(base, recipe_path, device, nproc, as_json, overrides)
-    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc, overrides)
+    from appliance.train.nodes import plan_nodes
+
+    node_flags = (nnodes, node_rank, master_addr, master_port, join_timeout)
+    if resume_run and any(v is not None for v in node_flags):
+        from appliance.train import runs
+
+        raise runs.RunError("--resume continues a run on the machines it started on",
+                            hint="leave out --nnodes, --node-rank, --master-addr, --master-port and --join-timeout "
+                                 "(run `airlock train lm --resume RUN` on every node)")
+    nodes = plan_nodes("lm", *node_flags, task=task)  # one line for bad flags, before anything is touched
+    return _start("lm", base, dataset, recipe_path, resume_run, device, wait, as_json, task, nproc, overrides,
+                  nodes=nodes)
 
 
 def _print_plan(base: str | None, recipe_path: Path | None, device: str, nproc: int | None, as_json: bool,
@@ -152,7 +173,7 @@ def _with_overrides(recipe: Any, overrides: dict[str, Any] | None) -> Any:
 
 def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path | None, resume_run: str | None,
            device: str, wait: bool, as_json: bool, task: str | None = None, nproc: int | None = None,
-           overrides: dict[str, Any] | None = None) -> int:
+           overrides: dict[str, Any] | None = None, nodes: Any = None) -> int:
     from appliance.access import require
     from appliance.jobs.records import get_job
     from appliance.paths import airlock_home
@@ -185,7 +206,7 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         from appliance.train.recipe import load_recipe
 
         recipe = _with_overrides(load_recipe(recipe_path, recipe_class(kind)), overrides)
-        run, _ = start_training(db, kind, base, dataset, recipe, device=device, task=task, nproc=nproc)
+        run, _ = start_training(db, kind, base, dataset, recipe, device=device, task=task, nproc=nproc, nodes=nodes)
         verb = "started"
     if not as_json:
         click.echo(f"{verb} run {run.id} (job {run.job_id}): {run.base_model} on {run.dataset_name} "
@@ -209,7 +230,10 @@ def _start(kind: str, base: str | None, dataset: str | None, recipe_path: Path |
         if job.state in ("cancelled", "interrupted"):
             hint = f"continue it from its last checkpoint with `{command} --resume {run.id}`"
         raise AirlockError(f"run {run.id} ended {job.state}" + (f": {job.error}" if job.error else ""), hint=hint)
-    if not as_json:
+    if not as_json and (job.result or {}).get("recorded_on"):  # another node than node 0 of several machines
+        click.echo(f"run {run.id} succeeded as node {job.result['node_rank']} of {job.result['nnodes']}: the run, "
+                   f"its metrics and its adapter are recorded on {job.result['recorded_on']}")
+    elif not as_json:
         click.echo(f"run {run.id} succeeded: {_metric_text(run)}; weights in vault object {run.artifact}")
         if (job.result or {}).get("version"):
             click.echo(f"registered as model version {job.result['version']} (candidate): `airlock models card "

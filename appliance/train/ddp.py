@@ -81,21 +81,32 @@ def _ranks_of(pid: int) -> list[int]:
 
 def supervise_ranks(ctx: JobContext, run: Run, nproc: int) -> dict[str, Any]:
     """The `train` job with nproc > 1: launch the ranks, forward a stop, map their outcome to the job's."""
+    from appliance.train.nodes import Nodes
+
     if run.kind != "lm":
         raise AirlockError(f"run {run.id} is a {run.kind} run; only `airlock train lm` trains in several processes",
                            hint="start it again without --nproc")
+    nodes = Nodes.from_params(ctx.job.params.get("nodes"))
+    mine = list(range(nodes.rank * nproc, (nodes.rank + 1) * nproc))  # this machine's global ranks
+    if nodes.rank:  # node 0's rank 0 records the run; here the run row only follows this machine's part
+        from appliance.train import runs
+
+        runs.mark_running(ctx.db, run, base_hash=run.base_hash, lineage={
+            "node_rank": nodes.rank, "nnodes": nodes.count, "recorded_on": f"node 0 ({nodes.where()})",
+            "device": ctx.job.device})
     ranks_dir = jobs_dir(ctx.home) / f"{ctx.job.id}.ranks"
     shutil.rmtree(ranks_dir, ignore_errors=True)  # outcomes of an earlier attempt must not count
     ranks_dir.mkdir(mode=0o700)
     me = os.getpid()
     env = {**os.environ, "AIRLOCK_HOME": str(ctx.home), SUPERVISOR_ENV: f"{me}:{process_start_time(me)}"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores, shared
-    command = [sys.executable, "-I", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", ctx.job.id,
-               "--max-restarts", "0", "--log-dir", str(ranks_dir / "torchrun"),
+    command = [sys.executable, "-I", "-m", "torch.distributed.run", *nodes.torchrun_args(ctx.job.id),
+               "--nproc-per-node", str(nproc), "--max-restarts", "0", "--log-dir", str(ranks_dir / "torchrun"),
                "-m", RANK_MODULE, ctx.job.id, str(ranks_dir)]
     backend = "NCCL, one process per GPU" if ctx.job.device.startswith("cuda") else "gloo on CPU"
-    ctx.log(f"launching {nproc} training processes through torchrun ({backend})")
+    where = (f" as node {nodes.rank} of {nodes.count} (global ranks {mine[0]}-{mine[-1]}), meeting at "
+             f"{nodes.where()} within {nodes.join_timeout_s} s" if nodes.several else "")
+    ctx.log(f"launching {nproc} training processes through torchrun ({backend}){where}")
     sys.stdout.flush()
     sys.stderr.flush()
     # stdout and stderr stay the job's log (0600): torchrun's and the ranks' lines land there.
@@ -116,36 +127,70 @@ def supervise_ranks(ctx: JobContext, run: Run, nproc: int) -> dict[str, Any]:
         if torchrun.poll() is None:  # the supervisor itself failed: take torchrun and its ranks down with it
             torchrun.terminate()
             torchrun.wait()
-    outcomes = _read_outcomes(ranks_dir, nproc)
+    outcomes = _read_outcomes(ranks_dir, mine)
+    started = any((ranks_dir / f"rank-{rank}.started").exists() for rank in mine)
     shutil.rmtree(ranks_dir, ignore_errors=True)
-    return _job_result(ctx, run, nproc, outcomes, torchrun.returncode)
+    if nodes.several and not started and not ctx.should_stop():
+        raise AirlockError(f"node {nodes.rank} of {nodes.count} could not join the others at {nodes.where()} within "
+                           f"{nodes.join_timeout_s} s (torchrun exit code {torchrun.returncode})",
+                           hint="start the same command on every node within --join-timeout, each with its own "
+                                "--node-rank and the same --nnodes, --master-addr and --master-port; node 0 must be "
+                                "reachable on that port (firewall) and the port free there")
+    if nodes.rank:
+        return _node_result(ctx, run, nodes, nproc, outcomes, torchrun.returncode)
+    return _job_result(ctx, run, nproc * nodes.count, outcomes, torchrun.returncode, mine)
 
 
-def _read_outcomes(ranks_dir: Path, nproc: int) -> dict[int, dict[str, Any]]:
+def _read_outcomes(ranks_dir: Path, ranks: list[int]) -> dict[int, dict[str, Any]]:
     found = {}
-    for rank in range(nproc):
+    for rank in ranks:
         with contextlib.suppress(OSError, ValueError):
             found[rank] = json.loads((ranks_dir / f"rank-{rank}.json").read_text())
     return found
 
 
-def _job_result(ctx: JobContext, run: Run, nproc: int, outcomes: dict[int, dict[str, Any]],
-                exit_code: int) -> dict[str, Any]:
+def _node_result(ctx: JobContext, run: Run, nodes: Any, nproc: int, outcomes: dict[int, dict[str, Any]],
+                 exit_code: int) -> dict[str, Any]:
+    """Another machine than node 0: its ranks' outcome becomes its job's, and its run row says where the run is
+    recorded (node 0 wrote the metrics, the adapter and the registration)."""
+    from appliance.train import runs
+
+    mine = list(range(nodes.rank * nproc, (nodes.rank + 1) * nproc))
+    done = [o for _, o in sorted(outcomes.items()) if o["state"] == "ok"]
+    if len(done) == nproc:
+        checksums = [o["result"]["adapter_checksum"] for o in done]
+        steps = done[0]["result"]["steps"]
+        recorded_on = f"node 0 ({nodes.where()})"
+        total = done[0]["result"].get("total_steps", steps)
+        stopped = steps < total and not done[0]["result"].get("stopped_early")
+        metrics = {"steps": steps, "total_steps": total, "node_rank": nodes.rank, "nnodes": nodes.count}
+        runs.finish_run(ctx.db, run.id, "cancelled" if stopped else "succeeded", metrics=metrics)
+        ctx.log(f"node {nodes.rank}: {nproc} rank(s) finished at step {steps}; the run is recorded on {recorded_on}")
+        return {"run": run.id, "steps": steps, "node_rank": nodes.rank, "nnodes": nodes.count,
+                "recorded_on": recorded_on, "ranks": nproc, "rank_checksums": checksums,
+                **({"checkpointed": True} if stopped else {})}
+    return _job_result(ctx, run, nproc * nodes.count, outcomes, exit_code, mine)
+
+
+def _job_result(ctx: JobContext, run: Run, world: int, outcomes: dict[int, dict[str, Any]],
+                exit_code: int, mine: list[int]) -> dict[str, Any]:
     """Rank 0's result when it finished (or checkpointed on a stop); else the cause, in this order: a
     rank's own error (vault locked, bad data) -> failed; a rank gone without a word -> cancelled
     when a stop was asked for, else interrupted (the others' errors are then its echo); else the
-    first internal error -> failed."""
+    first internal error -> failed. `mine`: this machine's global ranks (all of them on one machine)."""
     from appliance.train import runs
 
+    nproc = world
     failures = [o for _, o in sorted(outcomes.items()) if o["state"] == "failed"]
-    missing = [r for r in range(nproc) if r not in outcomes]
+    missing = [r for r in mine if r not in outcomes]
     lead = outcomes.get(0)
     if lead and lead["state"] == "ok" and (not failures or lead["result"].get("artifact")):
         for failure in failures:  # after rank 0 stored the adapter: the run stands, the log says what else broke
             ctx.log(f"rank {failure['rank']} ended with an error after rank 0 finished: {failure['error']}")
         checksums = [o["result"]["adapter_checksum"] for _, o in sorted(outcomes.items()) if o["state"] == "ok"]
         agree = all(math.isclose(c, checksums[0], rel_tol=CHECKSUM_REL_TOLERANCE, abs_tol=1e-9) for c in checksums)
-        ctx.log(f"{len(checksums)} of {nproc} ranks reported, {'in agreement' if agree else 'DISAGREEING'}: "
+        here = " on this node" if len(mine) < nproc else ""
+        ctx.log(f"{len(checksums)} of {len(mine)} ranks{here} reported, {'in agreement' if agree else 'DISAGREEING'}: "
                 "adapter checksums " + ", ".join(f"{c:.10g}" for c in checksums))
         result = {k: v for k, v in lead["result"].items() if k not in ("rank", "adapter_checksum")}
         return {**result, "ranks": nproc, "rank_checksums": checksums, "ranks_agree": agree}
@@ -216,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))  # first: a stop must never kill a rank
     job_id, ranks_dir = (argv or sys.argv[1:])[:2]
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    with contextlib.suppress(OSError):  # the rendezvous succeeded: the supervisor tells a crash from a failed join
+        (Path(ranks_dir) / f"rank-{rank}.started").touch(mode=0o600)
     outcome: dict[str, Any] = {"rank": rank}
     try:
         outcome.update(state="ok", result=_run_rank(job_id, rank, local_rank, stop))

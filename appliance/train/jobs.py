@@ -151,11 +151,12 @@ def plan_processes(kind: str, device: str, nproc: int | None, *, gpus: int | Non
 
 def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset_name: str, recipe: Any, *,
                    device: str = "auto", actor: str | None = None, task: str | None = None,
-                   nproc: int | None = None) -> tuple[Run, Job]:
+                   nproc: int | None = None, nodes: Any = None) -> tuple[Run, Job]:
     """Validate, pin the dataset's latest version, write the job and run rows, launch the job process.
 
     `task`: when the run succeeds it is registered as a candidate version of that task (appliance.registry).
     `nproc`: training processes (torchrun); None means one, or one per GPU that `device` names.
+    `nodes`: this machine's place among several training the run together (train/nodes.py); None: one machine.
     """
     from appliance.catalog import transaction
     from appliance.jobs import records
@@ -177,7 +178,8 @@ def start_training(db: sqlite_utils.Database, kind: str, base_name: str, dataset
     with transaction(db):  # both rows or neither: a job without its run could never start
         job = records.create_job(db, JOB_KIND, {"run": run_id, "kind": kind, "base": base_name,
                                                 "dataset": dataset_name, "dataset_version": pinned.version,
-                                                "nproc": nproc},
+                                                "nproc": nproc,
+                                                **({"nodes": nodes.to_params()} if nodes and nodes.several else {})},
                                  device=device, actor=actor)
         runs.insert_run(db, Run(run_id, kind, task, job.id, base_name, None, pinned.dataset.id, pinned.dataset.name,
                                 pinned.version, pinned.content_hash, values, recipe_hash(values), "queued", {}, {},
@@ -196,7 +198,7 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
     _select_device(ctx.job.device)
     nproc = int(ctx.job.params.get("nproc", 1))
     try:
-        if nproc > 1:
+        if nproc > 1 or ctx.job.params.get("nodes"):
             from appliance.train.ddp import supervise_ranks
 
             return supervise_ranks(ctx, run, nproc)
@@ -312,11 +314,19 @@ def _train_lm(ctx: JobContext, run: Run, *, rank: int | None = None) -> dict[str
     counts = {split: len(records) for split, records in data.items()}
     cache = VaultTokenCache(ctx.db, keys, ctx.home, cache_object_id(pinned.dataset.id, pinned.version_hashes,
                                                                    tok_hash, recipe.max_length), store_misses=lead)
-    checkpoints = VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id))
+    checkpoints: Any = VaultCheckpoints(ctx.db, keys, ctx.home, checkpoint_object_id(run.id))
+    if rank is not None:  # under torchrun: every rank, on every machine, trains on the same inputs (a collective)
+        from appliance.train.nodes import BroadcastCheckpoints, Nodes, check_same_inputs, signature
+
+        nodes = Nodes.from_params(ctx.job.params.get("nodes"))
+        check_same_inputs(signature(run, tok_hash, int(ctx.job.params.get("nproc", 1))), nodes.rank)
+        if nodes.several:  # node 0's vault holds the checkpoints; the other machines' never do
+            checkpoints = BroadcastCheckpoints(checkpoints, rank)
     if not lead:  # reads the same data and checkpoint; train_lora keeps its hands off the catalog
         result = train_lora(base, data["train"], data["val"], recipe, checkpoints=checkpoints,
                             should_stop=ctx.should_stop, encode=cache)
-        return {"rank": rank, "steps": result.steps, "adapter_checksum": adapter_checksum(result.adapter_state)}
+        return {"rank": rank, "steps": result.steps, "total_steps": result.total_steps,
+                "stopped_early": result.stopped_early, "adapter_checksum": adapter_checksum(result.adapter_state)}
     run = runs.mark_running(ctx.db, run, base_hash=base_hash, lineage={
         "dataset_versions": [[i + 1, h] for i, h in enumerate(pinned.version_hashes)], "records": counts,
         "tokenizer_hash": tok_hash, "device": ctx.job.device})
