@@ -221,6 +221,7 @@ LONGEST_FIRST = (
     "tests/tui/test_acceptance_flow.py",                  # ~85
     "tests/appliance/train/test_train_jobs.py",           # ~80: kill -9 / SIGTERM and resume
     "tests/appliance/train/test_train_ddp_job.py",        # ~75
+    "tests/appliance/train/test_train_nodes.py",          # ~50: two torchrun nodes on loopback through the CLI
     "tests/appliance/registry/test_retrain_scenario.py",  # ~60
 )
 
