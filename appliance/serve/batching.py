@@ -18,7 +18,9 @@ scheduler
 
 The batch's KV cache is left-padded to its longest row, with an attention mask that zeroes the padding
 and each row's own position ids, so a row decodes the same tokens as it would alone (greedy, exact;
-tests/appliance/serve/test_batching.py). Columns no row needs any more are trimmed when rows leave.
+tests/appliance/serve/test_batching.py). Rows that join in one step are merged with one copy of the cache, a row
+that leaves is replaced by the last row, and columns no row needs any more are dropped once they are an eighth of
+the width (`_Batch`; tests/appliance/serve/test_batch_cache.py).
 Each request keeps its own sampling parameters and seeded generator (`pick_token` per row).
 
 A failure stays with its request: a prefill or a sampling error fails that request only; a batched
