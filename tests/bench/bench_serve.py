@@ -17,8 +17,9 @@ with chat completions of exactly `--max-tokens` tokens (`ignore_eos`), half of t
 
 It prints requests/s, generated tokens/s, p50/p99 latency, p50 time to first token of the streams,
 the CPU milliseconds per generated token of the server and of the load process (on a shared machine throughput
-follows the cores one gets; CPU per token says where they went), and errors by status (429/503 are the admission control refusing, never a hung connection; the
-batched mode runs at the default limits, where 32 users of one key must get none). Then the
+follows the cores one gets; CPU per token says where they went), and errors by status (429/503 are the
+admission control refusing, never a hung connection; the batched mode runs at the default limits, where 32 users
+of one key must get none). Then the
 tokens/s ratio of each mode to `one` on the same backend, measured in this one run (goal for
 batched: >= 4x). Never fails on time.
 """
