@@ -18,7 +18,9 @@ scheduler
 
 The batch's KV cache is left-padded to its longest row, with an attention mask that zeroes the padding
 and each row's own position ids, so a row decodes the same tokens as it would alone (greedy, exact;
-tests/appliance/serve/test_batching.py). Columns no row needs any more are trimmed when rows leave.
+tests/appliance/serve/test_batching.py). Rows that join in one step are merged with one copy of the cache, a row
+that leaves is replaced by the last row, and columns no row needs any more are dropped once they are an eighth of
+the width (`_Batch`; tests/appliance/serve/test_batch_cache.py).
 Each request keeps its own sampling parameters and seeded generator (`pick_token` per row).
 
 A failure stays with its request: a prefill or a sampling error fails that request only; a batched
@@ -35,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.serve.backends import Sampling, make_generator, pick_token
+from appliance.serve.backends import Sampling, make_generator, pick_token, pick_tokens
 
 PREFILL_TOKENS_PER_STEP = 2048
 """Prompt tokens prefilled between two decode steps (at least one prompt): a burst of long prompts delays the
@@ -93,7 +95,21 @@ class _Row:
 
 
 class _Batch:
-    """Rows decoded together: their KV caches left-padded to one length, and the mask that hides the padding."""
+    """Rows decoded together: their KV caches left-padded to one length, and the mask that hides the padding.
+
+    What a step costs besides the forward pass is kept to what changed (measured, ONNX Runtime CPU, 32 rows: the
+    full-cache copies of joining and leaving rows, through torch's OpenMP threads on a loaded machine, cost more
+    than the forward pass itself):
+
+    - rows that join in one step are merged into the cache with ONE copy (`add` takes all of them);
+    - a row that leaves is replaced by the last row (`keep`): only the moved rows are copied, in place;
+    - columns no row needs any more are dropped only once they are `TRIM_FRACTION` of the width (one copy then),
+      not at every step (a few masked columns cost the attention less than copying the cache);
+    - CPU caches are copied with numpy (a single-threaded memcpy), not torch.cat (OpenMP threads that spin
+      against the forward pass and the request threads on a few cores)."""
+
+    TRIM_FRACTION = 8
+    """Unused leading columns are dropped once they are at least 1/TRIM_FRACTION of the width (and at least 8)."""
 
     def __init__(self) -> None:
         self.rows: list[_Row] = []
@@ -104,52 +120,114 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, rows: list[_Row], past: list[Any], mask: Any) -> None:
-        """Append rows with their cache (same layout, any length): the shorter side is padded on the left."""
-        import torch
-
-        if not self.rows:
-            self.rows, self.past, self.mask = list(rows), list(past), mask
+    def add(self, groups: list[tuple[list[_Row], list[Any], Any]]) -> None:
+        """Append groups of rows with their caches (same layout, any lengths) in one copy: every cache is
+        left-padded to the widest."""
+        if self.rows:
+            groups = [(self.rows, self.past, self.mask), *groups]
+        if len(groups) == 1:
+            self.rows, self.past, self.mask = list(groups[0][0]), list(groups[0][1]), groups[0][2]
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-
-        def pad(tensor: Any, to: int, dim: int) -> Any:
-            missing = to - tensor.shape[dim]
-            if not missing:
-                return tensor
-            shape = list(tensor.shape)
-            shape[dim] = missing
-            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-        self.past = [torch.cat([pad(a, width, 2), pad(b, width, 2)]) for a, b in zip(self.past, past, strict=True)]
-        self.mask = torch.cat([pad(self.mask, width, 1), pad(mask, width, 1)])
-        self.rows += rows
+        width = max(int(mask.shape[1]) for _, _, mask in groups)
+        self.past = [_stack_left_padded([past[i] for _, past, _ in groups], width, dim=2)
+                     for i in range(len(groups[0][1]))]
+        self.mask = _stack_left_padded([mask for _, _, mask in groups], width, dim=1)
+        self.rows = [row for rows, _, _ in groups for row in rows]
 
     def keep(self, indices: list[int]) -> None:
-        """Only these rows stay; cache columns that no remaining row uses are dropped."""
+        """Only these rows stay (their order may change: a leaving row's place is taken by a row from the end)."""
         if len(indices) == len(self.rows):
             return
         if not indices:
             self.rows, self.past, self.mask = [], [], None
             return
-        import torch
+        count = len(indices)
+        staying = set(indices)
+        holes = [i for i in range(count) if i not in staying]
+        movers = [i for i in range(count, len(self.rows)) if i in staying]
+        if holes:
+            self.past = [_move_rows(t, movers, holes) for t in self.past]
+            self.mask = _move_rows(self.mask, movers, holes)
+            for hole, mover in zip(holes, movers, strict=True):
+                self.rows[hole] = self.rows[mover]
+        self.rows = self.rows[:count]
+        self.past = [t[:count] for t in self.past]
+        self.mask = self.mask[:count]
+        self._trim()
 
-        index = torch.tensor(indices, device=self.mask.device)
-        self.rows = [self.rows[i] for i in indices]
-        mask = self.mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0]) if bool(mask.any()) else 0
-        self.mask = mask[:, start:].contiguous()
-        self.past = [t.index_select(0, index)[:, :, start:].contiguous() for t in self.past]
+    def _trim(self) -> None:
+        used = self.mask.any(0)
+        start = int(used.nonzero()[0]) if bool(used.any()) else 0
+        if start >= max(8, self.mask.shape[1] // self.TRIM_FRACTION):
+            self.mask = _contiguous(self.mask[:, start:])
+            self.past = [_contiguous(t[:, :, start:]) for t in self.past]
 
     def split(self) -> list[_Batch]:
-        """One batch per row (to find which row a failed forward pass failed for)."""
+        """One batch per row, each with its own copy of its cache (to find which row a failed forward pass
+        failed for)."""
         alone = []
-        for i in range(len(self.rows)):
+        for i, row in enumerate(self.rows):
             single = _Batch()
-            single.rows, single.past, single.mask = list(self.rows), list(self.past), self.mask
-            single.keep([i])
+            single.rows = [row]
+            single.past = [t[i:i + 1].clone() for t in self.past]
+            single.mask = self.mask[i:i + 1].clone()
+            single._trim()
             alone.append(single)
         return alone
+
+
+def _numpy_ok(tensor: Any) -> bool:
+    """A CPU tensor of a dtype numpy has (not bfloat16): its copies go through numpy."""
+    import torch
+
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float16, torch.float64, torch.int64)
+
+
+def _contiguous(tensor: Any) -> Any:
+    """A contiguous copy; a CPU tensor through numpy (torch's copy of a large tensor runs on its OpenMP threads)."""
+    if not _numpy_ok(tensor):
+        return tensor.contiguous()
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(tensor.numpy()))
+
+
+def _move_rows(tensor: Any, sources: list[int], targets: list[int]) -> Any:
+    """tensor[targets] = tensor[sources], in place (a row per source)."""
+    if _numpy_ok(tensor):
+        array = tensor.numpy()
+        array[targets] = array[sources]
+        return tensor
+    import torch
+
+    tensor[torch.tensor(targets, device=tensor.device)] = tensor[torch.tensor(sources, device=tensor.device)]
+    return tensor
+
+
+def _stack_left_padded(tensors: list[Any], width: int, dim: int) -> Any:
+    """The tensors stacked along dim 0, each left-padded with zeros to `width` along `dim` (one copy)."""
+    import torch
+
+    first = tensors[0]
+    shape = list(first.shape)
+    shape[0], shape[dim] = sum(int(t.shape[0]) for t in tensors), width
+    on_numpy = _numpy_ok(first)
+    if on_numpy:
+        import numpy as np
+
+        target = np.zeros(shape, dtype=first.numpy().dtype)
+        out = torch.from_numpy(target)
+    else:
+        out = target = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    row = 0
+    for tensor in tensors:
+        rows, length = int(tensor.shape[0]), int(tensor.shape[dim])
+        index: list[Any] = [slice(row, row + rows)] + [slice(None)] * (out.dim() - 1)
+        index[dim] = slice(width - length, width)
+        target[tuple(index)] = tensor.numpy() if on_numpy else tensor
+        row += rows
+    return out
 
 
 class BatchingLMBackend:
@@ -236,31 +314,40 @@ class BatchingLMBackend:
         import torch
 
         budget = PREFILL_TOKENS_PER_STEP
-        while len(batch) < self.max_batch and budget > 0:
-            with self._lock:
-                if not self._pending:
-                    return
-                request = self._pending.popleft()
-            if request.done():
-                continue
-            ids = request.prompt_ids
-            budget -= len(ids)
-            try:
-                logits, past = self.inner.forward_batch(
-                    torch.tensor([ids], dtype=torch.int64), torch.ones(1, len(ids), dtype=torch.int64),
-                    torch.arange(len(ids), dtype=torch.int64)[None], None)
-                token = self._emit(request, logits[0])
-            except Exception as exc:  # this prompt's failure is this request's alone
-                request.finish(exc)
-                continue
-            if token is None:
-                continue
-            mask = torch.ones(1, len(ids), dtype=torch.int64, device=past[0].device)
-            batch.add([_Row(request, len(ids), token)], past, mask)
+        joining: list[tuple[list[_Row], list[Any], Any]] = []
+        try:
+            while len(batch) + len(joining) < self.max_batch and budget > 0:
+                with self._lock:
+                    if not self._pending:
+                        return
+                    request = self._pending.popleft()
+                if request.done():
+                    continue
+                ids = request.prompt_ids
+                budget -= len(ids)
+                try:
+                    logits, past = self.inner.forward_batch(
+                        torch.tensor([ids], dtype=torch.int64), torch.ones(1, len(ids), dtype=torch.int64),
+                        torch.arange(len(ids), dtype=torch.int64)[None], None)
+                    token = self._emit(request, logits[0])
+                except Exception as exc:  # this prompt's failure is this request's alone
+                    request.finish(exc)
+                    continue
+                if token is None:
+                    continue
+                mask = torch.ones(1, len(ids), dtype=torch.int64, device=past[0].device)
+                joining.append(([_Row(request, len(ids), token)], past, mask))
+        finally:
+            if joining:  # one copy of the cache for every row that joins in this step
+                batch.add(joining)
 
     def _emit(self, request: _Request, logits: Any) -> int | None:
         """Sample and hand over one token; None when the request is complete (or its sampling failed)."""
-        token = pick_token(logits, request.sampling, request.generator)
+        return self._hand_over(request, pick_token(logits, request.sampling, request.generator))
+
+    @staticmethod
+    def _hand_over(request: _Request, token: int) -> int | None:
+        """Give the request its token; None when that was its last."""
         request.tokens.put(token)
         request.produced += 1
         if request.produced >= request.sampling.max_new_tokens:
@@ -285,7 +372,7 @@ class BatchingLMBackend:
                     single.rows[0].request.finish(exc)
                     continue
                 if self._advance(single, logits, present):
-                    survivors.add(single.rows, single.past, single.mask)
+                    survivors.add([(single.rows, single.past, single.mask)])
             batch.rows, batch.past, batch.mask = survivors.rows, survivors.past, survivors.mask
             return
         self._advance(batch, logits, present)
@@ -306,12 +393,14 @@ class BatchingLMBackend:
         batch.mask = _with_new_column(batch.mask)
         batch.past = list(present)
         keep = []
+        picked = pick_tokens(logits, [row.request.sampling for row in batch.rows],
+                             [row.request.generator for row in batch.rows])
         for i, row in enumerate(batch.rows):
-            try:
-                token = self._emit(row.request, logits[i])
-            except Exception as exc:
-                row.request.finish(exc)
+            choice = picked[i]
+            if isinstance(choice, Exception):
+                row.request.finish(choice)
                 continue
+            token = self._hand_over(row.request, choice)
             if token is not None:
                 row.length += 1
                 row.token = token
@@ -323,4 +412,9 @@ class BatchingLMBackend:
 def _with_new_column(mask: Any) -> Any:
     import torch
 
+    if mask.device.type == "cpu":
+        import numpy as np
+
+        array = mask.numpy()
+        return torch.from_numpy(np.concatenate([array, np.ones((array.shape[0], 1), dtype=array.dtype)], axis=1))
     return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -16,8 +16,10 @@ with chat completions of exactly `--max-tokens` tokens (`ignore_eos`), half of t
     batched   the default limits: continuous batching, 32 rows, default queue and per-key limits
 
 It prints requests/s, generated tokens/s, p50/p99 latency, p50 time to first token of the streams,
-and errors by status (429/503 are the admission control refusing, never a hung connection; the
-batched mode runs at the default limits, where 32 users of one key must get none). Then the
+the CPU milliseconds per generated token of the server and of the load process (on a shared machine throughput
+follows the cores one gets; CPU per token says where they went), and errors by status (429/503 are the
+admission control refusing, never a hung connection; the batched mode runs at the default limits, where 32 users
+of one key must get none). Then the
 tokens/s ratio of each mode to `one` on the same backend, measured in this one run (goal for
 batched: >= 4x). Never fails on time.
 """
@@ -97,6 +99,15 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -156,10 +167,17 @@ def load(url: str, key: str, clients: int, seconds: float, max_tokens: int) -> d
             await asyncio.gather(*(client(i, http, started + seconds) for i in range(clients)))
             return time.monotonic() - started
 
+    cpu = time.process_time()
     elapsed = asyncio.run(main())
-    return {"elapsed_s": elapsed, "requests": len(latencies), "tokens": tokens[0], "errors": errors,
+    return {"elapsed_s": elapsed, "client_cpu_s": time.process_time() - cpu, "requests": len(latencies),
+            "tokens": tokens[0], "errors": errors,
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
             "ttft_p50_s": percentile(first_tokens, 0.5)}
+
+
+def cpu_per_token(result: dict, which: str) -> float:
+    """CPU milliseconds the server (or the load process) spent per generated token: where the cores went."""
+    return 1000 * result[which] / max(1, result["tokens"])
 
 
 def main() -> None:
@@ -192,7 +210,7 @@ def main() -> None:
         print(f"run {run}; {args.clients} clients x {args.seconds:g} s; {args.max_tokens} tokens per request; "
               f"half streamed; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the "
               "machine skews every number)", flush=True)
-        print("backend    mode      req/s   tok/s    p50 s   p99 s   ttft p50 s  errors")
+        print("backend    mode      req/s   tok/s    p50 s   p99 s   ttft p50 s  CPU ms/token server+client  errors")
         measured: dict[tuple[str, str], dict] = {}
         for backend in args.backends.split(","):
             for mode in args.modes.split(","):
@@ -205,19 +223,24 @@ def main() -> None:
                                              "headers={'Authorization': 'Bearer ' + sys.argv[2]}).text)",
                                              f"{url}/v1/models", key], capture_output=True, text=True, check=True)
                     kind = json.loads(models.stdout)["data"][0]["airlock"]["backend"]
+                    server_cpu = cpu_seconds(process.pid)
                     client = subprocess.run([sys.executable, __file__, "--load", url, key, "--clients",
                                              str(args.clients), "--seconds", str(args.seconds), "--max-tokens",
                                              str(args.max_tokens)], capture_output=True, text=True, check=False)
+                    server_cpu = cpu_seconds(process.pid) - server_cpu
                 finally:
                     stop_server(process)
                 if client.returncode != 0:
                     print(f"{kind:<10} {mode:<8}  load process failed: {client.stderr.strip()[-300:]}")
                     continue
                 result = json.loads(client.stdout.strip().splitlines()[-1])
+                result["server_cpu_s"] = server_cpu
                 measured[(kind, mode)] = result
                 print(f"{kind:<10} {mode:<8}  {result['requests'] / result['elapsed_s']:<6.2f}  "
                       f"{result['tokens'] / result['elapsed_s']:<7.1f}  {result['p50_s']:<7.3f} "
-                      f"{result['p99_s']:<7.3f} {result['ttft_p50_s']:<11.3f} {result['errors'] or 'none'}", flush=True)
+                      f"{result['p99_s']:<7.3f} {result['ttft_p50_s']:<11.3f} "
+                      f"{cpu_per_token(result, 'server_cpu_s'):<6.3f} + {cpu_per_token(result, 'client_cpu_s'):<18.3f} "
+                      f"{result['errors'] or 'none'}", flush=True)
         missing = [k for k in ("pytorch", "ort-cpu", "ort-cuda", "tensorrt") if k not in {b for b, _ in measured}]
         if missing:
             print(f"not measured here: {', '.join(missing)} (no GPU, no TensorRT, or no ONNX export of the run)")
