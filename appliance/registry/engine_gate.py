@@ -105,7 +105,6 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
     from appliance.optimize.jobs import (
         build_and_store_engine,
         engine_build_refusal,
-        measure_exports,
         onnx_file,
         store_exports,
     )
@@ -118,15 +117,10 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
             return _measure_genai(ctx, keys, run, task, work)
     quant = QuantRecipe(**{**getattr(task, "engine_recipe", {}), "qat": task.engine_qat})
     ctx.progress("engine parity: quantizing and exporting the candidate", variant=variant)
-    try:
-        outcome = measure_exports(ctx, keys, run, quant, [variant])
-    except AirlockError as exc:
-        return {"status": FAIL, "variant": variant, "runtime": RUNTIME,
-                "failures": [f"the optimize stage failed: {exc.message}"]}, {}
-    if outcome is None:
-        raise AirlockError("the retrain was cancelled while measuring engine parity",
-                           hint="start the retrain again (`airlock retrain TASK`)")
-    report, exports = outcome
+    outcome = _exports(ctx, keys, run, quant, variant, RUNTIME)
+    if "status" in outcome:
+        return outcome, {}
+    report, exports = outcome["report"], outcome["exports"]
     gate = judge(report["variants"][variant], task)
     gate["quantization"] = None if variant != "int8" else ("qat" if task.engine_qat else "ptq")
     gate["metrics"] = {stage: _numbers(report.get(stage)) for stage in ("float", "ptq", "qat") if report.get(stage)}
@@ -161,21 +155,16 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
 def _measure_genai(ctx: Any, keys: Any, run: Any, task: Any, work: Any
                    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Gate 3 for a genai `engine_variant`: build it with the task's recipe, validate, gate on quality, store it."""
-    from appliance.optimize.jobs import measure_exports, store_exports
+    from appliance.optimize.jobs import store_exports
     from appliance.optimize.recipe import QuantRecipe
 
     variant = task.engine_variant
     quant = QuantRecipe(**task.engine_recipe)
     ctx.progress(f"engine parity: building {variant} of the candidate with onnxruntime-genai", variant=variant)
-    try:
-        outcome = measure_exports(ctx, keys, run, quant, [variant], work)
-    except AirlockError as exc:
-        return {"status": FAIL, "variant": variant, "runtime": GENAI_RUNTIME,
-                "failures": [f"the optimize stage failed: {exc.message}"]}, {}
-    if outcome is None:
-        raise AirlockError("the retrain was cancelled while measuring engine parity",
-                           hint="start the retrain again (`airlock retrain TASK`)")
-    report, exports = outcome
+    outcome = _exports(ctx, keys, run, quant, variant, GENAI_RUNTIME, work)
+    if "status" in outcome:
+        return outcome, {}
+    report, exports = outcome["report"], outcome["exports"]
     gate = judge(report["variants"][variant], task)
     gate["quantization"] = GENAI_QUANTIZATION.get(variant)
     gate["recipe"] = {k: v for k, v in quant.to_dict().items()
@@ -200,3 +189,19 @@ def _numbers(metrics: Any) -> dict[str, float] | None:
     if not isinstance(metrics, dict):
         return None
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _exports(ctx: Any, keys: Any, run: Any, quant: Any, variant: str, runtime: str,
+             work: Any = None) -> dict[str, Any]:
+    """The optimize stage's measurement of one variant: {"report", "exports"}, or a failed gate when it failed."""
+    from appliance.optimize.jobs import measure_exports
+
+    try:
+        outcome = measure_exports(ctx, keys, run, quant, [variant], work)
+    except AirlockError as exc:
+        return {"status": FAIL, "variant": variant, "runtime": runtime,
+                "failures": [f"the optimize stage failed: {exc.message}"]}
+    if outcome is None:
+        raise AirlockError("the retrain was cancelled while measuring engine parity",
+                           hint="start the retrain again (`airlock retrain TASK`)")
+    return {"report": outcome[0], "exports": outcome[1]}

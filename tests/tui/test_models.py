@@ -26,15 +26,20 @@ from tui.screens.job import JobScreen
 from tui.screens.models import ModelsScreen, VersionScreen
 
 
+async def open_models_with(pilot, app, run_id: str) -> None:
+    """Log in, open the Models screen (key 4) and wait until `run_id` heads the unregistered runs."""
+    await wait_until(pilot, lambda: app.session is not None, "the session")
+    await pilot.press("4")
+    await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen)
+                     and first_row(app, "#unregistered")[:1] == [run_id], "the unregistered run",
+                     seen=lambda: first_row(app, "#unregistered"))
+
+
 @pilot_test
 async def test_register_quantize_engine_promote_rollback_and_detail(trained_run: str):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: app.session is not None, "the session")
-        await pilot.press("4")
-        await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen)
-                         and first_row(app, "#unregistered")[:1] == [trained_run], "the unregistered run",
-                         seen=lambda: first_row(app, "#unregistered"))
+        await open_models_with(pilot, app, trained_run)
         models = app.screen
         assert table_rows(app, "#versions")[0][0].startswith("no versions yet")
         assert table_rows(app, "#unregistered")[0][3].startswith("val loss ")
@@ -140,11 +145,7 @@ async def test_quantize_form_offers_the_genai_variants_with_the_cli_checks(train
 
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: app.session is not None, "the session")
-        await pilot.press("4")
-        await wait_until(pilot, lambda: isinstance(app.screen, ModelsScreen)
-                         and first_row(app, "#unregistered")[:1] == [trained_run], "the unregistered run",
-                         seen=lambda: first_row(app, "#unregistered"))
+        await open_models_with(pilot, app, trained_run)
         await pilot.press("tab")  # the runs' table: the form acts on the selected run
 
         async def submit(**values: str) -> None:
