@@ -208,21 +208,22 @@ SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
 # Modules that share a session fixture across folders: one unit, named by its first module.
 SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_install.py"}  # `release_bundles`
 
-# The longest units first (longest-processing-time scheduling): a 4-minute unit handed out last would keep
-# one worker busy while the other idles. Seconds per unit under `make test` on two cores, longest first; every other
-# unit follows in the seed's random order, and tests inside a unit keep their random order.
+# The longest units first (longest-processing-time scheduling): a 3-minute unit handed out last would keep
+# one worker busy while the other idles. Seconds per unit under `make test` on two cores (a fresh clone), longest
+# first; every other unit follows in the seed's random order, and tests inside a unit keep their random order.
 LONGEST_FIRST = (
-    "tests/appliance/serve",                              # ~250: the served appliance and its tests
-    "tests/e2e/test_bundle_install.py",                   # ~250: build, install, upgrade (differential), roll back
-    "tests/appliance/optimize",                           # ~170: exports shared by the optimize tests
-    "tests/e2e/test_demo.py",                             # ~140
-    "tests/test_tiny_models.py",                          # ~135: regenerate the tiny models
-    "tests/appliance/train/test_ddp.py",                  # ~110: torchrun, two nodes, FSDP
-    "tests/tui/test_acceptance_flow.py",                  # ~85
-    "tests/appliance/train/test_train_jobs.py",           # ~80: kill -9 / SIGTERM and resume
+    "tests/test_tiny_models.py",                          # ~170: regenerate the tiny models (one thread)
+    "tests/e2e/test_bundle_install.py",                   # ~160: build, install, differential upgrade, roll back
+    "tests/appliance/optimize",                           # ~105: exports shared by the optimize tests
+    "tests/appliance/serve",                              # ~100: the served appliance and its tests
+    "tests/appliance/train/test_train_jobs.py",           # ~90: kill -9 / SIGTERM and resume
+    "tests/e2e/test_demo.py",                             # ~85
     "tests/appliance/train/test_train_ddp_job.py",        # ~75
-    "tests/appliance/train/test_train_nodes.py",          # ~50: two torchrun nodes on loopback through the CLI
-    "tests/appliance/registry/test_retrain_scenario.py",  # ~60
+    "tests/appliance/train/test_train_nodes.py",          # ~60: two torchrun nodes on loopback through the CLI
+    "tests/tui/test_acceptance_flow.py",                  # ~60
+    "tests/appliance/train/test_ddp.py",                  # ~50: torchrun, two nodes, FSDP
+    "tests/appliance/registry/test_retrain_scenario.py",  # ~47
+    "tests/appliance/registry/test_genai_engine_gate.py",  # ~47
 )
 
 
