@@ -188,6 +188,7 @@ def test_nothing_planted_in_the_working_directory_or_on_the_stick_runs(small_bun
     # under the lock that keeps parallel workers' useradd/userdel apart; removed afterwards.
     account = f"airlock-t{os.getpid()}"
     with service_account_lock():
+        subprocess.run(["userdel", account], capture_output=True, check=False)  # left by a killed earlier run
         try:
             result = subprocess.run(
                 ["unshare", "-n", "sh", str(stick / "install.sh"), "--trust", fingerprint, "--prefix", str(prefix),
