@@ -115,12 +115,18 @@ def load_quant_recipe(path: Path | None) -> QuantRecipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OptimizeError(f"quantization recipe {path} is not valid TOML: {exc}",
                             hint="fix the line named above") from exc
+    return quant_recipe_from(values, str(path))
+
+
+def quant_recipe_from(values: dict, source: str) -> QuantRecipe:
+    """A recipe from field values (a TOML file's, a task's stored recipe): unknown fields are refused and every
+    error is prefixed with `source`."""
     known = {f.name for f in fields(QuantRecipe)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise OptimizeError(f"{path}: unknown field(s) {', '.join(unknown)}",
+        raise OptimizeError(f"{source}: unknown field(s) {', '.join(unknown)}",
                             hint=f"known fields: {', '.join(sorted(known))}")
     try:
         return QuantRecipe(**values)
     except OptimizeError as exc:
-        raise OptimizeError(f"{path}: {exc.message}", hint=exc.hint) from None
+        raise OptimizeError(f"{source}: {exc.message}", hint=exc.hint) from None

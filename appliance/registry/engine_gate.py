@@ -115,7 +115,7 @@ def measure(ctx: Any, keys: Any, run: Any, task: Any) -> tuple[dict[str, Any], d
         # The builder writes the export as files: they must outlive `store_exports`, and go with the gate.
         with scratch_dir(ctx.home, f"engine-gate-{ctx.job.id}") as work:
             return _measure_genai(ctx, keys, run, task, work)
-    quant = QuantRecipe(**{**getattr(task, "engine_recipe", {}), "qat": task.engine_qat})
+    quant = QuantRecipe(**{**task.engine_recipe, "qat": task.engine_qat})
     ctx.progress("engine parity: quantizing and exporting the candidate", variant=variant)
     outcome = _exports(ctx, keys, run, quant, variant, RUNTIME)
     if "status" in outcome:

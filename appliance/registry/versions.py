@@ -212,7 +212,6 @@ OPERATING_FIELDS = ("operating_class", "operating_specificity", "operating_thres
 ENGINE_VARIANTS = ("fp32", "fp16", "int8", "genai-int4", "genai-int8", "genai-fp32")
 """What a task's engine gate may judge. The CUDA genai exports are not: the optimize stage validates them only on a
 GPU with onnxruntime-genai-cuda, which a retrain job does not do yet (the catalog's CHECK already admits them)."""
-GENAI_ENGINE_VARIANTS = ("genai-int4", "genai-int8", "genai-fp32")
 MAX_EWC_LAMBDA = 1e12
 
 
@@ -270,17 +269,12 @@ def set_policy(db: sqlite_utils.Database, name: str, *, actor: str, clear_operat
 def _checked_recipe(values: dict[str, Any]) -> dict[str, Any]:
     """A task's quantization recipe: QuantRecipe's own checks (unknown fields, ranges), kept as the fields given."""
     from appliance.optimize.errors import OptimizeError
-    from appliance.optimize.recipe import QuantRecipe
+    from appliance.optimize.recipe import quant_recipe_from
 
-    known = {f.name for f in fields(QuantRecipe)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RegistryError(f"engine recipe: unknown field(s) {', '.join(unknown)}",
-                            hint=f"known fields: {', '.join(sorted(known))}")
     try:
-        QuantRecipe(**values)
+        quant_recipe_from(values, "engine recipe")
     except OptimizeError as exc:
-        raise RegistryError(f"engine recipe: {exc.message}", hint=exc.hint) from None
+        raise RegistryError(exc.message, hint=exc.hint) from None
     return dict(values)
 
 
