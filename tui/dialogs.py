@@ -157,11 +157,16 @@ class FormDialog(ModalScreen[dict[str, str] | None]):
             yield Static("Enter or ctrl+s: OK · Escape: cancel · Tab: next field", classes="dialog-note")
         yield Footer()
 
-    def on_mount(self) -> None:
-        # The first text field, so that Enter submits (Enter on a choice opens its list); Tab / shift+Tab move.
+    def entry_field_id(self) -> str | None:
+        """The field that has the focus once the dialog is mounted: the first text field, so that Enter submits
+        (Enter on a choice opens its list); Tab / shift+Tab move from there."""
         first = next((f for f in self.fields if not f.choices), self.fields[0] if self.fields else None)
-        if first is not None:
-            self.query_one(f"#form-{first.name}").focus()
+        return None if first is None else f"form-{first.name}"
+
+    def on_mount(self) -> None:
+        entry = self.entry_field_id()
+        if entry is not None:
+            self.query_one(f"#{entry}").focus()
 
     def values(self) -> dict[str, str]:
         out = {}

@@ -151,9 +151,30 @@ async def wait_until(pilot, condition: Callable[[], object], what: str, timeout:
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
-                                 + (f"; the app shows: {seen()!r}" if seen is not None else ""))
+                                 + (f"; the app shows: {seen()!r}" if seen is not None else "")
+                                 + f" (top screen: {type(pilot.app.screen).__name__})")
         await pilot.pause(0.05)
         await asyncio.sleep(0.05)
+
+
+async def wait_for_dialog(pilot, dialog: type, what: str):
+    """Wait for a dialog of type `dialog` on top with the focus where keys go (a FormDialog: its entry field), and
+    return it. The screen is on top as soon as it is pushed but takes the focus when it mounts: keys pressed in
+    between (Tab to a field, a name) land elsewhere, as they did once on a loaded machine (a schedule's inbox
+    path typed into no field, the dialog never closed)."""
+    from tui.dialogs import FormDialog
+
+    app = pilot.app
+
+    def ready() -> bool:
+        screen = app.screen
+        if not isinstance(screen, dialog) or not screen.is_mounted or screen.focused is None:
+            return False
+        return not isinstance(screen, FormDialog) or screen.focused.id == screen.entry_field_id()
+
+    await wait_until(pilot, ready, what,
+                     seen=lambda: (type(app.screen).__name__, getattr(app.screen.focused, "id", None)))
+    return app.screen
 
 
 def shows(app, selector: str, *expected: str) -> bool:

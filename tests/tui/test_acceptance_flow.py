@@ -25,6 +25,7 @@ from tests.tui.conftest import (
     table_rows,
     text_of,
     type_text,
+    wait_for_dialog,
     wait_for_text,
     wait_until,
 )
@@ -85,7 +86,7 @@ async def test_unlock_import_train_quantize_export_promote_serve_query(vault_ini
                          and table_rows(app, "#unregistered")[0][0].startswith("lm-"), "the unregistered run")
         await press_until_focused(pilot, "unregistered")
         await pilot.press("g")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the register dialog")
+        await wait_for_dialog(pilot, FormDialog, "the register dialog")
         await pilot.press("enter")
         await wait_until(pilot, lambda: table_rows(app, "#versions")[0][:2] == ["qa-export-v1", "candidate"],
                          "the candidate version")
@@ -93,7 +94,7 @@ async def test_unlock_import_train_quantize_export_promote_serve_query(vault_ini
         # Quantize (PTQ, then QAT) and export ONNX fp32 + int8, each checked against PyTorch.
         await press_until_focused(pilot, "versions", "shift+tab")
         await pilot.press("o")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the quantize dialog")
+        await wait_for_dialog(pilot, FormDialog, "the quantize dialog")
         assert app.screen.values()["qat"] == "yes"
         await pilot.press("ctrl+u")
         await type_text(pilot, "fp32,int8")
@@ -106,7 +107,7 @@ async def test_unlock_import_train_quantize_export_promote_serve_query(vault_ini
 
         # Promote, with a reason.
         await pilot.press("p")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the promote dialog")
+        await wait_for_dialog(pilot, FormDialog, "the promote dialog")
         await type_text(pilot, "acceptance run")
         await pilot.press("enter")
         await wait_until(pilot, lambda: table_rows(app, "#versions")[0][1] == "PRODUCTION", "the promoted version")
@@ -120,7 +121,7 @@ async def test_unlock_import_train_quantize_export_promote_serve_query(vault_ini
         await wait_until(pilot, lambda: any(r[0] == "airlock-monitor" for r in table_rows(app, "#keys")),
                          "the monitoring key")
         await pilot.press("n")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the new key dialog")
+        await wait_for_dialog(pilot, FormDialog, "the new key dialog")
         await type_text(pilot, "ward-client")
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, SecretShownOnce) and shows(app, "#secret", "airlock_"),
@@ -129,7 +130,7 @@ async def test_unlock_import_train_quantize_export_promote_serve_query(vault_ini
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, ServeScreen), "the serve screen again")
         await pilot.press("s")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the start dialog")
+        await wait_for_dialog(pilot, FormDialog, "the start dialog")
         assert app.screen.values()["what"] == "task:qa-export"
         await pilot.press("tab", "ctrl+u", "0", "enter")  # address as offered (127.0.0.1), port: any free one
         await wait_until(pilot, lambda: serve.view.server is not None and serve.view.server.url is not None,

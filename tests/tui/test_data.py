@@ -15,6 +15,7 @@ from tests.tui.conftest import (
     make_app,
     pilot_test,
     table_rows,
+    wait_for_dialog,
     wait_for_text,
     wait_until,
 )
@@ -72,7 +73,7 @@ async def test_import_wizard_dry_run_then_import_job_then_detail_and_delete(unlo
                          "the rejected file in the report", seen=lambda: first_row(app, "#problems"))
 
         await pilot.press("delete")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the confirmation")
+        await wait_for_dialog(pilot, ConfirmByTyping, "the confirmation")
         await pilot.press("q", "x", "enter")  # not the name: nothing happens
         await wait_for_text(pilot, "#confirm-feedback", "did not match")
         assert isinstance(app.screen, ConfirmByTyping)

@@ -18,6 +18,7 @@ from tests.tui.conftest import (
     table_rows,
     text_of,
     type_text,
+    wait_for_dialog,
     wait_for_text,
     wait_until,
 )
@@ -54,7 +55,7 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         await pilot.press("tab")
         assert models.query_one("#unregistered", DataTable).has_focus
         await pilot.press("g")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the register dialog")
+        await wait_for_dialog(pilot, FormDialog, "the register dialog")
         assert app.screen.values() == {"task": "qa"}
         await pilot.press("enter")
         # Both tables as asserted: the versions' and the runs' (the run moved from one to the other).
@@ -66,7 +67,7 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
         # Quantize: PTQ only, the FP32 export (the quickest real job), followed on the job screen.
         models.query_one("#versions", DataTable).focus()
         await pilot.press("o")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the quantize dialog")
+        await wait_for_dialog(pilot, FormDialog, "the quantize dialog")
         app.screen.set_value("qat", "no")
         app.screen.set_value("variants", "fp32")
         await pilot.press("enter")
@@ -90,7 +91,7 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
 
         # Promote with a reason, typed.
         await pilot.press("p")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the promote dialog")
+        await wait_for_dialog(pilot, FormDialog, "the promote dialog")
         await type_text(pilot, "passed review")
         await pilot.press("enter")
         await wait_until(pilot, lambda: first_row(app, "#versions")[1:2] == ["PRODUCTION"], "the promoted version",
@@ -98,7 +99,7 @@ async def test_register_quantize_engine_promote_rollback_and_detail(trained_run:
 
         # Rollback of the first production version is refused with the registry's message and hint.
         await pilot.press("b")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the rollback dialog")
+        await wait_for_dialog(pilot, FormDialog, "the rollback dialog")
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, ErrorDialog), "the rollback refusal")
         assert "first production version" in app.screen.message and "promote another" in app.screen.hint
@@ -150,13 +151,13 @@ async def test_quantize_form_offers_the_genai_variants_with_the_cli_checks(train
 
         async def submit(**values: str) -> None:
             await pilot.press("o")
-            await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the quantize dialog")
+            await wait_for_dialog(pilot, FormDialog, "the quantize dialog")
             for name, value in values.items():
                 app.screen.set_value(name, value)
             await pilot.press("enter")
 
         await pilot.press("o")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the quantize dialog")
+        await wait_for_dialog(pilot, FormDialog, "the quantize dialog")
         notes = {spec.name: spec.note for spec in app.screen.fields}
         assert "genai-int4, genai-int8, genai-fp32 (onnxruntime-genai, CPU)" in notes["variants"]
         assert "onnxruntime-genai" in app.screen.text and "--recipe" in notes["recipe"]

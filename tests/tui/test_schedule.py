@@ -19,6 +19,7 @@ from tests.tui.conftest import (
     pilot_test,
     table_rows,
     type_text,
+    wait_for_dialog,
     wait_for_text,
     wait_until,
 )
@@ -28,7 +29,7 @@ from tui.screens.schedule import ScheduleScreen
 
 async def open_dialog(pilot) -> FormDialog:
     await pilot.press("e")
-    await wait_until(pilot, lambda: isinstance(pilot.app.screen, FormDialog), "the schedule dialog")
+    await wait_for_dialog(pilot, FormDialog, "the schedule dialog")
     return pilot.app.screen
 
 
@@ -94,7 +95,7 @@ async def test_set_run_due_with_inbox_and_delete(production_task: str, tmp_path:
         db.close()
 
         await pilot.press("d")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the delete confirmation")
+        await wait_for_dialog(pilot, ConfirmByTyping, "the delete confirmation")
         await type_text(pilot, "qa")
         await pilot.press("enter")
         await wait_until(pilot, lambda: first_row(app, "#schedules")[1:2] == ["not scheduled (e sets)"],

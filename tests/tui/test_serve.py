@@ -8,7 +8,17 @@ from textual.widgets import Input
 
 from appliance.catalog import open_catalog
 from appliance.jobs.records import get_job
-from tests.tui.conftest import SIZE, make_app, pilot_test, table_rows, text_of, type_text, wait_for_text, wait_until
+from tests.tui.conftest import (
+    SIZE,
+    make_app,
+    pilot_test,
+    table_rows,
+    text_of,
+    type_text,
+    wait_for_dialog,
+    wait_for_text,
+    wait_until,
+)
 from tui.dialogs import ConfirmByTyping, ConfirmDialog, FormDialog, SecretShownOnce
 from tui.screens.serve import ServeScreen
 
@@ -27,7 +37,7 @@ async def create_key(pilot, name: str) -> str:
     """n, type the name, Enter; the dialog shows the key once: read it there and close it."""
     app = pilot.app
     await pilot.press("n")
-    await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the new key dialog")
+    await wait_for_dialog(pilot, FormDialog, "the new key dialog")
     await type_text(pilot, name)
     await pilot.press("enter")
     await wait_until(pilot, lambda: isinstance(app.screen, SecretShownOnce), "the key, shown once")
@@ -64,7 +74,7 @@ async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: s
 
         # Start: the task's production model, on any free loopback port.
         await pilot.press("s")
-        await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the start dialog")
+        await wait_for_dialog(pilot, FormDialog, "the start dialog")
         assert app.screen.values() == {"what": "task:qa", "host": "127.0.0.1", "port": "8080"}
         port = app.screen.query_one("#form-port", Input)
         await pilot.press("tab")
@@ -86,7 +96,7 @@ async def test_keys_start_server_live_metrics_revoke_and_stop(production_task: s
         row = next(i for i, r in enumerate(table_rows(app, "#keys")) if r[0] == "pacs-bridge")
         keys.move_cursor(row=row)
         await pilot.press("d")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmByTyping), "the revoke confirmation")
+        await wait_for_dialog(pilot, ConfirmByTyping, "the revoke confirmation")
         await type_text(pilot, "pacs-bridge")
         await pilot.press("enter")
         await wait_until(pilot, lambda: any(r[0] == "pacs-bridge" and r[2] == "revoked"
@@ -147,7 +157,7 @@ async def create_key_refused(pilot) -> None:
 
     app = pilot.app
     await pilot.press("n")
-    await wait_until(pilot, lambda: isinstance(app.screen, FormDialog), "the new key dialog")
+    await wait_for_dialog(pilot, FormDialog, "the new key dialog")
     await type_text(pilot, "pacs-bridge")
     await pilot.press("enter")
     await wait_until(pilot, lambda: isinstance(app.screen, ErrorDialog), "the refusal")
