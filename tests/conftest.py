@@ -200,7 +200,7 @@ def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET,
         db.close()
 
 
-# Parallel runs (`make test`: `pytest -n 2 --dist loadgroup --no-loadscope-reorder`, pytest-xdist).
+# Parallel runs (`make test`: `pytest -n CORES+1 --dist loadgroup --no-loadscope-reorder`, pytest-xdist).
 # Tests that share a session fixture run on one worker, so that the fixture is built once: each of these
 # folders builds a served appliance or a set of exports once per session. Elsewhere a module is the unit
 # (its module fixtures are built once per worker that runs it).
