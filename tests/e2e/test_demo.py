@@ -52,7 +52,7 @@ def test_demo_stages_three_to_six(tmp_path: Path):
     env = {**os.environ, "AIRLOCK_KDF_PROFILE": "test"}
     env.pop("AIRLOCK_HOME", None)
     result = subprocess.run([*wrap, str(BIN / "airlock"), "demo", "--skip-bundle", "--work-dir", str(work),
-                             "--lm-steps", "24", "--classifier-steps", "40"],
+                             "--lm-steps", "12", "--classifier-steps", "20"],
                             # ~3 minutes on two quiet cores; the bound is for a hang, not for a loaded machine
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=1800, check=False)
     out = result.stdout
