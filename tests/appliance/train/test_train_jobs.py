@@ -24,7 +24,15 @@ def _train(recipe: Path, *extra: str) -> dict:
     return cli_json("train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe", str(recipe), *extra)
 
 
-def test_train_lm_job_learns_records_lineage_and_stores_only_ciphertext(qa_dataset, tiny_recipe, airlock_home):
+def test_train_lm_job_learns_records_lineage_and_stores_only_ciphertext_then_resumes_exactly(qa_dataset, tiny_recipe,
+                                                                                             airlock_home, tmp_path):
+    """One uninterrupted run, checked, is then the reference of the same run killed and resumed (one training
+    fewer than a reference of its own: the two runs take the same inputs)."""
+    straight = _check_straight_run(tiny_recipe, airlock_home)
+    _check_kill_9_and_sigterm_then_resume_end_exactly_like(straight, tiny_recipe, tmp_path)
+
+
+def _check_straight_run(tiny_recipe: Path, airlock_home: Path) -> dict:
     from appliance.base_models import generate_text, resolve_base_model
     from appliance.train.artifacts import load_eval_samples, load_lm_adapter
     from appliance.train.fingerprints import base_model_hash, recipe_hash
@@ -85,6 +93,8 @@ def test_train_lm_job_learns_records_lineage_and_stores_only_ciphertext(qa_datas
                           chat=True, max_new_tokens=24)
     assert reply.strip()
     assert len(load_eval_samples(db, keys, airlock_home, stored)) == 4
+    db.close()
+    return run
 
 
 def _job_events(db, job_id: str, after: int = 0) -> list[tuple[int, str, dict]]:
@@ -102,11 +112,8 @@ def _wait_for_progress(db, job_id: str, after: int, predicate, timeout_s: float 
     raise AssertionError(f"no such progress event from {job_id} within {timeout_s} s")
 
 
-def test_kill_9_and_sigterm_then_resume_end_exactly_like_an_uninterrupted_run(qa_dataset, tiny_recipe, tmp_path):
+def _check_kill_9_and_sigterm_then_resume_end_exactly_like(straight: dict, tiny_recipe: Path, tmp_path: Path) -> None:
     from appliance.jobs.runner import wait_for
-
-    straight = _train(tiny_recipe, "--wait", "--json")["run"]
-    assert straight["state"] == "succeeded"
 
     started = _train(tiny_recipe, "--json")  # detached: returns at once
     run_id, job_id = started["run"]["id"], started["job"]["id"]
