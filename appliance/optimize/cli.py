@@ -233,11 +233,13 @@ def _check_device(device: str) -> None:
 @click.option("--version-compatible", is_flag=True, help="Let later TensorRT versions load the engine.")
 @click.option("--weak-fp16", is_flag=True, help="TensorRT 10 only: let the builder pick FP16 kernels.")
 @click.option("--workspace-gib", type=click.FloatRange(0.25, 256), default=4.0, show_default=True)
+@click.option("--contexts", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Inferences the engine runs at once (set it to `airlock serve --workers`; more wait).")
 @_wait
 @_json
 def engine_build(run_id: str, variant: str | None, device: str, max_batch: int | None, max_sequence: int | None,
                  max_past: int | None, opt_level: int, hardware_compat: str, version_compatible: bool,
-                 weak_fp16: bool, workspace_gib: float, wait: bool, as_json: bool) -> int:
+                 weak_fp16: bool, workspace_gib: float, contexts: int, wait: bool, as_json: bool) -> int:
     """Build a TensorRT engine from RUN's stored ONNX export, as a job on the GPU (needs TensorRT)."""
     from appliance.errors import AirlockError
     from appliance.optimize.jobs import engine_build_refusal, start_engine_build
@@ -251,7 +253,7 @@ def engine_build(run_id: str, variant: str | None, device: str, max_batch: int |
     keys, _ = _session(db, "optimize.run")
     options = {"workspace_gib": workspace_gib, "builder_optimization_level": opt_level,
                "hardware_compatibility": hardware_compat, "version_compatible": version_compatible,
-               "weak_fp16": weak_fp16}
+               "weak_fp16": weak_fp16, "contexts": contexts}
     profile = {"max_batch": max_batch, "max_sequence": max_sequence, "max_past": max_past}
     job = start_engine_build(db, keys, airlock_home(), run_id, variant=variant, device=device, profile=profile,
                              options=options)

@@ -16,9 +16,11 @@ torch's current stream.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,10 @@ class EngineBuildOptions:
     """TensorRT 10.x only: let the builder choose FP16 kernels for an FP32 or Q/DQ ONNX (weak typing)."""
     timing_cache_dir: str | None = None
     """Where timing caches persist; None = $AIRLOCK_HOME/engines/timing-cache."""
+    contexts: int = 2
+    """Inferences the engine runs at once (1-16; `airlock serve`'s default is 2 workers): one execution context
+    each, each on its own copy of the optimization profiles, since concurrent contexts must not share a profile.
+    A server's workers beyond this wait for a free context. Each copy adds build time and a little plan size."""
 
     def __post_init__(self) -> None:
         if not 0.25 <= self.workspace_gib <= 256:
@@ -58,6 +64,9 @@ class EngineBuildOptions:
         if self.builder_optimization_level not in range(6):
             raise EngineError(f"builder_optimization_level = {self.builder_optimization_level} is not 0-5",
                               hint="use 3 (TensorRT's default) or 5 for the fastest engine")
+        if not 1 <= self.contexts <= 16:
+            raise EngineError(f"contexts = {self.contexts} is outside 1..16",
+                              hint="use the number of server workers (2 by default)")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise EngineError(f"hardware_compatibility = {self.hardware_compatibility!r} is not one of "
                               f"{', '.join(HARDWARE_COMPATIBILITY)}",
@@ -167,27 +176,44 @@ def check_lm_profile(profiles: list[Any], *, context: int, max_prompt_tokens: in
              f"build {run_id} --max-sequence {sizes['max_sequence']} --max-past {sizes['max_past']}`")
 
 
-class PerThread:
-    """One object per thread, made on the thread's first use: `factory()` runs once in each thread.
+class ContextPool:
+    """`slots` objects, each used by one caller at a time: `with pool.checkout() as obj`. Slot i's object is made by
+    `factory(i)` on its first use; a caller finding every slot busy waits for one.
 
-    TensorRT's IExecutionContext holds the input shapes and tensor addresses of one inference at a time;
-    worker threads sharing one would mix each other's requests."""
+    TensorRT's IExecutionContext holds the input shapes and tensor addresses of one inference at a time, and
+    execution contexts that run at once must each have an optimization profile of their own (TensorRT's developer
+    guide on optimization profiles; NVIDIA/TensorRT#846): worker threads sharing a context, or contexts sharing a
+    profile, can mix one request's shapes and buffers into another's. So an engine carries one copy of its profiles
+    per context, slot i runs on copy i, and there are never more contexts than copies."""
 
-    def __init__(self, factory: Any) -> None:
+    def __init__(self, factory: Any, slots: int) -> None:
+        import queue
         import threading
 
+        if slots < 1:
+            raise ValueError("a context pool needs at least one slot")
         self._factory = factory
-        self._local = threading.local()
+        self._free: Any = queue.LifoQueue()  # the slot used last goes out first: its memory is warm
+        for slot in reversed(range(slots)):
+            self._free.put(slot)
+        self._objects: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self.made = 0
+        self.slots = slots
 
-    def get(self) -> Any:
-        value = getattr(self._local, "value", None)
-        if value is None:
+    @property
+    def made(self) -> int:
+        return len(self._objects)
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[Any]:
+        slot = self._free.get()
+        try:
             with self._lock:  # creating contexts concurrently on one engine is not documented as safe
-                value = self._local.value = self._factory()
-                self.made += 1
-        return value
+                if slot not in self._objects:
+                    self._objects[slot] = self._factory(slot)
+            yield self._objects[slot]
+        finally:
+            self._free.put(slot)
 
 
 def default_timing_cache_dir() -> Path:
@@ -265,7 +291,7 @@ def build_engine(onnx_bytes: bytes, *, variant: str, profiles: list[Profile], op
         config.hardware_compatibility_level = api.hardware_compatibility(trt, options.hardware_compatibility)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    for profile in profiles:
+    for profile in profiles * options.contexts:  # one copy per execution context (ContextPool)
         optimization_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.items():
             optimization_profile.set_shape(name, low, opt, high)
@@ -313,49 +339,57 @@ def load_engine(plan: bytes, sidecar: dict[str, Any], *, machine: MachineInfo | 
     if engine is None:
         raise EngineError(f"TensorRT {machine.tensorrt} could not load the engine", hint="rebuild with `airlock "
                                                                                          "engine build`")
-    return TensorRTRunner(engine, trt, profiles=sidecar.get("profiles"))
+    # Engines built before `contexts` existed hold one copy of their profiles: one inference at a time.
+    return TensorRTRunner(engine, trt, profiles=sidecar.get("profiles"), contexts=sidecar["options"].get("contexts", 1))
 
 
 class TensorRTRunner:
-    """`run({name: ndarray}) -> {name: ndarray}` on profile 0, with torch CUDA tensors as buffers.
+    """`run({name: ndarray}) -> {name: ndarray}`, with torch CUDA tensors as buffers.
 
-    Each calling thread gets its own execution context and CUDA stream (`PerThread`): the server's workers run
-    requests side by side on one engine (its weights are shared; each context has its own activation memory)."""
+    The server's workers run requests side by side on one engine (its weights are shared): each call checks out one
+    of `contexts` execution contexts, each with its own CUDA stream and its own copy of the optimization profiles
+    (`ContextPool`); a call finding every context busy waits for one."""
 
     kind = "tensorrt"
 
-    def __init__(self, engine: Any, trt: Any, profiles: list[Any] | None = None) -> None:
+    def __init__(self, engine: Any, trt: Any, profiles: list[Any] | None = None, contexts: int = 1) -> None:
         import numpy as np
 
         self.engine, self.trt = engine, trt
         self.profiles = profiles or []
-        """The optimization profiles the engine was built with (from its sidecar), for `check_lm_profile`."""
-        self._per_thread = PerThread(self._new_context)
+        """The optimization profiles of one copy (from the sidecar), for `check_lm_profile`."""
+        per_copy = max(1, len(self.profiles))
+        if engine.num_optimization_profiles < per_copy * contexts:
+            raise EngineError(f"the engine holds {engine.num_optimization_profiles} optimization profiles, its sidecar "
+                              f"says {contexts} copies of {per_copy}", hint="rebuild with `airlock engine build`")
+        self._per_copy = per_copy
+        self.contexts = contexts
+        self._pool = ContextPool(self._new_context, contexts)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
         self.input_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.input_names}
         self.output_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.output_names}
 
-    def _new_context(self) -> tuple[Any, Any]:
+    def _new_context(self, slot: int) -> tuple[Any, Any]:
         import torch
 
         context = self.engine.create_execution_context()
         if context is None:
             raise EngineError("TensorRT could not create an execution context (GPU memory?)",
                               hint="serve with fewer --workers, or free GPU memory")
-        return context, torch.cuda.Stream()
-
-    @property
-    def context(self) -> Any:
-        """This thread's execution context."""
-        return self._per_thread.get()[0]
+        stream = torch.cuda.Stream()
+        if not context.set_optimization_profile_async(slot * self._per_copy, stream.cuda_stream):
+            raise EngineError(f"TensorRT refused optimization profile {slot * self._per_copy} for context {slot}",
+                              hint="rebuild with `airlock engine build`")
+        stream.synchronize()
+        return context, stream
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        context, stream = self._per_thread.get()
-        with torch.cuda.stream(stream):  # copies, allocations and the engine all on this thread's stream
+        with self._pool.checkout() as (context, stream), torch.cuda.stream(stream):
+            # copies, allocations and the engine all on this context's stream
             return self._run(context, stream, feeds)
 
     def _run(self, context: Any, stream: Any, feeds: dict[str, Any]) -> dict[str, Any]:

@@ -122,6 +122,9 @@ def test_build_options_and_profiles():
         EngineBuildOptions(builder_optimization_level=7)
     with pytest.raises(EngineError, match="hardware_compatibility = 'any'"):
         EngineBuildOptions(hardware_compatibility="any")
+    with pytest.raises(EngineError, match=r"contexts = 0 is outside 1\.\.16") as caught:
+        EngineBuildOptions(contexts=0)
+    assert "server workers" in caught.value.hint
     assert classifier_profiles((1, 32, 32), max_batch=16, opt_batch=8) == [
         {"pixel_values": ((1, 1, 32, 32), (8, 1, 32, 32), (16, 1, 32, 32))}]
     from transformers import AutoConfig

@@ -76,7 +76,8 @@ def test_fp16_lm_engine_decodes_through_its_kv_cache(tmp_path, lora_merged_lm, l
 
 def test_lm_engine_serves_concurrent_threads_each_on_its_own_context(tmp_path, lora_merged_lm, lm_data):
     """Four threads decode four prompts at once on one engine: each gets what it gets alone (one shared
-    execution context would mix their shapes and buffers), and the runner made one context per thread."""
+    execution context, or two contexts on one profile, would mix their shapes and buffers); two contexts, each on
+    its own copy of the profile, serve the four threads in turn."""
     from concurrent.futures import ThreadPoolExecutor
 
     from appliance.optimize.onnx_export import export_causal_lm_onnx, kv_cache_layout
@@ -102,4 +103,5 @@ def test_lm_engine_serves_concurrent_threads_each_on_its_own_context(tmp_path, l
         for _ in range(3):
             together = list(pool.map(lambda p: greedy_decode(runner, p, max_new_tokens=16, layout=layout), prompts))
             assert together == alone
-    assert runner._per_thread.made >= 2  # the main thread's, and at least one per pool thread that ran
+    assert runner.contexts == 2 and 1 <= runner._pool.made <= 2  # the default: two contexts, two profile copies
+    assert runner.engine.num_optimization_profiles == 2

@@ -12,7 +12,7 @@ from appliance.optimize.errors import EngineError
 from appliance.optimize.tensorrt_engine import (
     SERVE_MAX_NEW_TOKENS,
     SERVE_MAX_PROMPT_TOKENS,
-    PerThread,
+    ContextPool,
     admitted_lengths,
     causal_lm_profiles,
     check_lm_profile,
@@ -87,22 +87,67 @@ def test_an_engine_smaller_than_the_limits_is_refused_with_the_sizes_that_would_
         check_lm_profile(profiles, context=4096, max_prompt_tokens=512, max_new_tokens=1539)
 
 
-def test_each_thread_gets_its_own_object_and_keeps_it():
-    per_thread = PerThread(object)
-    seen: dict[int, list[object]] = {}
-    barrier = threading.Barrier(4)
+def test_each_context_serves_one_caller_at_a_time_and_callers_beyond_the_contexts_wait():
+    """The runner's pool of execution contexts (TensorRT's: one inference per context, one profile copy per
+    context), with real threads: slot i is made once, by factory(i); never two callers on one slot; a third caller
+    waits while both are out, and gets the slot the first gives back."""
+    made: list[int] = []
+    pool = ContextPool(lambda slot: (made.append(slot), f"context-{slot}")[1], slots=2)
+    both_out, release = threading.Barrier(3), threading.Event()
+    held: list[str] = []
 
-    def worker(index: int) -> None:
-        barrier.wait()  # all four at once
-        seen[index] = [per_thread.get() for _ in range(3)]  # kept: a freed object's id could be reused
+    def hold() -> None:
+        with pool.checkout() as context:
+            held.append(context)
+            both_out.wait()
+            release.wait()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    both_out.wait()  # both slots are out now, each to one holder
+    assert sorted(held) == ["context-0", "context-1"] and sorted(made) == [0, 1]
+    third: list[str] = []
+    def wait_for_one() -> None:
+        with pool.checkout() as context:
+            third.append(context)
+
+    waiter = threading.Thread(target=wait_for_one)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and third == []  # no free context: it waits (it cannot get one while both are out)
+    release.set()
+    for thread in holders:
+        thread.join()
+    waiter.join()
+    assert third[0] in ("context-0", "context-1") and pool.made == 2 and sorted(made) == [0, 1]
+
+
+def test_contexts_are_never_shared_under_load():
+    pool = ContextPool(lambda slot: {"slot": slot, "users": 0}, slots=2)
+    overlaps, most = [], [0]
+    lock = threading.Lock()
+    active = [0]
+
+    def worker() -> None:
+        for _ in range(200):
+            with pool.checkout() as context:
+                context["users"] += 1
+                with lock:
+                    active[0] += 1
+                    most[0] = max(most[0], active[0])
+                if context["users"] != 1:
+                    overlaps.append(context["slot"])
+                context["users"] -= 1
+                with lock:
+                    active[0] -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert all(got[0] is got[1] is got[2] for got in seen.values())  # the same one on every call in a thread
-    assert len({id(got[0]) for got in seen.values()}) == 4 and per_thread.made == 4
+    assert overlaps == [] and most[0] <= 2 and pool.made <= 2
 
 
 def test_the_batch_rows_of_a_profile_are_checked_against_max_batch(config):
