@@ -1,4 +1,4 @@
-"""LoRA as an ONNX Runtime adapter file over an onnxruntime-genai base graph: the route measured against the merged export.
+"""LoRA as an ONNX Runtime adapter file over an onnxruntime-genai base graph, measured against the merged export.
 
     base = build_genai_base(checkpoint, lora_config, shapes, work, variant="genai-int4", recipe=QuantRecipe())
     tensors = lora_tensors(adapter_state, lora_config)       # graph input name -> float32 array

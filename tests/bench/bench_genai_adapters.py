@@ -139,8 +139,9 @@ def step_build(args: argparse.Namespace) -> None:
     else:
         checkpoint = MODELS["tiny"] if args.model == "tiny" else args.work / "base-checkpoint"
         shim = SimpleNamespace(config=AutoConfig.from_pretrained(checkpoint))
-        export = build_genai_base(shim, None, _lora_config(args), load_file(str(args.work / "adapter_state.safetensors")),
-                                  work, variant=variant, recipe=QuantRecipe(), checkpoint=checkpoint)
+        state = load_file(str(args.work / "adapter_state.safetensors"))
+        export = build_genai_base(shim, None, _lora_config(args), state, work, variant=variant, recipe=QuantRecipe(),
+                                  checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     shutil.rmtree(work / "builder-cache", ignore_errors=True)
     _write(args, {"build_s": seconds, "bytes": export.bytes, "files": export.files})
@@ -233,7 +234,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.step:
-        {"prepare": step_prepare, "build": step_build, "adapter": step_adapter, "measure": step_measure}[args.step](args)
+        steps = {"prepare": step_prepare, "build": step_build, "adapter": step_adapter, "measure": step_measure}
+        steps[args.step](args)
         return
     args.work = args.work or REPO / ".cache" / f"genai-adapters-{args.model}"
     shutil.rmtree(args.work, ignore_errors=True)
