@@ -102,7 +102,10 @@ def expose_lora_inputs(model_path: Path) -> dict[str, list[int]]:
 
 def write_onnx_adapter(tensors: dict[str, Any], path: Path, *, expected: dict[str, list[int]] | None = None) -> int:
     """ONNX Runtime's adapter format (`onnxruntime.AdapterFormat`). Checked against the base graph's LoRA inputs
-    first (every input, its shape), so a mismatched adapter never reaches a generator. Returns the bytes written."""
+    first (every input, its shape), so a mismatched adapter never reaches a generator. Returns the bytes written.
+
+    The file is a version's trained weights in plaintext: write it under `genai_export.scratch_dir` and encrypt
+    what is kept into the vault, as the exports are."""
     import onnxruntime as ort
 
     if expected is not None:

@@ -1,6 +1,7 @@
 """The LoRA adapter-file route on onnxruntime-genai (appliance/optimize/genai_adapters.py, docs/adr/0016).
 
-The real builder builds the tiny model's fp32 base with a LoRA branch once (module fixture); ONNX Runtime and
+The real builder builds the tiny model's fp32 base with a LoRA branch once (module fixture; with the test, ~12 s on
+two quiet cores, so not slow-marked); ONNX Runtime and
 og.Generator run it with the session fixture's adapter as an `.onnx_adapter` file, judged against the merged
 float model by the same validation and perplexity the merged export gets. The layout test needs no builder.
 """
@@ -66,7 +67,6 @@ def _inputs(folder: Path) -> dict[str, list[int]]:
     return lora_inputs_of(folder)
 
 
-@pytest.mark.slow
 def test_base_plus_adapter_file_serves_the_merged_model_through_the_same_validation(lora_base, lora_merged_lm,
                                                                                      lm_data):
     import numpy as np
