@@ -12,7 +12,8 @@ external data: no protobuf 2 GiB limit, so a 7B model exports. Its runtime (`og.
 
 It covers Qwen2 (DeepSeek-R1-Distill-Qwen) and Llama (deepseek-llm, deepseek-coder) here; MoE models
 (DeepSeek-V2/V3) stay PyTorch. The LoRA adapter is merged into the weights before the build (one
-graph, no adapter inputs per step: docs/adr/0016).
+graph, no adapter inputs per step); `genai_adapters` builds the other route, a base with a LoRA branch plus
+an `.onnx_adapter` file per version, measured against this one in docs/adr/0016.
 
 The builder reads and writes files, so this is the one stage that puts plaintext weights on disk:
 under `scratch_dir` (a 0700 folder of AIRLOCK_HOME, `AIRLOCK_SCRATCH` to move it), removed when the
@@ -27,7 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,17 +127,24 @@ def scratch_dir(home: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def builder_options(variant: str, recipe: Any) -> tuple[str, str, list[str]]:
-    """(precision, execution provider, extra options as KEY=VALUE) for the builder, from the quantization recipe."""
+def builder_options(variant: str, recipe: Any, *, adapter: Path | None = None,
+                    keep_float: Sequence[str] = ()) -> tuple[str, str, list[str]]:
+    """(precision, execution provider, extra options as KEY=VALUE) for the builder, from the quantization recipe.
+
+    `adapter`: a peft folder the builder adds as a LoRA branch (genai_adapters); `keep_float`: node names left
+    out of weight-only quantization (that branch)."""
     precision, provider = GENAI_VARIANTS[variant]
     extra = ["hf_token=false", "hf_remote=false"]
+    if adapter is not None:
+        extra.append(f"adapter_path={adapter}")
     if precision in ("int4", "int8"):
         extra += [f"block_size={recipe.int4_block_size}", f"algo_config={recipe.int4_algo}",
                   f"is_symmetric={'true' if recipe.int4_symmetric else 'false'}"]
         if provider == "cpu":
             extra.append(f"accuracy_level={recipe.int4_accuracy_level}")
-        if not recipe.quantize_lm_head:
-            extra.append("nodes_to_exclude=/lm_head/MatMul")
+        excluded = ([] if recipe.quantize_lm_head else ["/lm_head/MatMul"]) + list(keep_float)
+        if excluded:
+            extra.append(f"nodes_to_exclude={','.join(excluded)}")
     return precision, provider, extra
 
 
@@ -151,12 +159,14 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
 
 
 def build_genai_model(model: Any, tokenizer: Any, work: Path, *, variant: str, recipe: Any,
-                      checkpoint: Path | None = None, log: Any = None) -> GenAIExport:
+                      checkpoint: Path | None = None, log: Any = None, adapter: Path | None = None,
+                      keep_float: Sequence[str] = ()) -> GenAIExport:
     """Build `variant` of a (LoRA-merged) causal LM into `work/<variant>` with the builder, in a child process.
 
     The child is the builder's own command line (`python -m onnxruntime_genai.models.builder`): it loads the
     checkpoint again, so it runs apart from this process and returns its memory when done. `checkpoint`: a
-    folder already written by `save_checkpoint` (several variants share one)."""
+    folder already written by `save_checkpoint` (several variants share one). `adapter`, `keep_float`: see
+    `builder_options` (the adapter-file route of genai_adapters)."""
     if variant not in GENAI_VARIANTS:
         raise ExportError(f"unknown genai variant {variant!r}", hint=f"use one of {', '.join(GENAI_VARIANTS)}")
     refusal = genai_refusal(model.config, variant)
@@ -167,7 +177,7 @@ def build_genai_model(model: Any, tokenizer: Any, work: Path, *, variant: str, r
         save_checkpoint(model, tokenizer, checkpoint)
     out = work / variant
     shutil.rmtree(out, ignore_errors=True)
-    precision, provider, extra = builder_options(variant, recipe)
+    precision, provider, extra = builder_options(variant, recipe, adapter=adapter, keep_float=keep_float)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
                "-p", precision, "-e", provider, "-c", str(work / "builder-cache"), "--extra_options", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -188,8 +198,10 @@ def build_genai_model(model: Any, tokenizer: Any, work: Path, *, variant: str, r
     if log is not None:
         log(f"built {variant} with onnxruntime-genai ({precision}, {provider})")
     files = {name: _sha256_file(out / name) for name in MODEL_FILES}
+    shown = [e if not e.startswith("nodes_to_exclude=") or len(e) < 200 else f"{e[:120]}... ({e.count(',') + 1} nodes)"
+             for e in extra[2:] if not e.startswith("adapter_path=")]
     return GenAIExport(variant, out, files, {"precision": precision, "execution_provider": provider,
-                                             "extra_options": extra[2:]})
+                                             "extra_options": shown})
 
 
 def _sha256_file(path: Path) -> str:

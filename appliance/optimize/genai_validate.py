@@ -31,8 +31,11 @@ MAX_QUALITY_EXAMPLES = 64
 """Held-out examples the quality gate scores (each whole, one at a time): enough to see a broken quantization."""
 
 
-def ort_genai_session(export: GenAIExport) -> Any:
-    """An ONNX Runtime session over the builder's graph (external data read from its folder)."""
+def ort_genai_session(export: GenAIExport, *, adapter: dict[str, Any] | None = None) -> Any:
+    """An ONNX Runtime session over the builder's graph (external data read from its folder).
+
+    `adapter`: LoRA input name -> array (genai_adapters.lora_tensors) fed on every run, for a base graph with a
+    LoRA branch; its inputs left unfed keep their zero defaults (the base model)."""
     import json
 
     import onnxruntime as ort
@@ -49,14 +52,14 @@ def ort_genai_session(export: GenAIExport) -> Any:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise EngineError(f"ONNX Runtime cannot load the {export.variant} export: {first}",
                           hint="re-export it; if it persists, serve the model with PyTorch") from exc
-    return _KvSession(session, (int(decoder["num_key_value_heads"]), int(decoder["head_size"])))
+    return _KvSession(session, (int(decoder["num_key_value_heads"]), int(decoder["head_size"])), adapter or {})
 
 
 class _KvSession:
-    """An ORT session and the KV cache's (kv heads, head size), which the graph leaves symbolic."""
+    """An ORT session, the KV cache's (kv heads, head size), which the graph leaves symbolic, and adapter feeds."""
 
-    def __init__(self, session: Any, kv_shape: tuple[int, int]) -> None:
-        self.session, self.kv_shape = session, kv_shape
+    def __init__(self, session: Any, kv_shape: tuple[int, int], adapter: dict[str, Any] | None = None) -> None:
+        self.session, self.kv_shape, self.adapter = session, kv_shape, adapter or {}
 
     def get_inputs(self) -> Any:
         return self.session.get_inputs()
@@ -85,6 +88,8 @@ def session_logits(session: Any, input_ids: Any) -> Any:
         else:
             raise ExportError(f"the genai export has an input {spec.name!r} this validation does not know",
                               hint="report the model architecture and the onnxruntime-genai version")
+    # LoRA inputs are initializers too (zero defaults): ONNX Runtime lists them as overridable, not as inputs
+    feeds.update(getattr(session, "adapter", {}))
     return np.asarray(session.run(["logits"], feeds)[0], dtype=np.float32)
 
 
@@ -145,17 +150,27 @@ def torch_perplexity(model: Any, examples: Sequence[tuple[list[int], list[int]]]
     return math.exp(total / count)
 
 
-def run_generator_batch(model_dir: Any, prompts: Sequence[Sequence[int]], new_tokens: int) -> dict[str, Any]:
-    """og.Generator greedy over a batch of equal-length prompts: the new tokens of each row, and tokens/s."""
+def run_generator_batch(model_dir: Any, prompts: Sequence[Sequence[int]], new_tokens: int, *,
+                        adapter_file: Any = None) -> dict[str, Any]:
+    """og.Generator greedy over a batch of equal-length prompts: the new tokens of each row, and tokens/s.
+
+    `adapter_file`: an `.onnx_adapter` for a base graph with a LoRA branch, loaded through og.Adapters and made
+    the generator's active adapter."""
     import numpy as np
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
+    adapters = None
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "candidate")
     batch = np.asarray([list(p) for p in prompts], dtype=np.int32)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=int(batch.shape[1] + new_tokens), batch_size=int(batch.shape[0]),
                               do_sample=False)
     generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, "candidate")
     started = time.perf_counter()
     generator.append_tokens(batch)
     prefill_s = time.perf_counter() - started
@@ -166,15 +181,19 @@ def run_generator_batch(model_dir: Any, prompts: Sequence[Sequence[int]], new_to
         steps += 1
     decode_s = time.perf_counter() - started
     rows = [[int(t) for t in generator.get_sequence(i)][batch.shape[1]:] for i in range(batch.shape[0])]
-    del generator, model
+    del generator, adapters, model
     return {"batch": int(batch.shape[0]), "prompt_tokens": int(batch.shape[1]), "steps": steps, "rows": rows,
             "prefill_s": prefill_s, "decode_s": decode_s,
             "decode_tokens_per_s": (steps * batch.shape[0] / decode_s) if decode_s > 0 else None}
 
 
 def validate_genai_export(export: GenAIExport, model: Any, prompts: Sequence[Sequence[int]], *,
-                          decode_tokens: int = 8, eos_ids: Sequence[int] = ()) -> dict[str, Any]:
-    """Parity with the PyTorch float model (judged for float variants), og.Generator on a batch of 8 (always)."""
+                          decode_tokens: int = 8, eos_ids: Sequence[int] = (), adapter_tensors: Any = None,
+                          adapter_file: Any = None) -> dict[str, Any]:
+    """Parity with the PyTorch float model (judged for float variants), og.Generator on a batch of 8 (always).
+
+    For a base graph with a LoRA branch (genai_adapters), `adapter_tensors` feed ONNX Runtime and `adapter_file`
+    is og's active adapter: the same checks then judge base + adapter against the merged float model."""
     import torch
 
     from appliance.optimize.validate import NEAR_TIE_FACTOR, _diffs, torch_greedy
@@ -187,7 +206,7 @@ def validate_genai_export(export: GenAIExport, model: Any, prompts: Sequence[Seq
     failures: list[str] = []
     length = min(len(p) for p in prompts)
     batch = [list(p)[:length] for p in prompts]
-    session = ort_genai_session(export)
+    session = ort_genai_session(export, adapter=adapter_tensors)
     onnx_logits = session_logits(session, batch)
     model.eval()
     with torch.no_grad():
@@ -196,7 +215,7 @@ def validate_genai_export(export: GenAIExport, model: Any, prompts: Sequence[Seq
                               **_diffs(onnx_logits, torch_logits)}
     del session
     rows = [batch[i % len(batch)] for i in range(GENERATOR_BATCH)]
-    generator = run_generator_batch(export.path, rows, decode_tokens)
+    generator = run_generator_batch(export.path, rows, decode_tokens, adapter_file=adapter_file)
     stop = set(eos_ids)
     judged = export.variant in FLOAT_GENAI
     tie_margin = NEAR_TIE_FACTOR * parity["max_abs_diff"]

@@ -113,7 +113,8 @@ def corpus_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def lora_merged_lm() -> dict[str, Any]:
-    """tiny-deepseek-r1 with a fresh LoRA adapter (non-zero B, so merging changes the weights), merged."""
+    """tiny-deepseek-r1 with a fresh LoRA adapter (non-zero B, so merging changes the weights), merged; the adapter's
+    peft state dict and LoraConfig too (the adapter-file route, test_genai_adapters.py)."""
     import torch
     from peft import get_peft_model_state_dict
 
@@ -133,8 +134,10 @@ def lora_merged_lm() -> dict[str, Any]:
     probe = torch.tensor([[0, 17, 230, 41, 9, 300]])
     with torch.no_grad():
         peft_logits = peft_model.eval()(input_ids=probe).logits
+    lora_config = peft_model.peft_config["default"]
     merged, _ = load_merged_causal_lm(base, adapter, recipe)
-    return {"model": merged, "tokenizer": tokenizer, "probe": probe, "peft_logits": peft_logits}
+    return {"model": merged, "tokenizer": tokenizer, "probe": probe, "peft_logits": peft_logits,
+            "adapter": adapter, "lora_config": lora_config}
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-LIGHT = ["engine_sidecar", "errors", "genai_export", "genai_jobs", "genai_validate", "jobs", "onnx_export", "qdq_rules",
-         "quality_gate", "quantize", "recipe", "runners", "runtime_select",
+LIGHT = ["engine_sidecar", "errors", "genai_adapters", "genai_export", "genai_jobs", "genai_validate", "jobs",
+         "onnx_export", "qdq_rules", "quality_gate", "quantize", "recipe", "runners", "runtime_select",
          "tensorrt_api", "tensorrt_engine", "triton", "validate"]
 HEAVY = {"torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir", "tensorrt", "numpy"}
 
