@@ -11,6 +11,18 @@ files as soon as `og.Model` has read them. One `og.Model` serves every request; 
 several prompts in one generator (one forward pass per step for all of them), for callers that batch.
 Sampling is og's own (temperature, top-p, seeded per request): a seed reproduces a request on this backend, but
 not token for token on the PyTorch one, whose sampler is ours.
+
+Continuous batching (CPU). On the CPU the server batches concurrent requests with its own scheduler
+(`appliance.serve.batching.BatchingLMBackend`), through `forward_batch`: an ONNX Runtime session over the same
+`model.onnx` the runtime loads, fed the KV cache of every running row. Its GroupQueryAttention takes each row's
+length from the attention mask and rotates positions from it, so the rows' caches are RIGHT-padded
+(`cache_padding = "right"`: a row's tokens at columns 0..length-1, zeros after), not left-padded as our own exports.
+og.Engine, the library's continuous-batching API, was measured instead and is not used on the CPU: with the builder's
+CPU exports (GroupQueryAttention, no paged KV cache) it runs static batches of at most 4 requests that start and end
+together, and decoded 32 requests no faster than one og.Generator at a time; its dynamic batching needs a
+PagedAttention export, which the builder makes for CUDA fp16/bf16 only (docs/adr/0017-continuous-batching.md).
+Batched rows sample with our sampler (`pick_token`, seeded per request, as the other batched backends); a request
+served alone (`--max-batch 1`) samples with og's, so a seed reproduces a request within one mode.
 """
 
 from __future__ import annotations
@@ -27,11 +39,19 @@ from appliance.serve.backends import Sampling
 class GenAILMBackend:
     """A causal LM exported by the onnxruntime-genai builder, decoded by og.Generator."""
 
-    def __init__(self, model: Any, *, variant: str, context_length: int, device: str = "cpu") -> None:
+    cache_padding = "right"
+    """How `forward_batch` wants the rows' KV caches padded (see the module docstring)."""
+
+    def __init__(self, model: Any, *, variant: str, context_length: int, device: str = "cpu",
+                 session: Any = None, kv_shape: tuple[int, int, int] | None = None) -> None:
         self.model = model
         self.variant = variant
         self.context_length = context_length
         self.kind = "genai-cuda" if device.startswith("cuda") else "genai-cpu"
+        self.session = session
+        """ONNX Runtime session over the export's decoder for `forward_batch` (CPU; None: not batched)."""
+        self.kv_shape = kv_shape
+        """(layers, kv heads, head size) of the decoder's KV cache (genai_config.json)."""
 
     @classmethod
     def load(cls, folder: Path, *, variant: str, device: str = "cpu") -> GenAILMBackend:
@@ -43,8 +63,46 @@ class GenAILMBackend:
             config.append_provider("cuda")
             config.set_provider_option("cuda", "device_id", device.partition(":")[2] or "0")
         model = og.Model(config)
-        context = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["context_length"]
-        return cls(model, variant=variant, context_length=int(context), device=device)
+        genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        session, kv_shape = None, None
+        if not device.startswith("cuda"):  # continuous batching on the CPU (module docstring)
+            session, kv_shape = batch_session(folder, genai["decoder"])
+        return cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
+                   session=session, kv_shape=kv_shape)
+
+    def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
+                      ) -> tuple[Any, list[Any]]:
+        """`appliance.serve.backends.BatchForward` with right-padded caches: `attention_mask` [batch, past + sequence]
+        has each row's ones first (its length), `past` the flat cache (key, value per layer, [batch, kv heads, past,
+        head size], float32 torch tensors) a previous call returned, None for a prefill."""
+        import numpy as np
+        import torch
+
+        if self.session is None or self.kv_shape is None:
+            raise RuntimeError(f"{self.variant} on {self.kind} decodes one request at a time (no batch session)")
+        layers, heads, head_size = self.kv_shape
+        rows = int(input_ids.shape[0])
+        feeds: dict[str, Any] = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if "position_ids" in self._inputs:
+            feeds["position_ids"] = position_ids.numpy()
+        for i in range(layers):
+            for j, part in enumerate(("key", "value")):
+                feeds[f"past_key_values.{i}.{part}"] = (
+                    np.zeros((rows, heads, 0, head_size), dtype=np.float32) if past is None
+                    else np.ascontiguousarray(past[2 * i + j].numpy()))
+        out = self.session.run(self._outputs, feeds)
+        logits = torch.from_numpy(np.ascontiguousarray(out[0][:, -1], dtype=np.float32))
+        return logits, [torch.from_numpy(t) for t in out[1:]]
+
+    @property
+    def _inputs(self) -> set[str]:
+        return {spec.name for spec in self.session.get_inputs()}
+
+    @property
+    def _outputs(self) -> list[str]:
+        """logits, then present key and value of each layer (ONNX Runtime's own order puts every key first)."""
+        assert self.kv_shape is not None
+        return ["logits"] + [f"present.{i}.{part}" for i in range(self.kv_shape[0]) for part in ("key", "value")]
 
     def _params(self, prompt_tokens: int, batch: int, sampling: Sampling) -> Any:
         import onnxruntime_genai as og
@@ -89,3 +147,33 @@ class GenAILMBackend:
             generator.generate_next_token()
             steps += 1
         return [[int(t) for t in generator.get_sequence(i)][batch.shape[1]:] for i in range(batch.shape[0])]
+
+
+def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+    """An ONNX Runtime CPU session over the export's decoder graph (external data read from `folder`), and its KV
+    cache's (layers, kv heads, head size), which the graph leaves symbolic. Its intra-op threads do not spin after a
+    run (as the other serving sessions: `appliance.optimize.runners.ort_session`)."""
+    import onnxruntime as ort
+
+    from appliance.optimize.errors import EngineError
+
+    expected = {"input_ids", "attention_mask", "position_ids"}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(folder / decoder["filename"]), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise EngineError(f"ONNX Runtime cannot load the genai export for batching: {first}",
+                          hint="re-export it, or serve with --max-batch 1 (one request at a time)") from exc
+    layers = int(decoder["num_hidden_layers"])
+    unknown = sorted(spec.name for spec in session.get_inputs()
+                     if spec.name not in expected and not spec.name.startswith("past_key_values."))
+    if unknown or "attention_mask" not in {spec.name for spec in session.get_inputs()}:
+        what = ", ".join(unknown) or "no attention_mask"
+        raise EngineError(f"the genai export's decoder has inputs batching does not feed ({what})",
+                          hint="serve with --max-batch 1 (one request at a time)")
+    return session, (layers, int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
