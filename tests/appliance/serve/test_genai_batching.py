@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ def _in_threads(batched: Any, jobs: list[tuple[list[int], Sampling, Any]]) -> li
     return results
 
 
+def _wait_idle(batched: Any) -> None:
+    deadline = time.monotonic() + JOIN_S
+    while (batched._thread is not None or batched.rows) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batched._thread is None and batched.rows == 0 and batched.waiting == 0
+
+
 def test_concurrent_greedy_requests_get_their_tokens_alone_and_a_cancelled_one_frees_its_row(genai_int4):
     from appliance.serve.limits import ServeLimits, lm_rows_per_call
 
@@ -106,9 +114,11 @@ def test_concurrent_greedy_requests_get_their_tokens_alone_and_a_cancelled_one_f
     first = threading.Thread(target=long_request)
     first.start()
     first.join(JOIN_S)
-    assert not first.is_alive() and len(produced) == 3
+    # It ends at the scheduler's next token boundary after the stop (a few tokens may be in flight), not at 1000.
+    assert not first.is_alive() and 3 <= len(produced) < 1000
     after = _in_threads(single, [(prompts[1], greedy[1], lambda: False)])
-    assert after == [alone[1]] and single.rows == 0 and single.waiting == 0
+    assert after == [alone[1]]
+    _wait_idle(single)  # the scheduler thread ends once no row is left (the last token is handed over first)
     # A consumer that stops iterating (EOS seen above) frees its row too.
     stream = single.generate(prompts[2], greedy[2], lambda: False)
     assert next(stream) == alone[2][0]
@@ -169,5 +179,6 @@ def test_right_padded_rows_keep_their_tokens_first_and_trim_at_the_end():
     batch.keep([0, 2])
     assert batch.mask.shape[1] == 9
     check({1: 5, 3: 9})
-    alone = batch.split()
-    assert [b.mask.shape[1] for b in alone] == [5, 9] and all(b.right for b in alone)
+    alone = batch.split()  # 4 unused columns of row 1 stay (fewer than 8): a copy costs more than masking them
+    assert [b.mask.shape[1] for b in alone] == [9, 9] and all(b.right for b in alone)
+    assert alone[0].mask[0].tolist() == [1] * 5 + [0] * 4 and bool((alone[0].past[0][0, :, :5] == 100).all())
