@@ -178,6 +178,8 @@ class RunnerLMBackend:
         self.kind = str(runner.kind)
         self.cache_padding = str(getattr(runner, "cache_padding", "left"))
         """How `forward_batch` wants the rows' caches padded (a runtime that decodes itself says)."""
+        self.sampler = getattr(runner, "sampler", None)
+        """The runtime's own batch sampler, if it has one (onnxruntime-genai: genai_backend.BatchSampler)."""
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]
                  ) -> Iterator[int]:

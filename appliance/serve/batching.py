@@ -260,6 +260,9 @@ class BatchingLMBackend:
         self.max_batch = max_batch
         self.right = getattr(inner, "cache_padding", "left") == "right"
         """The inner backend takes right-padded caches (`_Batch.right`)."""
+        self.sampler = getattr(inner, "sampler", None)
+        """The backend's own sampler for the batch (`generator(seed)`, `pick(logits, samplings, generators)`,
+        genai_backend.BatchSampler), else `pick_token` per row with torch generators."""
         self._pending: collections.deque[_Request] = collections.deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -281,7 +284,8 @@ class BatchingLMBackend:
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]
                  ) -> Iterator[int]:
-        request = _Request(list(prompt_ids), sampling, should_stop, make_generator(sampling.seed))
+        generator = self.sampler.generator(sampling.seed) if self.sampler else make_generator(sampling.seed)
+        request = _Request(list(prompt_ids), sampling, should_stop, generator)
         with self._lock:
             self._pending.append(request)
             if self._thread is None:
@@ -360,7 +364,12 @@ class BatchingLMBackend:
 
     def _emit(self, request: _Request, logits: Any) -> int | None:
         """Sample and hand over one token; None when the request is complete (or its sampling failed)."""
-        return self._hand_over(request, pick_token(logits, request.sampling, request.generator))
+        if self.sampler is None:
+            return self._hand_over(request, pick_token(logits, request.sampling, request.generator))
+        token = self.sampler.pick(logits[None], [request.sampling], [request.generator])[0]
+        if isinstance(token, Exception):
+            raise token
+        return self._hand_over(request, token)
 
     @staticmethod
     def _hand_over(request: _Request, token: int) -> int | None:
@@ -411,8 +420,8 @@ class BatchingLMBackend:
         batch.mask = _with_new_column(batch.mask, batch.right)
         batch.past = list(present)
         keep = []
-        picked = pick_tokens(logits, [row.request.sampling for row in batch.rows],
-                             [row.request.generator for row in batch.rows])
+        picked = (self.sampler.pick if self.sampler else pick_tokens)(
+            logits, [row.request.sampling for row in batch.rows], [row.request.generator for row in batch.rows])
         for i, row in enumerate(batch.rows):
             choice = picked[i]
             if isinstance(choice, Exception):

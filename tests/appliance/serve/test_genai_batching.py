@@ -179,3 +179,36 @@ def test_right_padded_rows_keep_their_tokens_first_and_trim_at_the_end():
     alone = batch.split()  # 4 unused columns of row 1 stay (fewer than 8): a copy costs more than masking them
     assert [b.mask.shape[1] for b in alone] == [9, 9] and all(b.right for b in alone)
     assert alone[0].mask[0].tolist() == [1] * 5 + [0] * 4 and bool((alone[0].past[0][0, :, :5] == 100).all())
+
+
+def test_the_batch_sampler_keeps_each_rows_rule_seed_and_failure():
+    import math
+
+    import torch
+
+    from appliance.serve.genai_backend import BatchSampler
+
+    sampler = BatchSampler()
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    logits[1, 17] = 30.0  # far above the rest: with top_p 0.5 only token 17 is kept
+    logits[3] = math.nan
+    samplings = [Sampling(4, temperature=0.0), Sampling(4, temperature=1.0, top_p=0.5, seed=1),
+                 Sampling(4, temperature=0.9, top_p=0.95, seed=2), Sampling(4, temperature=1.0, seed=3),
+                 Sampling(4, temperature=0.7, seed=4)]
+
+    def draw(rounds: int) -> list[list[int | Exception]]:
+        generators = [sampler.generator(s.seed) for s in samplings]
+        return [sampler.pick(logits, samplings, generators) for _ in range(rounds)]
+
+    first, again = draw(50), draw(50)
+    assert [[t for t in step if not isinstance(t, Exception)] for step in first] == \
+        [[t for t in step if not isinstance(t, Exception)] for step in again]  # seeded: the same stream
+    for step in first:
+        assert step[0] == int(logits[0].argmax()) and step[1] == 17
+        assert isinstance(step[3], ValueError) and "not finite" in str(step[3])  # that row alone fails
+        assert all(0 <= step[i] < 40 for i in (2, 4))
+    # Temperature 0.7 over 40 tokens of N(0, 1) logits: 50 draws see several tokens, not a constant.
+    assert len({step[4] for step in first}) >= 5
+    # A row's tokens do not depend on the rows beside it: row 2 alone draws what it drew in the batch.
+    alone = sampler.generator(2)
+    assert [sampler.pick(logits[2:3], samplings[2:3], [alone])[0] for _ in range(50)] == [s[2] for s in first]
