@@ -77,7 +77,7 @@ class GenAILMBackend:
                       ) -> tuple[Any, list[Any]]:
         """`appliance.serve.backends.BatchForward` with right-padded caches: `attention_mask` [batch, past + sequence]
         has each row's ones first (its length), `past` the flat cache (key, value per layer, [batch, kv heads, past,
-        head size], float32 torch tensors) a previous call returned, None for a prefill."""
+        head size], torch tensors) a previous call returned, None for a prefill."""
         import numpy as np
         import torch
 
@@ -91,11 +91,19 @@ class GenAILMBackend:
         for i in range(layers):
             for j, part in enumerate(("key", "value")):
                 feeds[f"past_key_values.{i}.{part}"] = (
-                    np.zeros((rows, heads, 0, head_size), dtype=np.float32) if past is None
+                    np.zeros((rows, heads, 0, head_size), dtype=self._kv_dtype) if past is None
                     else np.ascontiguousarray(past[2 * i + j].numpy()))
         out = self.session.run(self._outputs, feeds)
         logits = torch.from_numpy(np.ascontiguousarray(out[0][:, -1], dtype=np.float32))
         return logits, [torch.from_numpy(t) for t in out[1:]]
+
+    @property
+    def _kv_dtype(self) -> Any:
+        """The KV cache's numpy dtype (float32 for the CPU variants; float16 where the graph says so)."""
+        import numpy as np
+
+        kv = next(spec for spec in self.session.get_inputs() if spec.name == "past_key_values.0.key")
+        return np.float16 if kv.type == "tensor(float16)" else np.float32
 
     @property
     def _inputs(self) -> set[str]:
