@@ -79,7 +79,7 @@ def _wait_idle(batched: Any) -> None:
     assert batched._thread is None and batched.rows == 0 and batched.waiting == 0
 
 
-@pytest.mark.slow  # the builder run: 33-63 s of setup on the loaded 2-core machine; the test itself under 1 s
+@pytest.mark.slow  # the builder run: 11 s of setup to 128 s beside other work (2 cores); the test itself 0.3-3 s
 def test_concurrent_greedy_requests_get_their_tokens_alone_and_a_cancelled_one_frees_its_row(genai_int4):
     from appliance.serve.limits import ServeLimits, lm_rows_per_call
 
