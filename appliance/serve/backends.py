@@ -13,8 +13,9 @@ to class probabilities.
 
 Both LM backends also run several sequences in one forward pass (`forward_batch`, left-padded with an
 attention mask): `appliance.serve.batching.BatchingLMBackend` wraps them so that concurrent requests share
-forward passes (continuous batching). TensorRT (engine profiles of a few rows) and any backend without
-`forward_batch` serve one request per worker thread through `generate`.
+forward passes (continuous batching). An onnxruntime-genai export on the CPU batches too, through its own
+`forward_batch` (right-padded: `appliance.serve.genai_backend`). TensorRT (engine profiles of a few rows) and any
+backend without `forward_batch` serve one request per worker thread through `generate`.
 
 PyTorch decoding keeps the KV cache (`past_key_values`) between steps, so each new token costs one
 position, not the whole sequence. Each request has its own random generator: a seed reproduces
@@ -175,6 +176,10 @@ class RunnerLMBackend:
         self.runner = runner
         self.layout = layout
         self.kind = str(runner.kind)
+        self.cache_padding = str(getattr(runner, "cache_padding", "left"))
+        """How `forward_batch` wants the rows' caches padded (a runtime that decodes itself says)."""
+        self.sampler = getattr(runner, "sampler", None)
+        """The runtime's own batch sampler, if it has one (onnxruntime-genai: genai_backend.BatchSampler)."""
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]
                  ) -> Iterator[int]:
@@ -206,6 +211,9 @@ class RunnerLMBackend:
         import torch
 
         from appliance.optimize.runners import empty_past, kv_dtype_of
+
+        if hasattr(self.runner, "forward_batch"):  # onnxruntime-genai's export (genai_backend.py): its own graph
+            return self.runner.forward_batch(input_ids, attention_mask, position_ids, past)
 
         if past is None:
             cache = empty_past(self.layout, int(input_ids.shape[0]), kv_dtype_of(self.runner))

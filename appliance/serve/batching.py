@@ -18,9 +18,12 @@ scheduler
 
 The batch's KV cache is left-padded to its longest row, with an attention mask that zeroes the padding
 and each row's own position ids, so a row decodes the same tokens as it would alone (greedy, exact;
-tests/appliance/serve/test_batching.py). Rows that join in one step are merged with one copy of the cache, a row
-that leaves is replaced by the last row, and columns no row needs any more are dropped once they are an eighth of
-the width (`_Batch`; tests/appliance/serve/test_batch_cache.py).
+tests/appliance/serve/test_batching.py). A backend whose attention takes each row's length from the mask
+(onnxruntime-genai exports: GroupQueryAttention, `cache_padding = "right"`) gets its rows right-padded instead: a
+row's tokens first, zeros after, its new token written at its own length (test_genai_batching.py).
+Rows that join in one step are merged with one copy of the cache, a row that leaves is replaced by the last row,
+and columns no row needs any more are dropped once they are an eighth of the width (`_Batch`;
+tests/appliance/serve/test_batch_cache.py).
 Each request keeps its own sampling parameters and seeded generator (`pick_token` per row).
 
 A failure stays with its request: a prefill or a sampling error fails that request only; a batched
@@ -46,9 +49,11 @@ running streams by about one such prefill, not by all of them."""
 _END = object()
 
 
-BATCHED_KINDS = ("pytorch", "ort-cpu", "ort-cuda")
+BATCHED_KINDS = ("pytorch", "ort-cpu", "ort-cuda", "genai-cpu")
 """Backends batched here. A TensorRT engine's profiles hold a few rows at most (`causal_lm_profiles`) and are not
-checked against `max_batch`: TensorRT serves one request per worker thread."""
+checked against `max_batch`: TensorRT serves one request per worker thread. onnxruntime-genai on CUDA decodes one
+request per worker thread through og.Generator (its own continuous batching, og.Engine, needs a PagedAttention export,
+which the optimize stage does not build yet)."""
 
 
 def batchable(backend: Any) -> bool:
@@ -109,9 +114,11 @@ class _Batch:
       against the forward pass and the request threads on a few cores)."""
 
     TRIM_FRACTION = 8
-    """Unused leading columns are dropped once they are at least 1/TRIM_FRACTION of the width (and at least 8)."""
+    """Unused columns are dropped once they are at least 1/TRIM_FRACTION of the width (and at least 8)."""
 
-    def __init__(self) -> None:
+    def __init__(self, right: bool = False) -> None:
+        self.right = right
+        """Right-padded rows (a row's tokens first; the padding, and the columns trimmed, at the end)."""
         self.rows: list[_Row] = []
         self.past: list[Any] = []
         self.mask: Any = None
@@ -122,16 +129,16 @@ class _Batch:
 
     def add(self, groups: list[tuple[list[_Row], list[Any], Any]]) -> None:
         """Append groups of rows with their caches (same layout, any lengths) in one copy: every cache is
-        left-padded to the widest."""
+        padded to the widest (on the left, or on the right for a right-padded batch)."""
         if self.rows:
             groups = [(self.rows, self.past, self.mask), *groups]
         if len(groups) == 1:
             self.rows, self.past, self.mask = list(groups[0][0]), list(groups[0][1]), groups[0][2]
             return
         width = max(int(mask.shape[1]) for _, _, mask in groups)
-        self.past = [_stack_left_padded([past[i] for _, past, _ in groups], width, dim=2)
+        self.past = [_stack_padded([past[i] for _, past, _ in groups], width, dim=2, right=self.right)
                      for i in range(len(groups[0][1]))]
-        self.mask = _stack_left_padded([mask for _, _, mask in groups], width, dim=1)
+        self.mask = _stack_padded([mask for _, _, mask in groups], width, dim=1, right=self.right)
         self.rows = [row for rows, _, _ in groups for row in rows]
 
     def keep(self, indices: list[int]) -> None:
@@ -157,8 +164,15 @@ class _Batch:
 
     def _trim(self) -> None:
         used = self.mask.any(0)
+        width = int(self.mask.shape[1])
+        if self.right:
+            end = int(used.nonzero()[-1]) + 1 if bool(used.any()) else width
+            if width - end >= max(8, width // self.TRIM_FRACTION):
+                self.mask = _contiguous(self.mask[:, :end])
+                self.past = [_contiguous(t[:, :, :end]) for t in self.past]
+            return
         start = int(used.nonzero()[0]) if bool(used.any()) else 0
-        if start >= max(8, self.mask.shape[1] // self.TRIM_FRACTION):
+        if start >= max(8, width // self.TRIM_FRACTION):
             self.mask = _contiguous(self.mask[:, start:])
             self.past = [_contiguous(t[:, :, start:]) for t in self.past]
 
@@ -167,7 +181,7 @@ class _Batch:
         failed for)."""
         alone = []
         for i, row in enumerate(self.rows):
-            single = _Batch()
+            single = _Batch(self.right)
             single.rows = [row]
             single.past = [t[i:i + 1].clone() for t in self.past]
             single.mask = self.mask[i:i + 1].clone()
@@ -205,8 +219,9 @@ def _move_rows(tensor: Any, sources: list[int], targets: list[int]) -> Any:
     return tensor
 
 
-def _stack_left_padded(tensors: list[Any], width: int, dim: int) -> Any:
-    """The tensors stacked along dim 0, each left-padded with zeros to `width` along `dim` (one copy)."""
+def _stack_padded(tensors: list[Any], width: int, dim: int, right: bool = False) -> Any:
+    """The tensors stacked along dim 0, each padded with zeros to `width` along `dim`, on the left (or the right)
+    (one copy)."""
     import torch
 
     first = tensors[0]
@@ -224,7 +239,7 @@ def _stack_left_padded(tensors: list[Any], width: int, dim: int) -> Any:
     for tensor in tensors:
         rows, length = int(tensor.shape[0]), int(tensor.shape[dim])
         index: list[Any] = [slice(row, row + rows)] + [slice(None)] * (out.dim() - 1)
-        index[dim] = slice(width - length, width)
+        index[dim] = slice(0, length) if right else slice(width - length, width)
         target[tuple(index)] = tensor.numpy() if on_numpy else tensor
         row += rows
     return out
@@ -243,6 +258,11 @@ class BatchingLMBackend:
         self.inner = inner
         self.kind = str(inner.kind)
         self.max_batch = max_batch
+        self.right = getattr(inner, "cache_padding", "left") == "right"
+        """The inner backend takes right-padded caches (`_Batch.right`)."""
+        self.sampler = getattr(inner, "sampler", None)
+        """The backend's own sampler for the batch (`generator(seed)`, `pick(logits, samplings, generators)`,
+        genai_backend.BatchSampler), else `pick_token` per row with torch generators."""
         self._pending: collections.deque[_Request] = collections.deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -264,7 +284,8 @@ class BatchingLMBackend:
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]
                  ) -> Iterator[int]:
-        request = _Request(list(prompt_ids), sampling, should_stop, make_generator(sampling.seed))
+        generator = self.sampler.generator(sampling.seed) if self.sampler else make_generator(sampling.seed)
+        request = _Request(list(prompt_ids), sampling, should_stop, generator)
         with self._lock:
             self._pending.append(request)
             if self._thread is None:
@@ -286,7 +307,7 @@ class BatchingLMBackend:
     def _run(self) -> None:
         import torch
 
-        batch = _Batch()
+        batch = _Batch(self.right)
         try:
             with torch.inference_mode():
                 while True:
@@ -343,7 +364,12 @@ class BatchingLMBackend:
 
     def _emit(self, request: _Request, logits: Any) -> int | None:
         """Sample and hand over one token; None when the request is complete (or its sampling failed)."""
-        return self._hand_over(request, pick_token(logits, request.sampling, request.generator))
+        if self.sampler is None:
+            return self._hand_over(request, pick_token(logits, request.sampling, request.generator))
+        token = self.sampler.pick(logits[None], [request.sampling], [request.generator])[0]
+        if isinstance(token, Exception):
+            raise token
+        return self._hand_over(request, token)
 
     @staticmethod
     def _hand_over(request: _Request, token: int) -> int | None:
@@ -364,7 +390,7 @@ class BatchingLMBackend:
                 batch.keep([])
                 return
             # Retry row by row: the rows that fail alone fail, the others carry on in one batch again.
-            survivors = _Batch()
+            survivors = _Batch(self.right)
             for single in batch.split():
                 try:
                     logits, present = self._forward(single)
@@ -383,18 +409,19 @@ class BatchingLMBackend:
         device = batch.mask.device
         tokens = torch.tensor([[row.token] for row in batch.rows], dtype=torch.int64, device=device)
         positions = torch.tensor([[row.length] for row in batch.rows], dtype=torch.int64, device=device)
-        logits, present = self.inner.forward_batch(tokens, _with_new_column(batch.mask), positions, batch.past)
+        logits, present = self.inner.forward_batch(tokens, _with_new_column(batch.mask, batch.right), positions,
+                                                   batch.past)
         self.steps += 1
         self.rows_decoded += len(batch)
         return logits, present
 
     def _advance(self, batch: _Batch, logits: Any, present: list[Any]) -> bool:
         """Take one decoded token per row; rows that are complete leave. True when rows remain."""
-        batch.mask = _with_new_column(batch.mask)
+        batch.mask = _with_new_column(batch.mask, batch.right)
         batch.past = list(present)
         keep = []
-        picked = pick_tokens(logits, [row.request.sampling for row in batch.rows],
-                             [row.request.generator for row in batch.rows])
+        picked = (self.sampler.pick if self.sampler else pick_tokens)(
+            logits, [row.request.sampling for row in batch.rows], [row.request.generator for row in batch.rows])
         for i, row in enumerate(batch.rows):
             choice = picked[i]
             if isinstance(choice, Exception):
@@ -409,9 +436,19 @@ class BatchingLMBackend:
         return bool(batch.rows)
 
 
-def _with_new_column(mask: Any) -> Any:
+def _with_new_column(mask: Any, right: bool = False) -> Any:
+    """The mask one column wider, with each row's next token: in the new last column, or for right-padded rows
+    (ones first) at the row's own length."""
     import torch
 
+    if right:
+        import numpy as np
+
+        array = mask.cpu().numpy()
+        wider = np.zeros((array.shape[0], array.shape[1] + 1), dtype=array.dtype)
+        wider[:, :-1] = array
+        wider[np.arange(array.shape[0]), array.sum(1)] = 1
+        return torch.from_numpy(wider).to(mask.device)
     if mask.device.type == "cpu":
         import numpy as np
 

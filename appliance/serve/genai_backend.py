@@ -11,6 +11,19 @@ files as soon as `og.Model` has read them. One `og.Model` serves every request; 
 several prompts in one generator (one forward pass per step for all of them), for callers that batch.
 Sampling is og's own (temperature, top-p, seeded per request): a seed reproduces a request on this backend, but
 not token for token on the PyTorch one, whose sampler is ours.
+
+Continuous batching (CPU). On the CPU the server batches concurrent requests with its own scheduler
+(`appliance.serve.batching.BatchingLMBackend`), through `forward_batch`: an ONNX Runtime session over the same
+`model.onnx` the runtime loads, fed the KV cache of every running row. Its GroupQueryAttention takes each row's
+length from the attention mask and rotates positions from it, so the rows' caches are RIGHT-padded
+(`cache_padding = "right"`: a row's tokens at columns 0..length-1, zeros after), not left-padded as our own exports.
+og.Engine, the library's continuous-batching API, was measured instead and is not used on the CPU: with the builder's
+CPU exports (GroupQueryAttention, no paged KV cache) it runs static batches of at most 4 requests that start and end
+together, and decoded 32 requests no faster than one og.Generator at a time; its dynamic batching needs a
+PagedAttention export, which the builder makes for CUDA fp16/bf16 only (docs/adr/0017-continuous-batching.md).
+Batched rows sample with `BatchSampler` (numpy, every row of a step at once, seeded per request: the same
+temperature and top-p rule as `pick_token`, not its random stream); a request served alone (`--max-batch 1`)
+samples with og's, so a seed reproduces a request within one mode.
 """
 
 from __future__ import annotations
@@ -27,11 +40,21 @@ from appliance.serve.backends import Sampling
 class GenAILMBackend:
     """A causal LM exported by the onnxruntime-genai builder, decoded by og.Generator."""
 
-    def __init__(self, model: Any, *, variant: str, context_length: int, device: str = "cpu") -> None:
+    cache_padding = "right"
+    """How `forward_batch` wants the rows' KV caches padded (see the module docstring)."""
+
+    def __init__(self, model: Any, *, variant: str, context_length: int, device: str = "cpu",
+                 session: Any = None, kv_shape: tuple[int, int, int] | None = None) -> None:
         self.model = model
         self.variant = variant
         self.context_length = context_length
         self.kind = "genai-cuda" if device.startswith("cuda") else "genai-cpu"
+        self.session = session
+        """ONNX Runtime session over the export's decoder for `forward_batch` (CPU; None: not batched)."""
+        self.sampler = BatchSampler() if session is not None else None
+        """How the server's batch samples this model's rows."""
+        self.kv_shape = kv_shape
+        """(layers, kv heads, head size) of the decoder's KV cache (genai_config.json)."""
 
     @classmethod
     def load(cls, folder: Path, *, variant: str, device: str = "cpu") -> GenAILMBackend:
@@ -43,8 +66,54 @@ class GenAILMBackend:
             config.append_provider("cuda")
             config.set_provider_option("cuda", "device_id", device.partition(":")[2] or "0")
         model = og.Model(config)
-        context = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["context_length"]
-        return cls(model, variant=variant, context_length=int(context), device=device)
+        genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        session, kv_shape = None, None
+        if not device.startswith("cuda"):  # continuous batching on the CPU (module docstring)
+            session, kv_shape = batch_session(folder, genai["decoder"])
+        return cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
+                   session=session, kv_shape=kv_shape)
+
+    def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
+                      ) -> tuple[Any, list[Any]]:
+        """`appliance.serve.backends.BatchForward` with right-padded caches: `attention_mask` [batch, past + sequence]
+        has each row's ones first (its length), `past` the flat cache (key, value per layer, [batch, kv heads, past,
+        head size], torch tensors) a previous call returned, None for a prefill."""
+        import numpy as np
+        import torch
+
+        if self.session is None or self.kv_shape is None:
+            raise RuntimeError(f"{self.variant} on {self.kind} decodes one request at a time (no batch session)")
+        layers, heads, head_size = self.kv_shape
+        rows = int(input_ids.shape[0])
+        feeds: dict[str, Any] = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if "position_ids" in self._inputs:
+            feeds["position_ids"] = position_ids.numpy()
+        for i in range(layers):
+            for j, part in enumerate(("key", "value")):
+                feeds[f"past_key_values.{i}.{part}"] = (
+                    np.zeros((rows, heads, 0, head_size), dtype=self._kv_dtype) if past is None
+                    else np.ascontiguousarray(past[2 * i + j].numpy()))
+        out = self.session.run(self._outputs, feeds)
+        logits = torch.from_numpy(np.ascontiguousarray(out[0][:, -1], dtype=np.float32))
+        return logits, [torch.from_numpy(t) for t in out[1:]]
+
+    @property
+    def _kv_dtype(self) -> Any:
+        """The KV cache's numpy dtype (float32 for the CPU variants; float16 where the graph says so)."""
+        import numpy as np
+
+        kv = next(spec for spec in self.session.get_inputs() if spec.name == "past_key_values.0.key")
+        return np.float16 if kv.type == "tensor(float16)" else np.float32
+
+    @property
+    def _inputs(self) -> set[str]:
+        return {spec.name for spec in self.session.get_inputs()}
+
+    @property
+    def _outputs(self) -> list[str]:
+        """logits, then present key and value of each layer (ONNX Runtime's own order puts every key first)."""
+        assert self.kv_shape is not None
+        return ["logits"] + [f"present.{i}.{part}" for i in range(self.kv_shape[0]) for part in ("key", "value")]
 
     def _params(self, prompt_tokens: int, batch: int, sampling: Sampling) -> Any:
         import onnxruntime_genai as og
@@ -89,3 +158,85 @@ class GenAILMBackend:
             generator.generate_next_token()
             steps += 1
         return [[int(t) for t in generator.get_sequence(i)][batch.shape[1]:] for i in range(batch.shape[0])]
+
+
+def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+    """An ONNX Runtime CPU session over the export's decoder graph (external data read from `folder`), and its KV
+    cache's (layers, kv heads, head size), which the graph leaves symbolic. Its intra-op threads do not spin after a
+    run (as the other serving sessions: `appliance.optimize.runners.ort_session`)."""
+    import onnxruntime as ort
+
+    from appliance.optimize.errors import EngineError
+
+    expected = {"input_ids", "attention_mask", "position_ids"}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(folder / decoder["filename"]), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise EngineError(f"ONNX Runtime cannot load the genai export for batching: {first}",
+                          hint="re-export it, or serve with --max-batch 1 (one request at a time)") from exc
+    layers = int(decoder["num_hidden_layers"])
+    unknown = sorted(spec.name for spec in session.get_inputs()
+                     if spec.name not in expected and not spec.name.startswith("past_key_values."))
+    if unknown or "attention_mask" not in {spec.name for spec in session.get_inputs()}:
+        what = ", ".join(unknown) or "no attention_mask"
+        raise EngineError(f"the genai export's decoder has inputs batching does not feed ({what})",
+                          hint="serve with --max-batch 1 (one request at a time)")
+    return session, (layers, int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+
+
+class BatchSampler:
+    """Temperature and top-p sampling of a whole step's rows at once, in numpy (one softmax, one sort for all of
+    them), each row with its own parameters and seeded generator.
+
+    Measured on the batched genai path: `pick_token` row by row (torch softmax, sort and multinomial per row) cost
+    the scheduler about as much CPU as the 32-row forward pass of the tiny model. The rule is `pick_token`'s (keep
+    the most probable tokens up to and including the one that reaches top_p), the random stream is numpy's: a seed
+    gives the same tokens on this backend whatever else is in the batch."""
+
+    @staticmethod
+    def generator(seed: int | None) -> Any:
+        import numpy as np
+
+        return np.random.default_rng(seed if seed is not None else secrets.randbits(63))
+
+    @staticmethod
+    def pick(logits: Any, samplings: Sequence[Sampling], generators: Sequence[Any]) -> list[int | Exception]:
+        """A token per row of `logits` [rows, vocab] (a CPU torch tensor); a row that cannot be sampled (NaN or
+        infinite logits) gets its exception, the others their token."""
+        import numpy as np
+
+        rows = np.asarray(logits.numpy(), dtype=np.float64)
+        picked: list[int | Exception] = [0] * len(samplings)
+        finite = np.isfinite(rows).all(axis=1)
+        sampled = []
+        for i, sampling in enumerate(samplings):
+            if not finite[i]:
+                picked[i] = ValueError("the model's logits are not finite for this request; it cannot be sampled")
+            elif sampling.temperature <= 0:
+                picked[i] = int(np.argmax(rows[i]))
+            else:
+                sampled.append(i)
+        if not sampled:
+            return picked
+        temperature = np.asarray([samplings[i].temperature for i in sampled], dtype=np.float64)[:, None]
+        top_p = np.asarray([samplings[i].top_p for i in sampled], dtype=np.float64)[:, None]
+        scaled = rows[sampled] / temperature
+        probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        ordered = np.take_along_axis(probs, order, axis=1)
+        cumulative = np.cumsum(ordered, axis=1)
+        ordered[(cumulative - ordered >= top_p) & (top_p < 1.0)] = 0.0  # always keeps the first token
+        cumulative = np.cumsum(ordered, axis=1)
+        draws = np.asarray([generators[i].random() for i in sampled])[:, None] * cumulative[:, -1:]
+        choice = np.minimum((cumulative <= draws).sum(axis=1), probs.shape[1] - 1)
+        for row, i in enumerate(sampled):
+            picked[i] = int(order[row, choice[row]])
+        return picked
+

@@ -4,10 +4,12 @@
     .venv/bin/python tests/bench/bench_serve.py --home H --run RUN      # reuse an unlocked appliance and run
 
 Without --home it builds a throw-away appliance the way an operator would (vault, the demo corpus's chat
-records, a 2-step LoRA run of tiny-deepseek-r1 exported to FP32 ONNX by `airlock optimize`, an API
-key; the vault uses the test-only fast KDF).
-Then, for each --backend (pytorch, and auto: the run's ONNX export on ONNX Runtime or TensorRT, as
-`airlock optimize` prepared it) and each --modes entry, it starts the real server on a loopback port
+records, a 2-step LoRA run of tiny-deepseek-r1 exported to FP32 ONNX by `airlock optimize`, a second such run
+exported by `airlock optimize --variants genai-int4` (onnxruntime-genai's builder), an API key; the vault uses the
+test-only fast KDF).
+Then, for each --backends entry (pytorch; auto: the first run's ONNX export on ONNX Runtime or TensorRT, as
+`airlock optimize` prepared it; genai: the second run's onnxruntime-genai int4 export, `--backend auto`) and each
+--modes entry, it starts the real server on a loopback port
 and a second process that keeps `--clients` concurrent clients, all on ONE API key, busy for `--seconds`
 with chat completions of exactly `--max-tokens` tokens (`ignore_eos`), half of them streamed:
 
@@ -51,8 +53,9 @@ def airlock(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def build_appliance(root: Path) -> tuple[dict[str, str], str]:
-    """A fresh home with one succeeded tiny LoRA run. Returns (environment, run id)."""
+def build_appliance(root: Path, genai: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """A fresh home with a succeeded tiny LoRA run exported to FP32 ONNX, and with `genai` a second one exported by
+    onnxruntime-genai. Returns (environment, run id per --backends entry)."""
     env = {"AIRLOCK_HOME": str(root / "home"), "AIRLOCK_KDF_PROFILE": "test"}  # test-only KDF: a throw-away vault
     (root / "pass").write_text("bench passphrase for a throw-away vault\n")
     airlock(env, "vault", "init", "--passphrase-file", str(root / "pass"))
@@ -62,11 +65,15 @@ def build_appliance(root: Path) -> tuple[dict[str, str], str]:
     (root / "qa" / "qa.jsonl").write_text("\n".join(line for line in lines if '"messages"' in line) + "\n")
     airlock(env, "data", "import", str(root / "qa"), "--name", "qa", "--near-dup", "off")
     (root / "tiny.toml").write_text("max_steps = 2\neval_every = 2\nbatch_size = 2\nmax_length = 64\nrank = 4\n")
-    out = json.loads(airlock(env, "train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
-                             str(root / "tiny.toml"), "--wait", "--json"))
-    # An FP32 ONNX export, so that `--backend auto` has ONNX Runtime to choose.
-    airlock(env, "optimize", "run", out["run"]["id"], "--variants", "fp32", "--no-qat", "--wait")
-    return env, out["run"]["id"]
+    runs = {}
+    for name, variants in (("auto", "fp32"), ("genai", "genai-int4"))[:2 if genai else 1]:
+        out = json.loads(airlock(env, "train", "lm", "--base", "tiny-deepseek-r1", "--data", "qa", "--recipe",
+                                 str(root / "tiny.toml"), "--wait", "--json"))
+        # auto: an FP32 ONNX export, so that `--backend auto` has ONNX Runtime to choose; genai: onnxruntime-genai.
+        airlock(env, "optimize", "run", out["run"]["id"], "--variants", variants, "--no-qat", "--wait")
+        runs[name] = out["run"]["id"]
+    runs["pytorch"] = runs["auto"]
+    return env, runs
 
 
 MODES = {"one": ["--max-batch", "1", "--workers", "1"], "threads": ["--max-batch", "1", "--workers", "2"],
@@ -78,6 +85,7 @@ runs at the defaults."""
 def start_server(env: dict[str, str], run: str, backend: str, mode: str, clients: int, log: Path
                  ) -> tuple[subprocess.Popen, str]:
     room = [] if mode == "batched" else ["--queue-depth", str(clients), "--per-key-concurrency", str(clients)]
+    backend = "auto" if backend == "genai" else backend  # the genai run's own export, chosen by `auto`
     process = subprocess.Popen([str(BIN / "airlock"), "serve", "--port", "0", "--run", f"qa={run}", "--backend",
                                 backend, *MODES[mode], *room],
                                stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, env={**os.environ, **env},
@@ -187,10 +195,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--modes", default="one,threads,batched",
                         help="server modes to compare: one, threads, batched (see the module docstring)")
-    parser.add_argument("--backends", default="pytorch,auto",
-                        help="--backend values to compare (auto: the ONNX export on ONNX Runtime/TensorRT)")
+    parser.add_argument("--backends", default="pytorch,auto,genai",
+                        help="what to compare: pytorch, auto (the ONNX export on ONNX Runtime/TensorRT), genai (an "
+                             "onnxruntime-genai int4 export)")
     parser.add_argument("--home", type=Path, help="an existing AIRLOCK_HOME with an unlocked vault (admin logged in)")
-    parser.add_argument("--run", help="with --home: the succeeded LM run to serve")
+    parser.add_argument("--run", help="with --home: the succeeded LM run to serve (every --backends entry)")
     parser.add_argument("--load", nargs=2, metavar=("URL", "KEY"), help=argparse.SUPPRESS)  # the client process
     args = parser.parse_args()
     if args.load:
@@ -199,25 +208,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
+        backends = args.backends.split(",")
+        unknown = [b for b in backends if b not in ("pytorch", "auto", "genai")]
+        if unknown:
+            raise SystemExit(f"--backends: {', '.join(unknown)} not one of pytorch, auto, genai")
         if args.home:
-            env, run = {"AIRLOCK_HOME": str(args.home)}, args.run
-            if not run:
+            if not args.run:
                 raise SystemExit("--home needs --run RUN")
+            env, runs = {"AIRLOCK_HOME": str(args.home)}, dict.fromkeys(backends, args.run)
         else:
-            print("building a throw-away appliance with a tiny LoRA run ...", flush=True)
-            env, run = build_appliance(root)
+            print("building a throw-away appliance with tiny LoRA runs ...", flush=True)
+            env, runs = build_appliance(root, genai="genai" in backends)
         key = json.loads(airlock(env, "keys", "create", f"bench-{int(time.time())}", "--json"))["secret"]
-        print(f"run {run}; {args.clients} clients x {args.seconds:g} s; {args.max_tokens} tokens per request; "
+        print(f"runs {', '.join(sorted(set(runs.values())))}; {args.clients} clients x {args.seconds:g} s; "
+              f"{args.max_tokens} tokens per request; "
               f"half streamed; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the "
               "machine skews every number)", flush=True)
         print("backend    mode      req/s   tok/s    p50 s   p99 s   ttft p50 s  CPU ms/token server+client  errors")
         measured: dict[tuple[str, str], dict] = {}
-        for backend in args.backends.split(","):
+        for backend in backends:
             for mode in args.modes.split(","):
                 if mode not in MODES:
                     raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
                 log = root / f"server-{backend}-{mode}.log"
-                process, url = start_server(env, run, backend, mode, args.clients, log)
+                process, url = start_server(env, runs[backend], backend, mode, args.clients, log)
                 try:
                     models = subprocess.run([sys.executable, "-c", "import httpx, sys; print(httpx.get(sys.argv[1], "
                                              "headers={'Authorization': 'Bearer ' + sys.argv[2]}).text)",
@@ -241,7 +255,8 @@ def main() -> None:
                       f"{result['p99_s']:<7.3f} {result['ttft_p50_s']:<11.3f} "
                       f"{cpu_per_token(result, 'server_cpu_s'):<6.3f} + {cpu_per_token(result, 'client_cpu_s'):<18.3f} "
                       f"{result['errors'] or 'none'}", flush=True)
-        missing = [k for k in ("pytorch", "ort-cpu", "ort-cuda", "tensorrt") if k not in {b for b, _ in measured}]
+        missing = [k for k in ("pytorch", "ort-cpu", "ort-cuda", "tensorrt", "genai-cpu", "genai-cuda")
+                   if k not in {b for b, _ in measured}]
         if missing:
             print(f"not measured here: {', '.join(missing)} (no GPU, no TensorRT, or no ONNX export of the run)")
         for (kind, mode), result in measured.items():
