@@ -209,21 +209,22 @@ SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
 SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_install.py"}  # `release_bundles`
 
 # The longest units first (longest-processing-time scheduling): a 3-minute unit handed out last would keep
-# one worker busy while the other idles. Seconds per unit under `make test` on two cores (a fresh clone), longest
-# first; every other unit follows in the seed's random order, and tests inside a unit keep their random order.
+# one worker busy while the others idle. Seconds per unit under `make test` (three workers on two cores, a fresh
+# clone, quiet), longest first; every other unit follows in the seed's random order, and tests inside a unit keep
+# their random order.
 LONGEST_FIRST = (
-    "tests/test_tiny_models.py",                          # ~170: regenerate the tiny models (one thread)
-    "tests/e2e/test_bundle_install.py",                   # ~160: build, install, differential upgrade, roll back
-    "tests/appliance/optimize",                           # ~105: exports shared by the optimize tests
-    "tests/appliance/serve",                              # ~100: the served appliance and its tests
-    "tests/appliance/train/test_train_jobs.py",           # ~90: kill -9 / SIGTERM and resume
-    "tests/e2e/test_demo.py",                             # ~85
-    "tests/appliance/train/test_train_ddp_job.py",        # ~75
-    "tests/appliance/train/test_train_nodes.py",          # ~60: two torchrun nodes on loopback through the CLI
-    "tests/tui/test_acceptance_flow.py",                  # ~60
-    "tests/appliance/train/test_ddp.py",                  # ~50: torchrun, two nodes, FSDP
-    "tests/appliance/registry/test_retrain_scenario.py",  # ~47
-    "tests/appliance/registry/test_genai_engine_gate.py",  # ~47
+    "tests/e2e/test_bundle_install.py",                    # ~250: build, install, differential upgrade, roll back
+    "tests/appliance/serve",                               # ~220: the served appliance and its tests
+    "tests/test_tiny_models.py",                           # ~190: regenerate the tiny models (one thread)
+    "tests/appliance/optimize",                            # ~175: exports shared by the optimize tests
+    "tests/e2e/test_demo.py",                              # ~100
+    "tests/appliance/train/test_train_ddp_job.py",         # ~100
+    "tests/appliance/registry/test_genai_engine_gate.py",  # ~65
+    "tests/appliance/train/test_train_jobs.py",            # ~65: a run, then the same run killed and resumed
+    "tests/tui/test_acceptance_flow.py",                   # ~60
+    "tests/appliance/train/test_train_nodes.py",           # ~60: two torchrun nodes on loopback through the CLI
+    "tests/appliance/train/test_ddp.py",                   # ~55: torchrun, two nodes, FSDP
+    "tests/appliance/registry/test_retrain_scenario.py",   # ~45
 )
 
 
