@@ -14,7 +14,8 @@ So here the base is built from a zero adapter of the version's LoRA structure wi
 active = the base model), and a version's adapter is its own weights, transposed and scaled as the graph expects,
 in an `.onnx_adapter` file: a retrain re-exports that file only.
 
-docs/adr/0016 has the measurement (tests/bench/bench_genai_adapters.py) and why the merged export is what serves.
+docs/adr/0016 has the measurement (tests/bench/bench_genai_adapters.py) and the decision: int4 versions are to ship
+as adapter files, fp32 merged. Retrains, the optimize job and serving still use the merged export (not wired yet).
 """
 
 from __future__ import annotations
