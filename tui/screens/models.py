@@ -134,8 +134,11 @@ class ModelActions:
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="model-action")
     def start_engine_build(self, run_id: str) -> None:
+        from dataclasses import asdict
+
         from appliance.access import require
         from appliance.optimize.jobs import engine_build_refusal, start_engine_build
+        from appliance.optimize.tensorrt_engine import EngineBuildOptions
         from appliance.vault.lifecycle import keys_for
 
         screen: AirlockScreen = self  # type: ignore[assignment]
@@ -146,8 +149,7 @@ class ModelActions:
         with catalog(home) as db:
             keys = keys_for(db, home)
             session = require(db, home, "optimize.run")
-            options = {"workspace_gib": 4.0, "builder_optimization_level": 3, "hardware_compatibility": "none",
-                       "version_compatible": False, "weak_fp16": False}
+            options = asdict(EngineBuildOptions())  # the defaults of `airlock engine build`
             job = start_engine_build(db, keys, home, run_id, variant=None, device="cuda:0",
                                      profile={"max_batch": None, "max_sequence": None, "max_past": None},
                                      options=options, actor=session.actor if session else None)
