@@ -31,6 +31,25 @@ MAX_QUALITY_EXAMPLES = 64
 """Held-out examples the quality gate scores (each whole, one at a time): enough to see a broken quantization."""
 
 
+def decoder_session(folder: Any, decoder: dict[str, Any], provider: str, *, what: str, hint: str) -> Any:
+    """An ONNX Runtime session over a genai export's decoder graph (`decoder`: genai_config.json's, external data
+    read from `folder`) for validation and for the server's batches. Its intra-op threads do not spin after a run (as
+    `appliance.optimize.runners.ort_session`); a graph ONNX Runtime cannot load is one line naming `what`."""
+    import onnxruntime as ort
+
+    from appliance.optimize.errors import EngineError
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(folder / decoder["filename"]), sess_options=options, providers=[provider])
+    except Exception as exc:  # ORT raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise EngineError(f"ONNX Runtime cannot load {what}: {first}", hint=hint) from exc
+
+
 def ort_genai_session(export: GenAIExport, *, adapter: dict[str, Any] | None = None) -> Any:
     """An ONNX Runtime session over the builder's graph (external data read from its folder).
 
@@ -38,20 +57,10 @@ def ort_genai_session(export: GenAIExport, *, adapter: dict[str, Any] | None = N
     LoRA branch; its inputs left unfed keep their zero defaults (the base model)."""
     import json
 
-    import onnxruntime as ort
-
-    from appliance.optimize.errors import EngineError
-
     decoder = json.loads((export.path / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     provider = "CUDAExecutionProvider" if GENAI_VARIANTS[export.variant][1] == "cuda" else "CPUExecutionProvider"
-    try:
-        session = ort.InferenceSession(str(export.path / "model.onnx"), sess_options=options, providers=[provider])
-    except Exception as exc:  # ORT raises its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise EngineError(f"ONNX Runtime cannot load the {export.variant} export: {first}",
-                          hint="re-export it; if it persists, serve the model with PyTorch") from exc
+    session = decoder_session(export.path, decoder, provider, what=f"the {export.variant} export",
+                              hint="re-export it; if it persists, serve the model with PyTorch")
     return _KvSession(session, (int(decoder["num_key_value_heads"]), int(decoder["head_size"])), adapter or {})
 
 

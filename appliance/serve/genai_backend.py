@@ -162,24 +162,14 @@ class GenAILMBackend:
 
 def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
     """An ONNX Runtime CPU session over the export's decoder graph (external data read from `folder`), and its KV
-    cache's (layers, kv heads, head size), which the graph leaves symbolic. Its intra-op threads do not spin after a
-    run (as the other serving sessions: `appliance.optimize.runners.ort_session`)."""
-    import onnxruntime as ort
-
+    cache's (layers, kv heads, head size), which the graph leaves symbolic (the session: `decoder_session`, as the
+    export's validation opens it)."""
     from appliance.optimize.errors import EngineError
+    from appliance.optimize.genai_validate import decoder_session
 
     expected = {"input_ids", "attention_mask", "position_ids"}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        session = ort.InferenceSession(str(folder / decoder["filename"]), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise EngineError(f"ONNX Runtime cannot load the genai export for batching: {first}",
-                          hint="re-export it, or serve with --max-batch 1 (one request at a time)") from exc
+    session = decoder_session(folder, decoder, "CPUExecutionProvider", what="the genai export for batching",
+                              hint="re-export it, or serve with --max-batch 1 (one request at a time)")
     layers = int(decoder["num_hidden_layers"])
     unknown = sorted(spec.name for spec in session.get_inputs()
                      if spec.name not in expected and not spec.name.startswith("past_key_values."))
