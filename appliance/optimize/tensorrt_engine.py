@@ -363,13 +363,17 @@ class TensorRTRunner:
             raise EngineError(f"the engine holds {engine.num_optimization_profiles} optimization profiles, its sidecar "
                               f"says {contexts} copies of {per_copy}", hint="rebuild with `airlock engine build`")
         self._per_copy = per_copy
-        self.contexts = contexts
         self._pool = ContextPool(self._new_context, contexts)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
         self.input_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.input_names}
         self.output_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in self.output_names}
+
+    @property
+    def contexts(self) -> int:
+        """Inferences this engine runs at once (its execution contexts, one profile copy each)."""
+        return self._pool.slots
 
     def _new_context(self, slot: int) -> tuple[Any, Any]:
         import torch
