@@ -205,8 +205,11 @@ def fix_site_secret(home: Path | None = None, secret: bytes = FIXED_SITE_SECRET,
 # folders builds a served appliance or a set of exports once per session. Elsewhere a module is the unit
 # (its module fixtures are built once per worker that runs it).
 SESSION_GROUPS = ("tests/appliance/serve", "tests/appliance/optimize")
-# Modules that share a session fixture across folders: one unit, named by its first module.
-SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_install.py"}  # `release_bundles`
+# Modules that share a session fixture outside those folders: one unit, named by one of its modules.
+SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_install.py",  # `release_bundles`
+                # the TUI's session `templates` (a vault, a dataset, a trained run: a real training job each)
+                **{f"tests/tui/{name}.py": "tests/tui/test_snapshots.py" for name in
+                   ("test_models", "test_schedule", "test_serve", "test_train_audit")}}
 
 # The longest units first (longest-processing-time scheduling): a 3-minute unit handed out last would keep
 # one worker busy while the others idle. Seconds per unit under `make test` (three workers on two cores, a fresh
@@ -217,13 +220,14 @@ LONGEST_FIRST = (
     "tests/appliance/serve",                               # ~220: the served appliance and its tests
     "tests/test_tiny_models.py",                           # ~190: regenerate the tiny models (one thread)
     "tests/appliance/optimize",                            # ~175: exports shared by the optimize tests
+    "tests/tui/test_snapshots.py",                         # ~130: the TUI tests built on the session's templates
     "tests/e2e/test_demo.py",                              # ~100
     "tests/appliance/train/test_train_ddp_job.py",         # ~100
     "tests/appliance/registry/test_genai_engine_gate.py",  # ~65
     "tests/appliance/train/test_train_jobs.py",            # ~65: a run, then the same run killed and resumed
     "tests/tui/test_acceptance_flow.py",                   # ~60
     "tests/appliance/train/test_train_nodes.py",           # ~60: two torchrun nodes on loopback through the CLI
-    "tests/appliance/train/test_ddp.py",                   # ~55: torchrun, two nodes, FSDP
+    "tests/appliance/train/test_ddp.py",                   # ~40: torchrun, FSDP
     "tests/appliance/registry/test_retrain_scenario.py",   # ~45
 )
 

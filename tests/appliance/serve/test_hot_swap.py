@@ -125,6 +125,7 @@ def test_promotion_swaps_versions_with_zero_failed_requests(swap, appliance):
     # A long stream on version 1, started before the promotion: it must finish on version 1.
     stream_versions: list[str] = []
     stream_events: list[str] = []
+    stream_times: list[float] = []
     first_chunk = threading.Event()
 
     def long_stream() -> None:
@@ -136,6 +137,7 @@ def test_promotion_swaps_versions_with_zero_failed_requests(swap, appliance):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     stream_events.append(line[6:])
+                    stream_times.append(time.monotonic())
                     first_chunk.set()
 
     streamer = threading.Thread(target=long_stream)
@@ -165,7 +167,10 @@ def test_promotion_swaps_versions_with_zero_failed_requests(swap, appliance):
     first_v2 = versions.index("swap@v2")
     assert "swap@v1" not in versions[first_v2 + 2:]  # at most the one request in flight on the other thread
     assert all(r[2] > promoted_at for r in results if r[1] == "swap@v2")
-    # The stream kept its version to the end, and ended properly.
+    # The stream was still running when v2 answered (1024 tokens against a few 6-token answers and a load:
+    # it ends well after the swap), kept its version to the end, and ended properly.
+    first_v2_at = min(r[2] for r in results if r[1] == "swap@v2")
+    assert stream_times[-1] > first_v2_at, "the long stream ended before the swap: the test checked nothing"
     assert stream_versions == ["swap@v1"] and stream_events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in stream_events[:-1]]
     assert {c["system_fingerprint"] for c in chunks} == {"v1"}

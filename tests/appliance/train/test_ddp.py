@@ -65,43 +65,6 @@ def test_fsdp_two_ranks_stopped_and_resumed_match_one_process(tmp_path: Path):
     assert fsdp["checksums"][0] == pytest.approx(adapter_checksum(single.adapter_state), rel=1e-4)
 
 
-@pytest.mark.slow  # two launchers, two ranks and one reference run: ~35-90 s on two shared cores
-@needs_loopback
-def test_two_torchrun_nodes_on_loopback_match_one_process(tmp_path: Path):
-    """Two launchers, one rank each, meeting through torchrun's multi-node rendezvous (static, on the
-    master's TCP store at 127.0.0.1): what `--nnodes 2 --node-rank 0|1 --master-addr HOST` does on two
-    machines. The global ranks, the split of each step over them and gloo's all-reduce must make it the
-    same run as one process accumulating both halves."""
-    from appliance.base_models import resolve_base_model
-    from appliance.train.lm import train_lora
-    from appliance.train.recipe import LoraRecipe
-
-    out = tmp_path / "nodes.json"
-    port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-                               str(REPO / "tests" / "appliance" / "train" / "ddp_worker.py"), str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-             for rank in (0, 1)]
-    try:
-        outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    result = json.loads(out.read_text())  # written by global rank 0, on node 0
-    assert result["checksums"][0] == pytest.approx(result["checksums"][1], rel=1e-6)
-    assert result["micro_batches"] == [{"0": 2, "1": 2, "2": 2}] * 2
-
-    train, val = corpus_chats()
-    single = train_lora(resolve_base_model("tiny-deepseek-r1"), train, val,
-                        LoraRecipe(**RECIPE_FIELDS, grad_accumulation=2))
-    assert result["losses"] == pytest.approx(single.train_losses, rel=1e-4, abs=1e-5)
-    assert result["checksums"][0] == pytest.approx(adapter_checksum(single.adapter_state), rel=1e-4)
-
-
 def test_every_epoch_has_the_same_number_of_micro_batches():
     """Epoch 2's shuffle of the worker's data packs into 3 rows, not 4: it repeats its first row."""
     from transformers import AutoTokenizer
