@@ -23,7 +23,10 @@ tests/appliance/serve/test_batching.py). A backend whose attention takes each ro
 row's tokens first, zeros after, its new token written at its own length (test_genai_batching.py).
 Rows that join in one step are merged with one copy of the cache, a row that leaves is replaced by the last row,
 and columns no row needs any more are dropped once they are an eighth of the width (`_Batch`;
-tests/appliance/serve/test_batch_cache.py).
+tests/appliance/serve/test_batch_cache.py). A backend that keeps the batch's cache itself (`kv_slots()`:
+onnxruntime-genai exports on the CPU, written in place by the graph) gets a `_SlotBatch` instead: row i is the
+cache's slot i, a joining prompt is prefilled straight into the next free slot and a leaving row's slot is taken
+by the last row (one row's cached columns copied); nothing else is copied between steps.
 Each request keeps its own sampling parameters and seeded generator (`pick_token` per row).
 
 A failure stays with its request: a prefill or a sampling error fails that request only; a batched

@@ -13,10 +13,13 @@ Sampling is og's own (temperature, top-p, seeded per request): a seed reproduces
 not token for token on the PyTorch one, whose sampler is ours.
 
 Continuous batching (CPU). On the CPU the server batches concurrent requests with its own scheduler
-(`appliance.serve.batching.BatchingLMBackend`), through `forward_batch`: an ONNX Runtime session over the same
-`model.onnx` the runtime loads, fed the KV cache of every running row. Its GroupQueryAttention takes each row's
-length from the attention mask and rotates positions from it, so the rows' caches are RIGHT-padded
-(`cache_padding = "right"`: a row's tokens at columns 0..length-1, zeros after), not left-padded as our own exports.
+(`appliance.serve.batching.BatchingLMBackend`): an ONNX Runtime session over the same `model.onnx` the runtime
+loads runs every running row's step. Its GroupQueryAttention takes each row's length from the attention mask and
+rotates positions from it, so the rows' caches are RIGHT-padded (`cache_padding = "right"`: a row's tokens at
+columns 0..length-1, whatever after), not left-padded as our own exports. The scheduler keeps the batch's cache
+in `KVSlots` (`kv_slots()`): preallocated buffers that GroupQueryAttention reads and writes in place (past and
+present bound to one buffer), so a step copies no cache; `forward_batch` (caches passed in and returned, the
+generic `BatchForward`) stays for callers that hold their own caches.
 og.Engine, the library's continuous-batching API, was measured instead and is not used on the CPU: with the builder's
 CPU exports (GroupQueryAttention, no paged KV cache) it runs static batches of at most 4 requests that start and end
 together, and decoded 32 requests no faster than one og.Generator at a time; its dynamic batching needs a
@@ -398,7 +401,8 @@ class BatchSampler:
             order = np.take_along_axis(part, inner, axis=1)
             ordered = np.take_along_axis(top, inner, axis=1)
             covered = np.cumsum(ordered, axis=1)[:, -1] >= top_p[rows, 0]
-            tokens[rows[covered]] = _choose(order[covered], ordered[covered], top_p[rows[covered]], draws[rows[covered]])
+            done = rows[covered]
+            tokens[done] = _choose(order[covered], ordered[covered], top_p[done], draws[done])
             full[rows[~covered]] = True
         elif cut.any():
             full[:] = True

@@ -146,7 +146,7 @@ def test_rows_join_and_leave_the_in_place_cache_and_a_row_past_the_context_fails
     greedy = Sampling(max_new_tokens=14, temperature=0.0)
     # 250 tokens: the row crosses the cache's first width (KVSlots.START_WIDTH) mid-run, so the buffers grow (one
     # copy) while the other rows decode.
-    prompts = {"a": [5, 17, 230], "b": [5] + [(7 * j) % 900 + 10 for j in range(249)], "c": [5] + list(range(40, 51))}
+    prompts = {"a": [5, 17, 230], "b": [5, *((7 * j) % 900 + 10 for j in range(249))], "c": [5, *range(40, 51)]}
     alone = {name: list(backend.generate(p, greedy, lambda: False)) for name, p in prompts.items()}
     assert KVSlots.START_WIDTH < len(prompts["b"]) + greedy.max_new_tokens
 
