@@ -32,10 +32,10 @@ CACHE = REPO / ".cache" / "genai-batch-bench"
 
 def build(layers: int) -> Path:
     """The int4 export of the real-shape model with `layers` layers (built once)."""
+    import build_random_r1_distill as shape
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    import build_random_r1_distill as shape
     from appliance.optimize.genai_export import build_genai_model
     from appliance.optimize.recipe import QuantRecipe
 
