@@ -180,6 +180,9 @@ class RunnerLMBackend:
         """How `forward_batch` wants the rows' caches padded (a runtime that decodes itself says)."""
         self.sampler = getattr(runner, "sampler", None)
         """The runtime's own batch sampler, if it has one (onnxruntime-genai: genai_backend.BatchSampler)."""
+        if callable(getattr(runner, "kv_slots", None)) and getattr(runner, "session", None) is not None:
+            self.kv_slots = runner.kv_slots
+            """The runtime keeps the batch's KV cache in place itself (genai_backend.KVSlots; batching._SlotBatch)."""
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]
                  ) -> Iterator[int]:

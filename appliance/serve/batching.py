@@ -23,7 +23,10 @@ tests/appliance/serve/test_batching.py). A backend whose attention takes each ro
 row's tokens first, zeros after, its new token written at its own length (test_genai_batching.py).
 Rows that join in one step are merged with one copy of the cache, a row that leaves is replaced by the last row,
 and columns no row needs any more are dropped once they are an eighth of the width (`_Batch`;
-tests/appliance/serve/test_batch_cache.py).
+tests/appliance/serve/test_batch_cache.py). A backend that keeps the batch's cache itself (`kv_slots()`:
+onnxruntime-genai exports on the CPU, written in place by the graph) gets a `_SlotBatch` instead: row i is the
+cache's slot i, a joining prompt is prefilled straight into the next free slot and a leaving row's slot is taken
+by the last row (one row's cached columns copied); nothing else is copied between steps.
 Each request keeps its own sampling parameters and seeded generator (`pick_token` per row).
 
 A failure stays with its request: a prefill or a sampling error fails that request only; a batched
@@ -190,6 +193,35 @@ class _Batch:
         return alone
 
 
+class _SlotBatch:
+    """Rows whose KV cache the backend keeps in place between steps (`kv_slots()`: genai_backend.KVSlots, its
+    buffers bound as both past and present): row i of the batch is the cache's slot i. A row joins by prefilling
+    into the next free slot; a row that leaves is replaced by the last row (that row's cached columns are copied,
+    nothing else moves); nothing is padded, stacked or trimmed here."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.rows: list[_Row] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keep(self, indices: list[int]) -> None:
+        """Only these rows stay (a leaving row's slot is taken by a row from the end)."""
+        if len(indices) == len(self.rows):
+            return
+        count = len(indices)
+        staying = set(indices)
+        holes = [i for i in range(count) if i not in staying]
+        movers = [i for i in range(count, len(self.rows)) if i in staying]
+        for hole, mover in zip(holes, movers, strict=True):
+            self.cache.move(mover, hole)
+            self.rows[hole] = self.rows[mover]
+        for slot in range(count, len(self.rows)):
+            self.cache.release(slot)
+        self.rows = self.rows[:count]
+
+
 def _numpy_ok(tensor: Any) -> bool:
     """A CPU tensor of a dtype numpy has (not bfloat16): its copies go through numpy."""
     import torch
@@ -260,6 +292,9 @@ class BatchingLMBackend:
         self.max_batch = max_batch
         self.right = getattr(inner, "cache_padding", "left") == "right"
         """The inner backend takes right-padded caches (`_Batch.right`)."""
+        self.slotted = callable(getattr(inner, "kv_slots", None))
+        """The inner backend keeps the batch's KV cache itself, in place (`kv_slots()`, `_SlotBatch`): onnxruntime-genai
+        exports on the CPU. Otherwise the caches are ours (`_Batch`) and go through `forward_batch`."""
         self.sampler = getattr(inner, "sampler", None)
         """The backend's own sampler for the batch (`generator(seed)`, `pick(logits, samplings, generators)`,
         genai_backend.BatchSampler), else `pick_token` per row with torch generators."""
@@ -307,8 +342,10 @@ class BatchingLMBackend:
     def _run(self) -> None:
         import torch
 
-        batch = _Batch(self.right)
+        batch: Any = None
         try:
+            # The slotted cache lives as long as this thread: an idle model holds no batch cache.
+            batch = _SlotBatch(self.inner.kv_slots()) if self.slotted else _Batch(self.right)
             with torch.inference_mode():
                 while True:
                     with self._lock:
@@ -323,7 +360,7 @@ class BatchingLMBackend:
                         self._step(batch)
         except BaseException as exc:  # a bug here must not leave requests waiting forever
             with self._lock:
-                stranded = [row.request for row in batch.rows] + list(self._pending)
+                stranded = [row.request for row in (batch.rows if batch else [])] + list(self._pending)
                 self._pending.clear()
                 self._thread = None
             for request in stranded:
@@ -346,6 +383,19 @@ class BatchingLMBackend:
                     continue
                 ids = request.prompt_ids
                 budget -= len(ids)
+                if isinstance(batch, _SlotBatch):
+                    slot = len(batch) + len(joining)
+                    try:  # straight into its slot of the batch's cache
+                        token = self._emit(request, torch.from_numpy(batch.cache.prefill(slot, ids))[0])
+                    except Exception as exc:  # this prompt's failure is this request's alone
+                        batch.cache.release(slot)
+                        request.finish(exc)
+                        continue
+                    if token is None:
+                        batch.cache.release(slot)
+                        continue
+                    joining.append(([_Row(request, len(ids), token)], [], None))
+                    continue
                 try:
                     logits, past = self.inner.forward_batch(
                         torch.tensor([ids], dtype=torch.int64), torch.ones(1, len(ids), dtype=torch.int64),
@@ -359,7 +409,9 @@ class BatchingLMBackend:
                 mask = torch.ones(1, len(ids), dtype=torch.int64, device=past[0].device)
                 joining.append(([_Row(request, len(ids), token)], past, mask))
         finally:
-            if joining:  # one copy of the cache for every row that joins in this step
+            if joining and isinstance(batch, _SlotBatch):  # already in their slots
+                batch.rows.extend(row for rows, _, _ in joining for row in rows)
+            elif joining:  # one copy of the cache for every row that joins in this step
                 batch.add(joining)
 
     def _emit(self, request: _Request, logits: Any) -> int | None:
@@ -381,7 +433,10 @@ class BatchingLMBackend:
             return None
         return token
 
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: Any) -> None:
+        if isinstance(batch, _SlotBatch):
+            self._slot_step(batch)
+            return
         try:
             logits, present = self._forward(batch)
         except Exception as exc:
@@ -415,14 +470,50 @@ class BatchingLMBackend:
         self.rows_decoded += len(batch)
         return logits, present
 
+    def _slot_step(self, batch: _SlotBatch) -> None:
+        """One token for every row of a slotted batch; a step that raises is retried row by row (in their slots)."""
+        import numpy as np
+        import torch
+
+        rows = batch.rows
+        try:
+            logits = batch.cache.decode([row.token for row in rows])
+            decoded = list(range(len(rows)))
+        except Exception as exc:
+            if len(rows) == 1:
+                rows[0].request.finish(exc)
+                batch.keep([])
+                return
+            parts, decoded = [], []
+            for i, row in enumerate(rows):
+                try:
+                    parts.append(batch.cache.decode([row.token], start=i))
+                except Exception as alone:
+                    row.request.finish(alone)
+                    continue
+                decoded.append(i)
+            if not decoded:
+                batch.keep([])
+                return
+            logits = np.concatenate(parts)
+        self.steps += 1
+        self.rows_decoded += len(decoded)
+        going = self._take([rows[i] for i in decoded], torch.from_numpy(logits))
+        batch.keep([decoded[i] for i in going])
+
     def _advance(self, batch: _Batch, logits: Any, present: list[Any]) -> bool:
         """Take one decoded token per row; rows that are complete leave. True when rows remain."""
         batch.mask = _with_new_column(batch.mask, batch.right)
         batch.past = list(present)
+        batch.keep(self._take(batch.rows, logits))
+        return bool(batch.rows)
+
+    def _take(self, rows: list[_Row], logits: Any) -> list[int]:
+        """Sample and hand over a token per row (`logits` [rows, vocab]); the indices of the rows that go on."""
         keep = []
         picked = (self.sampler.pick if self.sampler else pick_tokens)(
-            logits, [row.request.sampling for row in batch.rows], [row.request.generator for row in batch.rows])
-        for i, row in enumerate(batch.rows):
+            logits, [row.request.sampling for row in rows], [row.request.generator for row in rows])
+        for i, row in enumerate(rows):
             choice = picked[i]
             if isinstance(choice, Exception):
                 row.request.finish(choice)
@@ -432,8 +523,7 @@ class BatchingLMBackend:
                 row.length += 1
                 row.token = token
                 keep.append(i)
-        batch.keep(keep)
-        return bool(batch.rows)
+        return keep
 
 
 def _with_new_column(mask: Any, right: bool = False) -> Any:

@@ -13,10 +13,13 @@ Sampling is og's own (temperature, top-p, seeded per request): a seed reproduces
 not token for token on the PyTorch one, whose sampler is ours.
 
 Continuous batching (CPU). On the CPU the server batches concurrent requests with its own scheduler
-(`appliance.serve.batching.BatchingLMBackend`), through `forward_batch`: an ONNX Runtime session over the same
-`model.onnx` the runtime loads, fed the KV cache of every running row. Its GroupQueryAttention takes each row's
-length from the attention mask and rotates positions from it, so the rows' caches are RIGHT-padded
-(`cache_padding = "right"`: a row's tokens at columns 0..length-1, zeros after), not left-padded as our own exports.
+(`appliance.serve.batching.BatchingLMBackend`): an ONNX Runtime session over the same `model.onnx` the runtime
+loads runs every running row's step. Its GroupQueryAttention takes each row's length from the attention mask and
+rotates positions from it, so the rows' caches are RIGHT-padded (`cache_padding = "right"`: a row's tokens at
+columns 0..length-1, whatever after), not left-padded as our own exports. The scheduler keeps the batch's cache
+in `KVSlots` (`kv_slots()`): preallocated buffers that GroupQueryAttention reads and writes in place (past and
+present bound to one buffer), so a step copies no cache; `forward_batch` (caches passed in and returned, the
+generic `BatchForward`) stays for callers that hold their own caches.
 og.Engine, the library's continuous-batching API, was measured instead and is not used on the CPU: with the builder's
 CPU exports (GroupQueryAttention, no paged KV cache) it runs static batches of at most 4 requests that start and end
 together, and decoded 32 requests no faster than one og.Generator at a time; its dynamic batching needs a
@@ -55,6 +58,9 @@ class GenAILMBackend:
         """How the server's batch samples this model's rows."""
         self.kv_shape = kv_shape
         """(layers, kv heads, head size) of the decoder's KV cache (genai_config.json)."""
+        self.extra_inputs: dict[str, Any] = {}
+        """Graph input name -> numpy array fed to the batch session on every run besides the decoder's own inputs
+        (a LoRA adapter's tensors, set by `load`); a `KVSlots` binds them once, when the scheduler's batch starts."""
 
     @classmethod
     def load(cls, folder: Path, *, variant: str, device: str = "cpu") -> GenAILMBackend:
@@ -85,7 +91,8 @@ class GenAILMBackend:
             raise RuntimeError(f"{self.variant} on {self.kind} decodes one request at a time (no batch session)")
         layers, heads, head_size = self.kv_shape
         rows = int(input_ids.shape[0])
-        feeds: dict[str, Any] = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        feeds: dict[str, Any] = {**self.extra_inputs, "input_ids": input_ids.numpy(),
+                                 "attention_mask": attention_mask.numpy()}
         if "position_ids" in self._inputs:
             feeds["position_ids"] = position_ids.numpy()
         for i in range(layers):
@@ -96,6 +103,12 @@ class GenAILMBackend:
         out = self.session.run(self._outputs, feeds)
         logits = torch.from_numpy(np.ascontiguousarray(out[0][:, -1], dtype=np.float32))
         return logits, [torch.from_numpy(t) for t in out[1:]]
+
+    def kv_slots(self) -> KVSlots:
+        """A KV cache for the scheduler's batch, kept in place between steps (`KVSlots`; CPU batch session)."""
+        if self.session is None or self.kv_shape is None:
+            raise RuntimeError(f"{self.variant} on {self.kind} decodes one request at a time (no batch session)")
+        return KVSlots(self.session, self.kv_shape, self._kv_dtype, self.context_length, self.extra_inputs)
 
     @property
     def _kv_dtype(self) -> Any:
@@ -180,6 +193,158 @@ def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int
     return session, (layers, int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
 
 
+class KVSlots:
+    """The batch's KV cache, allocated once and written in place by the export's GroupQueryAttention: for each layer
+    and part one buffer [slots, kv heads, width, head size] is bound (ONNX Runtime IO binding) as both the past input
+    and the present output, so a decode step writes each row's new key and value at the row's own length and copies
+    nothing else (the kernel shares the buffer when past and present are one pointer; onnxruntime-genai's own
+    DefaultKeyValueCache with `past_present_share_buffer`). Without it GroupQueryAttention zeroes a new present and
+    copies every row's past into it at every step: most of a 32-row step of the tiny model (ADR 0017).
+
+    Row i of the scheduler's batch lives in slot i, slots 0..n-1 in use, so a step runs on the buffers' first n
+    slots (a contiguous prefix: a view, no copy). `prefill(slot, ids)` writes a prompt into a slot (batch 1, its
+    first-prompt path), `decode(tokens)` runs one token for slots 0..n-1 (`start`: a run of one row, to find which
+    row a failed step failed for), `move(source, target)` copies a row's cached columns to fill a hole when a row
+    leaves. A slot's columns past its length are never read (GroupQueryAttention reads each row's length from the
+    mask), so nothing is cleared. Slots and width grow by doubling (one copy of the cache each time), the width up to
+    the model's context. Per step the Python work is per layer (bindings), never per cached element."""
+
+    START_SLOTS = 4
+    START_WIDTH = 256
+
+    def __init__(self, session: Any, kv_shape: tuple[int, int, int], dtype: Any, context_length: int,
+                 extra_inputs: dict[str, Any]) -> None:
+        import numpy as np
+
+        self.session = session
+        self.layers, self.heads, self.head_size = kv_shape
+        self.dtype = np.dtype(dtype)
+        self.context_length = context_length
+        self.lengths = np.zeros(0, dtype=np.int64)
+        """Tokens cached per slot."""
+        self.buffers: list[Any] = []
+        """key, value per layer: [slots, kv heads, width, head size], C-contiguous."""
+        names = {spec.name for spec in session.get_inputs()}
+        self._positions = "position_ids" in names
+        self._names = [f"past_key_values.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
+        self._present = [f"present.{i}.{part}" for i in range(self.layers) for part in ("key", "value")]
+        self._extra = dict(extra_inputs)
+        vocab = next(spec.shape[-1] for spec in session.get_outputs() if spec.name == "logits")
+        if not isinstance(vocab, int):
+            raise ValueError("the genai export's logits have no fixed vocabulary size; serve it with --max-batch 1")
+        self.vocab = vocab
+        self._logits = np.empty((0, 1, vocab), dtype=np.float32)
+        """The decode steps' logits, written by ONNX Runtime in place ([slots, 1, vocab])."""
+        self._decode = self._binding()
+        self._prefill = self._binding()
+        self._bound: tuple[int, int, int] | None = None
+        """(start, rows, width) the decode binding's cache is bound to."""
+        self._reserve(self.START_SLOTS, self.START_WIDTH)
+
+    @property
+    def slots(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.buffers[0].shape[2]) if self.buffers else 0
+
+    def _binding(self) -> Any:
+        binding = self.session.io_binding()
+        for name, array in self._extra.items():  # bound once: the arrays stay alive in self._extra
+            binding.bind_cpu_input(name, array)
+        return binding
+
+    def _reserve(self, slots: int, width: int) -> None:
+        """At least `slots` slots of at least `width` columns (doubling; one copy of what is cached)."""
+        import numpy as np
+
+        if width > self.context_length:
+            raise ValueError(f"a row needs {width} cached tokens, beyond the model's context of "
+                             f"{self.context_length}")
+        if slots <= self.slots and width <= self.width:
+            return
+        new_slots, new_width = max(self.slots, 1), max(self.width, 1)
+        while new_slots < slots:
+            new_slots *= 2
+        while new_width < width:
+            new_width *= 2
+        new_width = min(new_width, self.context_length)
+        shape = (new_slots, self.heads, new_width, self.head_size)
+        buffers = []
+        for old in self.buffers or [None] * (2 * self.layers):
+            buffer = np.empty(shape, dtype=self.dtype)
+            if old is not None:
+                buffer[:old.shape[0], :, :old.shape[2]] = old
+            buffers.append(buffer)
+        self.buffers = buffers
+        self.lengths = np.concatenate([self.lengths, np.zeros(new_slots - self.slots, dtype=np.int64)])
+        self._bound = None
+
+    def _bind_cache(self, binding: Any, start: int, rows: int) -> None:
+        """Bind slots start..start+rows-1 of every buffer as both past and present (the same memory)."""
+        shape = [rows, self.heads, self.width, self.head_size]
+        offset = start * self.heads * self.width * self.head_size * self.dtype.itemsize
+        for past, present, buffer in zip(self._names, self._present, self.buffers, strict=True):
+            pointer = buffer.ctypes.data + offset
+            binding.bind_input(past, "cpu", 0, self.dtype, shape, pointer)
+            binding.bind_output(present, "cpu", 0, self.dtype, shape, pointer)
+
+    def _run(self, binding: Any, ids: Any, mask: Any, positions: Any, logits: Any) -> Any:
+        """Run the session with ONNX Runtime writing the logits into `logits` [rows, sequence, vocab] float32; the
+        last position's [rows, vocab] (a view)."""
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self._positions:
+            binding.bind_cpu_input("position_ids", positions)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits[:, -1]
+
+    def prefill(self, slot: int, ids: Sequence[int]) -> Any:
+        """Write a prompt's cache into `slot` (batch 1); the logits of its last token [1, vocab] (numpy)."""
+        import numpy as np
+
+        length = len(ids)
+        self._reserve(slot + 1, length + 1)
+        self._bind_cache(self._prefill, slot, 1)
+        logits = self._run(self._prefill, np.asarray([ids], dtype=np.int64), np.ones((1, length), dtype=np.int64),
+                           np.arange(length, dtype=np.int64)[None],
+                           np.empty((1, length, self.vocab), dtype=np.float32))
+        self.lengths[slot] = length
+        return logits
+
+    def decode(self, tokens: Sequence[int], start: int = 0) -> Any:
+        """One token for slots start..start+len(tokens)-1, each after its own cached tokens; their logits [rows,
+        vocab] (numpy). The slots' lengths grow by one only when the run succeeds."""
+        import numpy as np
+
+        rows = len(tokens)
+        lengths = self.lengths[start:start + rows]
+        total = int(lengths.max()) + 1
+        self._reserve(start + rows, total)
+        if self._bound != (start, rows, self.width):
+            self._bind_cache(self._decode, start, rows)
+            self._bound = (start, rows, self.width)
+        if self._logits.shape[0] < start + rows:
+            self._logits = np.empty((self.slots, 1, self.vocab), dtype=np.float32)
+        mask = (np.arange(total, dtype=np.int64)[None] <= lengths[:, None]).astype(np.int64)
+        logits = self._run(self._decode, np.asarray(tokens, dtype=np.int64)[:, None], mask, lengths[:, None].copy(),
+                           self._logits[start:start + rows])
+        self.lengths[start:start + rows] += 1
+        return logits
+
+    def move(self, source: int, target: int) -> None:
+        """Slot `target` takes slot `source`'s cache (its cached columns only)."""
+        length = int(self.lengths[source])
+        for buffer in self.buffers:
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
 class BatchSampler:
     """Temperature and top-p sampling of a whole step's rows at once, in numpy (one softmax, one sort for all of
     them), each row with its own parameters and seeded generator.
@@ -189,44 +354,76 @@ class BatchSampler:
     the most probable tokens up to and including the one that reaches top_p), the random stream is numpy's: a seed
     gives the same tokens on this backend whatever else is in the batch."""
 
+    CANDIDATES = 64
+    """Tokens sorted per top-p row before falling back to the whole vocabulary."""
+
     @staticmethod
     def generator(seed: int | None) -> Any:
         import numpy as np
 
         return np.random.default_rng(seed if seed is not None else secrets.randbits(63))
 
-    @staticmethod
-    def pick(logits: Any, samplings: Sequence[Sampling], generators: Sequence[Any]) -> list[int | Exception]:
+    def pick(self, logits: Any, samplings: Sequence[Sampling], generators: Sequence[Any]) -> list[int | Exception]:
         """A token per row of `logits` [rows, vocab] (a CPU torch tensor); a row that cannot be sampled (NaN or
         infinite logits) gets its exception, the others their token."""
         import numpy as np
 
-        rows = np.asarray(logits.numpy(), dtype=np.float64)
+        raw = logits.numpy()  # float32: greedy rows take its argmax (float64 would give the same), the rest float64
         picked: list[int | Exception] = [0] * len(samplings)
-        finite = np.isfinite(rows).all(axis=1)
+        finite = np.isfinite(raw).all(axis=1)
         sampled = []
         for i, sampling in enumerate(samplings):
             if not finite[i]:
                 picked[i] = ValueError("the model's logits are not finite for this request; it cannot be sampled")
             elif sampling.temperature <= 0:
-                picked[i] = int(np.argmax(rows[i]))
+                picked[i] = int(np.argmax(raw[i]))
             else:
                 sampled.append(i)
         if not sampled:
             return picked
         temperature = np.asarray([samplings[i].temperature for i in sampled], dtype=np.float64)[:, None]
         top_p = np.asarray([samplings[i].top_p for i in sampled], dtype=np.float64)[:, None]
-        scaled = rows[sampled] / temperature
+        scaled = np.asarray(raw[sampled], dtype=np.float64) / temperature
         probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        order = np.argsort(-probs, axis=1, kind="stable")
-        ordered = np.take_along_axis(probs, order, axis=1)
-        cumulative = np.cumsum(ordered, axis=1)
-        ordered[(cumulative - ordered >= top_p) & (top_p < 1.0)] = 0.0  # always keeps the first token
-        cumulative = np.cumsum(ordered, axis=1)
-        draws = np.asarray([generators[i].random() for i in sampled])[:, None] * cumulative[:, -1:]
-        choice = np.minimum((cumulative <= draws).sum(axis=1), probs.shape[1] - 1)
+        draws = np.asarray([generators[i].random() for i in sampled])
+        tokens = np.zeros(len(sampled), dtype=np.int64)
+        # Only the most probable CANDIDATES tokens are sorted (a full sort of [rows, vocab] cost more than the rest
+        # of the step): a row whose candidates reach its top_p keeps no token beyond them anyway. The others (top_p 1,
+        # or a flat distribution) take the whole vocabulary.
+        cut = top_p[:, 0] < 1.0
+        full = ~cut
+        if cut.any() and probs.shape[1] > self.CANDIDATES:
+            rows = np.flatnonzero(cut)
+            part = np.argpartition(-probs[rows], self.CANDIDATES - 1, axis=1)[:, :self.CANDIDATES]
+            top = np.take_along_axis(probs[rows], part, axis=1)
+            inner = np.argsort(-top, axis=1)
+            order = np.take_along_axis(part, inner, axis=1)
+            ordered = np.take_along_axis(top, inner, axis=1)
+            covered = np.cumsum(ordered, axis=1)[:, -1] >= top_p[rows, 0]
+            done = rows[covered]
+            tokens[done] = _choose(order[covered], ordered[covered], top_p[done], draws[done])
+            full[rows[~covered]] = True
+        elif cut.any():
+            full[:] = True
+        if full.any():
+            rows = np.flatnonzero(full)
+            order = np.argsort(-probs[rows], axis=1)
+            tokens[rows] = _choose(order, np.take_along_axis(probs[rows], order, axis=1), top_p[rows], draws[rows])
         for row, i in enumerate(sampled):
-            picked[i] = int(order[row, choice[row]])
+            picked[i] = int(tokens[row])
         return picked
+
+
+def _choose(order: Any, ordered: Any, top_p: Any, draws: Any) -> Any:
+    """Each row's token: `ordered` its probabilities sorted (descending, token ids in `order`), the most probable
+    kept up to and including the one that reaches top_p, one uniform draw per row picking among them."""
+    import numpy as np
+
+    ordered = ordered.copy()
+    cumulative = np.cumsum(ordered, axis=1)
+    ordered[(cumulative - ordered >= top_p) & (top_p < 1.0)] = 0.0  # always keeps the first token
+    cumulative = np.cumsum(ordered, axis=1)
+    choice = np.minimum((cumulative <= draws[:, None] * cumulative[:, -1:]).sum(axis=1), order.shape[1] - 1)
+    return np.take_along_axis(order, choice[:, None], axis=1)[:, 0]
 

@@ -50,7 +50,9 @@ def _served(folder: Path, max_batch: int) -> tuple[Any, Any]:
     backend = GenAILMBackend.load(folder, variant="genai-int4")
     runner = RunnerLMBackend(backend, (6, 2, 48))
     assert batchable(runner) and runner.kind == "genai-cpu" and runner.cache_padding == "right"
-    return backend, BatchingLMBackend(runner, max_batch)
+    batched = BatchingLMBackend(runner, max_batch)
+    assert batched.slotted  # the batch's KV cache stays in the backend's KVSlots, written in place
+    return backend, batched
 
 
 def _in_threads(batched: Any, jobs: list[tuple[list[int], Sampling, Any]]) -> list[list[int] | BaseException]:
@@ -132,6 +134,65 @@ def test_concurrent_greedy_requests_get_their_tokens_alone_and_a_cancelled_one_f
     # Admission: a batched genai model takes rows of the batch, as the other batched backends.
     assert lm_rows_per_call(ServeLimits(max_batch=32), "genai-cpu") == 32
     assert lm_rows_per_call(ServeLimits(max_batch=32), "genai-cuda") == 1
+
+
+@pytest.mark.slow  # shares the module's export; the test itself 1-4 s (a 2047-token prefill)
+def test_rows_join_and_leave_the_in_place_cache_and_a_row_past_the_context_fails_alone(genai_int4):
+    import numpy as np
+
+    from appliance.serve.genai_backend import KVSlots
+
+    backend, batched = _served(genai_int4, max_batch=4)
+    greedy = Sampling(max_new_tokens=14, temperature=0.0)
+    # 250 tokens: the row crosses the cache's first width (KVSlots.START_WIDTH) mid-run, so the buffers grow (one
+    # copy) while the other rows decode.
+    prompts = {"a": [5, 17, 230], "b": [5, *((7 * j) % 900 + 10 for j in range(249))], "c": [5, *range(40, 51)]}
+    alone = {name: list(backend.generate(p, greedy, lambda: False)) for name, p in prompts.items()}
+    assert KVSlots.START_WIDTH < len(prompts["b"]) + greedy.max_new_tokens
+
+    kv = backend.kv_slots()
+    slot_of = {"a": 0, "b": 1}
+    got = {name: [int(kv.prefill(slot, prompts[name])[0].argmax())] for name, slot in slot_of.items()}
+    width = kv.width
+    for step in range(13):
+        if step == 3:  # c joins mid-run, prefilled into the next free slot
+            slot_of["c"] = 2
+            got["c"] = [int(kv.prefill(2, prompts["c"])[0].argmax())]
+        if step == 6:  # a leaves: the last row (c) takes its slot, only c's cached columns are copied
+            kv.move(2, 0)
+            kv.release(2)
+            slot_of = {"b": 1, "c": 0}
+        order = sorted(slot_of, key=slot_of.get)  # slots 0..n-1 in use
+        logits = kv.decode([got[name][-1] for name in order])
+        for row, name in enumerate(order):
+            got[name].append(int(np.argmax(logits[row])))
+    assert kv.width > width  # it grew mid-run
+    assert got["a"] == alone["a"][:len(got["a"])] and len(got["a"]) == 7
+    assert got["b"] == alone["b"] and got["c"] == alone["c"][:len(got["c"])] and len(got["c"]) == 11
+
+    # Through the scheduler: a row that needs more than the model's context fails alone, with one line; the rows
+    # beside it (before and after it in the batch) get og.Generator's tokens.
+    too_long = [5] * (backend.context_length - 1)
+    results = _in_threads(batched, [(prompts["a"], greedy, lambda: False), (too_long, greedy, lambda: False),
+                                    (prompts["c"], greedy, lambda: False)])
+    assert results[0] == alone["a"] and results[2] == alone["c"]
+    assert isinstance(results[1], ValueError) and "beyond the model's context" in str(results[1])
+    _wait_idle(batched)
+
+    # The adapter hook: `extra_inputs` are fed on every run of the batch session (an input the graph does not have
+    # is ONNX Runtime's error, so it really is bound).
+    backend.extra_inputs = {"not_a_graph_input": np.zeros(1, dtype=np.float32)}
+    with pytest.raises(Exception, match="not_a_graph_input"):
+        backend.kv_slots().prefill(0, prompts["a"])
+    with pytest.raises(Exception, match="not_a_graph_input"):
+        backend.forward_batch(*_prefill_feeds(prompts["a"]), None)
+
+
+def _prefill_feeds(ids: list[int]) -> tuple[Any, Any, Any]:
+    import torch
+
+    return (torch.tensor([ids], dtype=torch.int64), torch.ones(1, len(ids), dtype=torch.int64),
+            torch.arange(len(ids), dtype=torch.int64)[None])
 
 
 def test_a_decoder_batching_cannot_load_is_one_line_with_a_hint(tmp_path):
