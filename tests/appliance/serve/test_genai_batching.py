@@ -57,9 +57,13 @@ def _served(folder: Path, max_batch: int) -> tuple[Any, Any]:
 
 def _in_threads(batched: Any, jobs: list[tuple[list[int], Sampling, Any]]) -> list[list[int] | BaseException]:
     results: list[list[int] | BaseException] = [[] for _ in jobs]
+    # Every request is handed to the scheduler at the same moment: started one by one, an early short request could
+    # finish before a late thread (slow to be scheduled on a loaded machine) submits, and rows would share no step.
+    together = threading.Barrier(len(jobs))
 
     def consume(i: int) -> None:
         prompt, sampling, stop = jobs[i]
+        together.wait(JOIN_S)
         try:
             results[i] = list(batched.generate(prompt, sampling, stop))
         except BaseException as exc:
