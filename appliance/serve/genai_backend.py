@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from appliance.serve.backends import Sampling
+
+ADAPTER_NAME = "version"
+"""The name the version's adapter is loaded under in og.Adapters."""
 
 
 class GenAILMBackend:
@@ -55,9 +58,17 @@ class GenAILMBackend:
         """How the server's batch samples this model's rows."""
         self.kv_shape = kv_shape
         """(layers, kv heads, head size) of the decoder's KV cache (genai_config.json)."""
+        self.extra_inputs: dict[str, Any] = {}
+        """Graph inputs `forward_batch` feeds on every run besides ids, mask and cache (the version's LoRA weights
+        over a base graph with a LoRA branch: genai_adapters; set by `load`)."""
+        self.adapters: Any = None
+        """og.Adapters holding the version's adapter (ADAPTER_NAME), made active on every og.Generator; None: the
+        export is merged."""
 
     @classmethod
-    def load(cls, folder: Path, *, variant: str, device: str = "cpu") -> GenAILMBackend:
+    def load(cls, folder: Path, *, variant: str, device: str = "cpu", adapter: Path | None = None) -> GenAILMBackend:
+        """og.Model over an export folder; `adapter`: the version's `.onnx_adapter` over a base graph with a LoRA
+        branch (appliance.optimize.genai_adapters), loaded into og.Adapters and fed to the batch session."""
         import onnxruntime_genai as og
 
         config = og.Config(str(folder))
@@ -66,12 +77,30 @@ class GenAILMBackend:
             config.append_provider("cuda")
             config.set_provider_option("cuda", "device_id", device.partition(":")[2] or "0")
         model = og.Model(config)
+        adapters, extra_inputs = None, {}
+        if adapter is not None:
+            from appliance.optimize.genai_adapters import read_onnx_adapter
+
+            adapters = og.Adapters(model)
+            adapters.load(str(adapter), ADAPTER_NAME)
+            extra_inputs = read_onnx_adapter(adapter)
         genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         session, kv_shape = None, None
         if not device.startswith("cuda"):  # continuous batching on the CPU (module docstring)
-            session, kv_shape = batch_session(folder, genai["decoder"])
-        return cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
-                   session=session, kv_shape=kv_shape)
+            session, kv_shape = batch_session(folder, genai["decoder"], extra=set(extra_inputs))
+        backend = cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
+                      session=session, kv_shape=kv_shape)
+        backend.adapters, backend.extra_inputs = adapters, extra_inputs
+        return backend
+
+    def _generator(self, params: Any) -> Any:
+        """An og.Generator with the version's adapter active (an adapter-route export)."""
+        import onnxruntime_genai as og
+
+        generator = og.Generator(self.model, params)
+        if self.adapters is not None:
+            generator.set_active_adapter(self.adapters, ADAPTER_NAME)
+        return generator
 
     def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
                       ) -> tuple[Any, list[Any]]:
@@ -93,6 +122,7 @@ class GenAILMBackend:
                 feeds[f"past_key_values.{i}.{part}"] = (
                     np.zeros((rows, heads, 0, head_size), dtype=self._kv_dtype) if past is None
                     else np.ascontiguousarray(past[2 * i + j].numpy()))
+        feeds.update(self.extra_inputs)
         out = self.session.run(self._outputs, feeds)
         logits = torch.from_numpy(np.ascontiguousarray(out[0][:, -1], dtype=np.float32))
         return logits, [torch.from_numpy(t) for t in out[1:]]
@@ -133,11 +163,10 @@ class GenAILMBackend:
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]) -> Iterator[int]:
         import numpy as np
-        import onnxruntime_genai as og
 
         if sampling.max_new_tokens <= 0 or len(prompt_ids) >= self.context_length:
             return
-        generator = og.Generator(self.model, self._params(len(prompt_ids), 1, sampling))
+        generator = self._generator(self._params(len(prompt_ids), 1, sampling))
         generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
         for _ in range(sampling.max_new_tokens):
             if should_stop() or generator.is_done():
@@ -148,10 +177,9 @@ class GenAILMBackend:
     def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
         """New tokens of several prompts of equal length, decoded together (one forward pass per step)."""
         import numpy as np
-        import onnxruntime_genai as og
 
         batch = np.asarray([list(p) for p in prompts], dtype=np.int32)
-        generator = og.Generator(self.model, self._params(batch.shape[1], batch.shape[0], sampling))
+        generator = self._generator(self._params(batch.shape[1], batch.shape[0], sampling))
         generator.append_tokens(batch)
         steps = 0
         while not generator.is_done() and steps < sampling.max_new_tokens:
@@ -160,14 +188,15 @@ class GenAILMBackend:
         return [[int(t) for t in generator.get_sequence(i)][batch.shape[1]:] for i in range(batch.shape[0])]
 
 
-def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+def batch_session(folder: Path, decoder: dict[str, Any], *, extra: Iterable[str] = ()
+                  ) -> tuple[Any, tuple[int, int, int]]:
     """An ONNX Runtime CPU session over the export's decoder graph (external data read from `folder`), and its KV
     cache's (layers, kv heads, head size), which the graph leaves symbolic (the session: `decoder_session`, as the
-    export's validation opens it)."""
+    export's validation opens it). `extra`: other inputs the caller feeds (`GenAILMBackend.extra_inputs`)."""
     from appliance.optimize.errors import EngineError
     from appliance.optimize.genai_validate import decoder_session
 
-    expected = {"input_ids", "attention_mask", "position_ids"}
+    expected = {"input_ids", "attention_mask", "position_ids", *extra}
     session = decoder_session(folder, decoder, "CPUExecutionProvider", what="the genai export for batching",
                               hint="re-export it, or serve with --max-batch 1 (one request at a time)")
     layers = int(decoder["num_hidden_layers"])
