@@ -215,4 +215,6 @@ def read_onnx_adapter(path: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     adapter = ort.AdapterFormat.read_adapter(str(path))
-    return {name: np.ascontiguousarray(value.numpy()) for name, value in adapter.get_parameters().items()}
+    # copied: the OrtValues' numpy views point into `adapter`'s buffer, freed with it
+    return {name: np.array(value.numpy(), dtype=np.float32, copy=True)
+            for name, value in adapter.get_parameters().items()}

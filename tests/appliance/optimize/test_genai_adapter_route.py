@@ -84,6 +84,7 @@ def _ort_greedy(session: Any, prompt: list[int], steps: int) -> list[int]:
     return tokens
 
 
+@pytest.mark.slow  # one int4 base build, two validations, two loads: 76 s (+46 s session fixtures) on two loaded cores
 def test_two_versions_share_one_stored_base_serve_their_own_adapter_and_tampering_refuses(
         vault, lora_merged_lm, lm_data):
     import time
