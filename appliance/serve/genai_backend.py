@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,9 @@ class GenAILMBackend:
         genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         session, kv_shape = None, None
         if not device.startswith("cuda"):  # continuous batching on the CPU (module docstring)
-            session, kv_shape = batch_session(folder, genai["decoder"], extra=set(extra_inputs))
+            # the LoRA inputs are initializers ONNX Runtime lets us override, not listed inputs: batch_session's
+            # check of the graph's inputs passes; forward_batch feeds them from extra_inputs
+            session, kv_shape = batch_session(folder, genai["decoder"])
         backend = cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
                       session=session, kv_shape=kv_shape)
         backend.adapters, backend.extra_inputs = adapters, extra_inputs
@@ -188,15 +190,14 @@ class GenAILMBackend:
         return [[int(t) for t in generator.get_sequence(i)][batch.shape[1]:] for i in range(batch.shape[0])]
 
 
-def batch_session(folder: Path, decoder: dict[str, Any], *, extra: Iterable[str] = ()
-                  ) -> tuple[Any, tuple[int, int, int]]:
+def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
     """An ONNX Runtime CPU session over the export's decoder graph (external data read from `folder`), and its KV
     cache's (layers, kv heads, head size), which the graph leaves symbolic (the session: `decoder_session`, as the
-    export's validation opens it). `extra`: other inputs the caller feeds (`GenAILMBackend.extra_inputs`)."""
+    export's validation opens it)."""
     from appliance.optimize.errors import EngineError
     from appliance.optimize.genai_validate import decoder_session
 
-    expected = {"input_ids", "attention_mask", "position_ids", *extra}
+    expected = {"input_ids", "attention_mask", "position_ids"}
     session = decoder_session(folder, decoder, "CPUExecutionProvider", what="the genai export for batching",
                               hint="re-export it, or serve with --max-batch 1 (one request at a time)")
     layers = int(decoder["num_hidden_layers"])
