@@ -136,8 +136,7 @@ def measure_genai_variants(ctx: JobContext, model: Any, tokenizer: Any, variants
         except OptimizeError as exc:
             validated[variant] = {"variant": variant, "ok": False, "failures": [exc.message], **route}
             continue
-        if isinstance(export, AdapterExport):
-            route = export.route()
+        route = export.route() if isinstance(export, AdapterExport) else {**route, "bytes_written": export.bytes}
         if GENAI_VARIANTS[variant][1] == "cuda":
             validated[variant] = {"variant": variant, "ok": False, "bytes": export.bytes, "sha256": export.sha256,
                                   "files": export.files, **route, "failures": [

@@ -270,5 +270,6 @@ def test_a_lora_variant_without_an_adapter_route_ships_merged_with_the_reason(va
     assert report["route_reason"] == ("this LoRA variant (DoRA, rsLoRA or per-module rank/alpha) has no "
                                       "adapter-file route")
     assert set(report["files"]) == {"model.onnx", "model.onnx.data", "genai_config.json"}
+    assert report["bytes_written"] == report["bytes"] > 1_000_000  # a whole export per version
     assert not (home / "vault" / "objects").is_dir() or not any(
         d.name.startswith("genai-base-") for d in (home / "vault" / "objects").iterdir())
