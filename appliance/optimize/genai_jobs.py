@@ -19,7 +19,8 @@ Two routes (docs/adr/0016), recorded per variant in the report as `route`:
   version that uses it (`vault.store.delete_object` refuses to shred it while such an object exists). A later
   optimize with the same key decrypts the stored base instead of running the builder. The report's `base` names
   the object, its files' SHA-256 and manifest digest; `files` / `sha256` / `bytes` are the adapter file's;
-  `bytes_written` counts what this run stored (the adapter, plus the base when this run built it).
+  `bytes_written` counts what storing it writes (the adapter, plus the base when this run built it; a variant
+  that fails validation or a gate stores nothing).
 
 Serving decrypts the files (base + adapter for the adapter route) into a private scratch folder, checks every
 digest against the report, loads `og.Model` (and `og.Adapters`; ONNX Runtime reads the weights into memory) and

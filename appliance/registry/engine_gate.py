@@ -175,12 +175,12 @@ def _measure_genai(ctx: Any, keys: Any, run: Any, task: Any, work: Any
     gate["metrics"] = {stage: _numbers(report.get(stage)) for stage in ("float",) if report.get(stage)}
     gate["engine"] = {"built": False, "reason": "a genai export serves through onnxruntime-genai, not TensorRT",
                       "parity_measured_on": GENAI_RUNTIME}
+    summary = report["variants"][variant]
+    gate["route"] = {"route": summary.get("route", "merged"), "reason": summary.get("route_reason"),
+                     "bytes_written": summary.get("bytes_written", summary.get("bytes"))}
     if gate["status"] != PASS:
         return gate, {}
     stored = store_exports(ctx, keys, run, report, exports)
-    summary = report["variants"][variant]
-    gate["route"] = {"route": summary.get("route", "merged"), "reason": summary.get("route_reason"),
-                     "bytes_written": summary.get("bytes_written", summary["bytes"])}
     artifacts = {variant.replace("-", "_"): {
         "object": stored["artifact"], "files": sorted(summary["file"]), "sha256": summary["sha256"],
         "bytes": summary["bytes"], "runtime": stored.get("runtime"), "quantization": gate["quantization"],
