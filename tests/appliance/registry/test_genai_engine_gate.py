@@ -98,7 +98,7 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     print(f"default recipe: genai-int4 perplexity {gate['quality']['variant']:.4f} vs float "
           f"{gate['quality']['float']:.4f} ({gate['quality']['increase']:+.2%})")
     assert v3["state"] == "candidate" and gate["status"] == "pass", v3["reasons"]
-    assert gate["quality"]["increase"] <= 0.05  # measured +0.34%
+    assert gate["quality"]["increase"] <= 0.05  # measured -0.00% (2.2168 vs 2.2169; the merged route gave +0.34%)
     export = v3["artifacts"]["genai_int4"]
     run3 = get_run(db, v3["run_id"])
     report = stored_report(db, keys, airlock_home, run3)
