@@ -148,7 +148,12 @@ def _variant_text(name: str, v: dict[str, Any]) -> str:
     if not v.get("stored"):
         return f"{name} NOT stored ({'; '.join(v.get('failures', []))})"
     parity = v["parity"]
-    text = (f"{name} ok, {v['bytes'] / 2**20:.1f} MiB, max rel diff {parity['max_rel_diff']:.2g}, "
+    size = f"{v['bytes'] / 2**20:.1f} MiB"
+    if v.get("route") == "adapter":  # genai-int4 of a LoRA run: its adapter file over a shared base (docs/adr/0016)
+        base = v["base"]
+        size = (f"adapter file {size} over base {base['object']} ({base['bytes'] / 2**20:.1f} MiB, "
+                f"{'built by this run' if base['built'] else 'reused'})")
+    text = (f"{name} ok, {size}, max rel diff {parity['max_rel_diff']:.2g}, "
             f"top-1 {parity['top1_agreement']:.1%}")
     if "greedy_equal" in parity:
         text += ", greedy decoding " + ("equal" if parity["greedy_equal"] else "differs")

@@ -14,8 +14,10 @@ So here the base is built from a zero adapter of the version's LoRA structure wi
 active = the base model), and a version's adapter is its own weights, transposed and scaled as the graph expects,
 in an `.onnx_adapter` file: a retrain re-exports that file only.
 
-docs/adr/0016 has the measurement (tests/bench/bench_genai_adapters.py) and the decision: int4 versions are to ship
-as adapter files, fp32 merged. Retrains, the optimize job and serving still use the merged export (not wired yet).
+docs/adr/0016 has the measurement (tests/bench/bench_genai_adapters.py) and the decision: int4 versions ship as
+adapter files, fp32 merged. `adapter_route_refusal` says which route a variant takes; `base_key_fields` /
+`base_key` name what the base graph depends on, so that versions sharing them share one stored base
+(appliance.optimize.genai_jobs stores it once, in its own vault object, and serves base + adapter).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from appliance.optimize.errors import ExportError
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 _BLOCK = {"self_attn": "attn", "mlp": "mlp"}
 ADAPTER_FILE = "adapter.onnx_adapter"
+ADAPTER_VARIANTS = ("genai-int4",)
+"""The variants whose retrains ship an adapter file over a shared base (docs/adr/0016 measured and chose them)."""
+BASE_FORMAT = "airlock-genai-base/v1"
+"""Changes when what `build_genai_base` makes of the builder's output changes (a new key: bases are rebuilt)."""
 
 
 def lora_graph_name(peft_key: str) -> tuple[str, str]:
@@ -149,3 +155,66 @@ def build_genai_base(model: Any, tokenizer: Any, lora_config: Any, adapter_state
         export.files[name] = _sha256_file(export.path / name)
     export.options["lora_branch"] = {"inputs": len(shapes), "rank": int(lora_config.r)}
     return export
+
+
+def adapter_route_refusal(variant: str, lora_config: Any, adapter_state: dict[str, Any]) -> str | None:
+    """Why `variant` of this LoRA run is a merged export rather than base + adapter file (one line), or None."""
+    if not adapter_state or lora_config is None:
+        return "the run has no LoRA adapter"
+    if variant not in ADAPTER_VARIANTS:
+        why = {"genai-fp32": "its float LoRA branch decodes at 0.37-0.47x the merged model (docs/adr/0016)"}.get(
+            variant, "only genai-int4 was measured with an adapter file (docs/adr/0016)")
+        return f"{variant} ships merged: {why}"
+    try:
+        lora_tensors(adapter_state, lora_config)
+    except ExportError as exc:
+        return exc.message
+    return None
+
+
+def base_key_fields(*, base_model: str, base_hash: str, variant: str, recipe: Any, lora_config: Any,
+                    adapter_state: dict[str, Any]) -> dict[str, Any]:
+    """Everything the base graph of the adapter route depends on, and nothing a retrain changes: the base model's
+    files (their hash), the builder's options for the variant (precision, provider, quantization recipe, the float
+    LoRA nodes), the LoRA structure (rank, alpha, targets, every LoRA input's shape), the builder's and ONNX
+    Runtime's versions and ours (`BASE_FORMAT`)."""
+    import onnxruntime
+    import onnxruntime_genai
+
+    from appliance.optimize.genai_export import builder_options
+
+    inputs = {lora_graph_name(k)[0]: list(reversed(list(v.shape))) for k, v in adapter_state.items()}
+    keep_float = sorted(lora_graph_name(k)[1] for k in adapter_state)
+    precision, provider, extra = builder_options(variant, recipe, keep_float=keep_float)
+    targets = getattr(lora_config, "target_modules", None)
+    return {"format": BASE_FORMAT, "base_model": base_model, "base_hash": base_hash, "variant": variant,
+            "builder": {"precision": precision, "execution_provider": provider, "extra_options": extra},
+            "lora": {"r": int(lora_config.r), "alpha": float(lora_config.lora_alpha),
+                     "target_modules": sorted(targets) if isinstance(targets, list | set | tuple) else targets,
+                     "layers": sorted({int(_PEFT_KEY.search(k).group(1)) for k in adapter_state}),  # type: ignore
+                     "inputs": dict(sorted(inputs.items()))},
+            "versions": {"onnxruntime-genai": onnxruntime_genai.__version__, "onnxruntime": onnxruntime.__version__}}
+
+
+def base_key(fields: dict[str, Any]) -> str:
+    """SHA-256 of the key fields (canonical JSON): equal for every version that can share one base graph."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def base_object_id(key: str) -> str:
+    """The vault object that holds the base graph of `key` (one per key, referenced by every version using it)."""
+    return f"genai-base-{key[:32]}"
+
+
+def read_onnx_adapter(path: Path) -> dict[str, Any]:
+    """The tensors of an `.onnx_adapter` file (graph input name -> float32 numpy array), for an ONNX Runtime session
+    over the base graph (the server's batch path feeds them on every run)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat.read_adapter(str(path))
+    # copied: the OrtValues' numpy views point into `adapter`'s buffer, freed with it
+    return {name: np.array(value.numpy(), dtype=np.float32, copy=True)
+            for name, value in adapter.get_parameters().items()}

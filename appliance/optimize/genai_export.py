@@ -11,9 +11,9 @@ external data: no protobuf 2 GiB limit, so a 7B model exports. Its runtime (`og.
 `og.Generator`) decodes: KV cache, sampling and batches are its job (`appliance.serve.genai_backend`).
 
 It covers Qwen2 (DeepSeek-R1-Distill-Qwen) and Llama (deepseek-llm, deepseek-coder) here; MoE models
-(DeepSeek-V2/V3) stay PyTorch. The LoRA adapter is merged into the weights before the build (one
+(DeepSeek-V2/V3) stay PyTorch. Here the LoRA adapter is merged into the weights before the build (one
 graph, no adapter inputs per step); `genai_adapters` builds the other route, a base with a LoRA branch plus
-an `.onnx_adapter` file per version, measured against this one in docs/adr/0016.
+an `.onnx_adapter` file per version, which genai-int4 of a LoRA run takes (docs/adr/0016; genai_jobs chooses).
 
 The builder reads and writes files, so this is the one stage that puts plaintext weights on disk:
 under `scratch_dir` (a 0700 folder of AIRLOCK_HOME, `AIRLOCK_SCRATCH` to move it), removed when the

@@ -14,6 +14,8 @@ this machine would choose; everything encrypted into the run's vault object, the
     vault object run-<run id> (beside the trained weights, see appliance.train.artifacts)
         onnx-fp32.onnx, onnx-fp16.onnx, onnx-int8.onnx    the exports that passed validation
         genai-<precision>.model.onnx[.data], .genai_config.json   onnxruntime-genai exports (LMs; genai_jobs.py)
+        genai-int4.adapter.onnx_adapter                   a LoRA run's int4: its adapter file over a base graph
+                                                          stored once in vault object genai-base-<key> (genai_jobs.py)
         optimize-report.json                              float / PTQ / QAT metrics, per-variant parity, quality
                                                           gate, runtime
         engine-<variant>.plan, engine-<variant>.sidecar.json   written by `airlock engine build`
@@ -422,6 +424,7 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
 
     ctx.progress("loading the trained model")
     peft_model, tokenizer = load_lm_adapter(ctx.db, keys, ctx.home, run)
+    lora_source = _lora_source(peft_model, run, keys) if any(is_genai(v) for v in variants) else None
     model = merge_lora(peft_model).eval()
     variants, refused = split_oversized(model, variants)
     lora = recipe_from_dict(run.recipe, f"run {run.id} recipe")
@@ -475,7 +478,7 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
     if genai:
         genai_reports, genai_exports = measure_genai_variants(
             ctx, model, tokenizer, genai, recipe, prompts, quality_examples, float_ppl, work,
-            eos_ids=[tokenizer.eos_token_id], decode_tokens=DECODE_TOKENS)
+            eos_ids=[tokenizer.eos_token_id], decode_tokens=DECODE_TOKENS, lora=lora_source)
         validated.update({v: genai_summary(r) for v, r in genai_reports.items()})
         exports.update(genai_exports)
         if ctx.should_stop():
@@ -500,6 +503,20 @@ def _optimize_lm(ctx: JobContext, keys: KeyOps, run: Run, recipe: QuantRecipe, v
     report["variants"] = {v: validated[v] if is_genai(v) else _summarize(validated[v])
                           for v in ALL_VARIANTS if v in validated}
     return report, exports
+
+
+def _lora_source(peft_model: Any, run: Run, keys: KeyOps) -> Any:
+    """What the genai adapter route needs of the run (before the merge): its adapter, LoRA config, base model."""
+    from peft import get_peft_model_state_dict
+
+    from appliance.base_models import resolve_base_model
+    from appliance.optimize.genai_jobs import LoraSource
+
+    config = getattr(peft_model, "peft_config", {}).get("default")
+    if config is None or not run.base_hash:
+        return None
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return LoraSource(state, config, resolve_base_model(run.base_model).path, run.base_model, run.base_hash, keys)
 
 
 def _apply_quality(validation: dict[str, Any], gate: dict[str, Any]) -> None:
@@ -634,7 +651,8 @@ def store_exports(ctx: JobContext, keys: KeyOps, run: Run, report: dict[str, Any
         store_genai_export(ctx.db, keys, ctx.home, run, passed[variant])
         files.update({vault_name(variant, f): b"" for f in passed[variant].files})
     save_artifact(ctx.db, keys, ctx.home, run.id, {REPORT: json.dumps(runs.finite(report), sort_keys=True).encode()})
-    variants = {v: {"ok": s["ok"], "bytes": s.get("bytes"), "sha256": s.get("sha256")}
+    variants = {v: {"ok": s["ok"], "bytes": s.get("bytes"), "sha256": s.get("sha256"),
+                    **({"route": s.get("route"), "base_object": s["base"]["object"]} if "base" in s else {})}
                 for v, s in report["variants"].items()}
     metrics = {stage: report.get(stage) for stage in ("float", "ptq", "qat")}
     with transaction(ctx.db):

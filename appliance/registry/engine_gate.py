@@ -17,7 +17,10 @@ task's `engine_recipe` (block size, method, quality tolerance), validates it (og
 the float export matches PyTorch), and judges its perplexity against the float candidate's: a retrain whose
 served genai variant regresses beyond the tolerance is rejected with both numbers. Only the judged variant is
 stored in the candidate's vault object, so it is exactly what the runtime chooser serves when the version is
-promoted. No TensorRT engine is built from a genai export.
+promoted. No TensorRT engine is built from a genai export. For genai-int4 of a LoRA task what is judged and stored
+is the adapter route (appliance.optimize.genai_jobs): the version's adapter file over the task's shared base graph,
+built by the first retrain of a base/recipe/LoRA structure and reused by the next ones; the gate's `route` says
+which route and how many bytes the retrain wrote, the version's artifact names the base object it needs.
 
 When the gate passes, the exports are stored in the candidate run's vault object (as `airlock optimize`
 stores them) and, where this job runs on a GPU that has TensorRT, the engine is built from the
@@ -172,13 +175,18 @@ def _measure_genai(ctx: Any, keys: Any, run: Any, task: Any, work: Any
     gate["metrics"] = {stage: _numbers(report.get(stage)) for stage in ("float",) if report.get(stage)}
     gate["engine"] = {"built": False, "reason": "a genai export serves through onnxruntime-genai, not TensorRT",
                       "parity_measured_on": GENAI_RUNTIME}
+    summary = report["variants"][variant]
+    gate["route"] = {"route": summary.get("route", "merged"), "reason": summary.get("route_reason"),
+                     "bytes_written": summary.get("bytes_written", summary.get("bytes"))}
     if gate["status"] != PASS:
         return gate, {}
     stored = store_exports(ctx, keys, run, report, exports)
-    summary = report["variants"][variant]
     artifacts = {variant.replace("-", "_"): {
         "object": stored["artifact"], "files": sorted(summary["file"]), "sha256": summary["sha256"],
-        "bytes": summary["bytes"], "runtime": stored.get("runtime"), "quantization": gate["quantization"]}}
+        "bytes": summary["bytes"], "runtime": stored.get("runtime"), "quantization": gate["quantization"],
+        "route": summary.get("route", "merged")}}
+    if "base" in summary:  # the adapter route: the shared base is not the version's to shred (no "object" key)
+        artifacts[variant.replace("-", "_")]["base"] = {k: summary["base"][k] for k in ("object", "sha256", "bytes")}
     return gate, artifacts
 
 

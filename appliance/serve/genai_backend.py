@@ -39,6 +39,9 @@ from typing import Any
 
 from appliance.serve.backends import Sampling
 
+ADAPTER_NAME = "version"
+"""The name the version's adapter is loaded under in og.Adapters."""
+
 
 class GenAILMBackend:
     """A causal LM exported by the onnxruntime-genai builder, decoded by og.Generator."""
@@ -60,10 +63,16 @@ class GenAILMBackend:
         """(layers, kv heads, head size) of the decoder's KV cache (genai_config.json)."""
         self.extra_inputs: dict[str, Any] = {}
         """Graph input name -> numpy array fed to the batch session on every run besides the decoder's own inputs
-        (a LoRA adapter's tensors, set by `load`); a `KVSlots` binds them once, when the scheduler's batch starts."""
+        (the version's LoRA tensors over a base graph with a LoRA branch, genai_adapters; set by `load`); a `KVSlots`
+        binds them once, when the scheduler's batch starts."""
+        self.adapters: Any = None
+        """og.Adapters holding the version's adapter (ADAPTER_NAME), made active on every og.Generator; None: the
+        export is merged."""
 
     @classmethod
-    def load(cls, folder: Path, *, variant: str, device: str = "cpu") -> GenAILMBackend:
+    def load(cls, folder: Path, *, variant: str, device: str = "cpu", adapter: Path | None = None) -> GenAILMBackend:
+        """og.Model over an export folder; `adapter`: the version's `.onnx_adapter` over a base graph with a LoRA
+        branch (appliance.optimize.genai_adapters), loaded into og.Adapters and fed to the batch session."""
         import onnxruntime_genai as og
 
         config = og.Config(str(folder))
@@ -72,12 +81,32 @@ class GenAILMBackend:
             config.append_provider("cuda")
             config.set_provider_option("cuda", "device_id", device.partition(":")[2] or "0")
         model = og.Model(config)
+        adapters, extra_inputs = None, {}
+        if adapter is not None:
+            from appliance.optimize.genai_adapters import read_onnx_adapter
+
+            adapters = og.Adapters(model)
+            adapters.load(str(adapter), ADAPTER_NAME)
+            extra_inputs = read_onnx_adapter(adapter)
         genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         session, kv_shape = None, None
         if not device.startswith("cuda"):  # continuous batching on the CPU (module docstring)
+            # the LoRA inputs are initializers ONNX Runtime lets us override, not listed inputs: batch_session's
+            # check of the graph's inputs passes; forward_batch feeds them from extra_inputs
             session, kv_shape = batch_session(folder, genai["decoder"])
-        return cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
-                   session=session, kv_shape=kv_shape)
+        backend = cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
+                      session=session, kv_shape=kv_shape)
+        backend.adapters, backend.extra_inputs = adapters, extra_inputs
+        return backend
+
+    def _generator(self, params: Any) -> Any:
+        """An og.Generator with the version's adapter active (an adapter-route export)."""
+        import onnxruntime_genai as og
+
+        generator = og.Generator(self.model, params)
+        if self.adapters is not None:
+            generator.set_active_adapter(self.adapters, ADAPTER_NAME)
+        return generator
 
     def forward_batch(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: list[Any] | None
                       ) -> tuple[Any, list[Any]]:
@@ -146,11 +175,10 @@ class GenAILMBackend:
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, should_stop: Callable[[], bool]) -> Iterator[int]:
         import numpy as np
-        import onnxruntime_genai as og
 
         if sampling.max_new_tokens <= 0 or len(prompt_ids) >= self.context_length:
             return
-        generator = og.Generator(self.model, self._params(len(prompt_ids), 1, sampling))
+        generator = self._generator(self._params(len(prompt_ids), 1, sampling))
         generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
         for _ in range(sampling.max_new_tokens):
             if should_stop() or generator.is_done():
@@ -161,10 +189,9 @@ class GenAILMBackend:
     def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
         """New tokens of several prompts of equal length, decoded together (one forward pass per step)."""
         import numpy as np
-        import onnxruntime_genai as og
 
         batch = np.asarray([list(p) for p in prompts], dtype=np.int32)
-        generator = og.Generator(self.model, self._params(batch.shape[1], batch.shape[0], sampling))
+        generator = self._generator(self._params(batch.shape[1], batch.shape[0], sampling))
         generator.append_tokens(batch)
         steps = 0
         while not generator.is_done() and steps < sampling.max_new_tokens:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 SUFFIX = ".alv"
+REF_PREFIX = "ref."
+"""A file `ref.<object id>` (empty) in an object: that other object needs this one (`live_references`)."""
 TEMP_MARKER = ".tmp-"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -187,6 +189,10 @@ def delete_object(db: sqlite_utils.Database, home: Path, object_id: str) -> int:
     if record.kind == "audit":
         raise ObjectError(f"object {object_id} holds the audit anchor's seal key and is never deleted",
                           hint="it protects the audit log; it contains no data")
+    users = live_references(db, home, object_id)
+    if users:
+        raise ObjectError(f"object {object_id} is still needed by {', '.join(users)}",
+                          hint="delete those first (a model version's: `airlock models delete VERSION`); then this one")
     folder = objects_dir(home) / object_id
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     records.secure_delete(db)
@@ -203,6 +209,20 @@ def delete_object(db: sqlite_utils.Database, home: Path, object_id: str) -> int:
         folder.rmdir()
     finish_pending_shreds(db, quietly=object_id)
     return len(files)
+
+
+def live_references(db: sqlite_utils.Database, home: Path, object_id: str) -> list[str]:
+    """The objects, not deleted, that declared they need this one: each by an empty file `ref.<its id>` here (a
+    shared genai base graph and the model versions whose adapters run on it, appliance.optimize.genai_jobs)."""
+    users = []
+    for name in list_files(home, object_id):
+        if name.startswith(REF_PREFIX):
+            try:
+                if records.dek(db, name[len(REF_PREFIX):]).state == "active":
+                    users.append(name[len(REF_PREFIX):])
+            except ObjectError:
+                continue
+    return users
 
 
 def finish_pending_shreds(db: sqlite_utils.Database, *, quietly: str = "") -> list[str]:

@@ -78,8 +78,15 @@ def test_genai_exports_serve_and_a_broken_quantization_is_refused_with_the_numbe
     assert not any((airlock_home / "scratch").iterdir())
     db = open_catalog()
     stored = set(list_files(airlock_home, lm_run["artifact"]))
-    assert {"genai-int4.model.onnx", "genai-int4.model.onnx.data", "genai-int4.genai_config.json",
-            "genai-fp32.model.onnx.data"} <= stored and "onnx-int8.onnx" not in stored
+    # genai-int4 of a LoRA run: the adapter file here, the base graph in its own object (docs/adr/0016); fp32 merged.
+    assert variants["genai-int4"]["route"] == "adapter" and variants["genai-fp32"]["route"] == "merged"
+    assert "float LoRA branch" in variants["genai-fp32"]["route_reason"]
+    base = variants["genai-int4"]["base"]
+    assert {"genai-int4.adapter.onnx_adapter", "genai-fp32.model.onnx", "genai-fp32.model.onnx.data",
+            "genai-fp32.genai_config.json"} <= stored and "onnx-int8.onnx" not in stored
+    assert not any(name.startswith("genai-int4.model") for name in stored)
+    assert {f"genai-int4.{f}" for f in base["files"]} | {"base.json", f"ref.{lm_run['artifact']}"} == set(
+        list_files(airlock_home, base["object"]))
     finish = [d for action, _, d in _audit(db, run_id) if action == "optimize.finish"]
     assert finish[0]["runtime"] == "genai-cpu" and finish[0]["variants"]["int8"]["ok"] is False
 

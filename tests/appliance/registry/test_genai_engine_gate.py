@@ -1,7 +1,9 @@
 """Gate 3 on the genai variant production serves: a task whose engine variant is genai-int4 gets each retrain built by
 onnxruntime-genai's builder with the task's own quantization recipe, validated, and judged on held-out perplexity
-against the float candidate. A recipe that breaks the int4 model rejects the retrain with both numbers and stores
-nothing; the default recipe passes, stores that one export, and it is what the runtime chooser serves."""
+against the float candidate and on the task's own limits. For a LoRA task that variant is the adapter route (the
+version's adapter file over a base graph stored once, docs/adr/0016): the gate judges exactly that. A retrain whose
+served variant is beyond the task's limits is rejected with the numbers and stores nothing; the default recipe passes,
+stores the adapter file (and the base), and it is what the runtime chooser serves."""
 
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ from tests.conftest import fix_site_secret, run_cli
 
 SHORT_RECIPE = "max_steps = 6\neval_every = 6\nbatch_size = 2\nmax_length = 96\nlr = 3e-3\nseed = 3\n"
 # int4 with the LM head (tied to the embeddings) quantized too, under a task that allows no perplexity increase at
-# all. The tiny model barely notices int4, so what breaks the gate here is the task's zero tolerance. Measured with
-# the fixed site secret: held-out perplexity 2.1461 vs float 2.1379, +0.39%, against +0.0% allowed (kernel rounding
-# moves such a number by ~1e-5); the coarser block 256 gave only +8.9e-5 and block 128 +0.10%, too close to call.
-# The default recipe on the next retrain: 2.2245 vs 2.2169, +0.34%, 4.7 points inside the default +5%.
+# all. On the merged route this broke the gate (+0.39% vs +0.0% allowed). The adapter route keeps the LoRA delta in
+# float: measured with the fixed site secret, this recipe then gives -0.20% (2.1335 vs float 2.1379), and block 16
+# asymmetric -0.85%, block 256 -0.10%, k_quant -0.32%: no allowed int4 recipe makes the tiny model's served variant
+# worse than float. So the first retrain is rejected by the task's own parity limit on that served variant,
+# --engine-max-rel-diff 0.01: measured max relative logit difference 0.113 (11x past it; any int4 export of this model
+# is far beyond 1%).
 BROKEN_INT4 = "int4_block_size = 16\nquantize_lm_head = true\nmax_perplexity_increase = 0.0\n"
+TIGHT_REL_DIFF = "0.01"
 GOOD_INT4 = "int4_block_size = 32\nint4_algo = \"rtn\"\n"
 
 
@@ -49,7 +54,8 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     cli_json("models", "promote", "maint-qa-v1", "--json")
     # This test is about gate 3: gates 1-2 get room, so a 6-step model's noise does not decide it.
     task = cli_json("models", "policy", "maint-qa", "--engines", "--engine-variant", "genai-int4", "--engine-recipe",
-                    str(broken), "--max-forgetting", "1", "--new-data-tolerance", "1", "--json")["task"]
+                    str(broken), "--engine-max-rel-diff", TIGHT_REL_DIFF, "--max-forgetting", "1",
+                    "--new-data-tolerance", "1", "--json")["task"]
     assert task["engine_variant"] == "genai-int4" and task["engine_recipe"]["int4_block_size"] == 16
 
     source = write_jsonl(tmp_path / "b", "radiology.jsonl", chats("radiology")[:40])
@@ -63,10 +69,13 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     print(f"\nbroken recipe: genai-int4 perplexity {quality['variant']:.4f} vs float {quality['float']:.4f} "
           f"({quality['increase']:+.2%})")
     assert v2["state"] == "rejected" and gate["status"] == "fail" and gate["runtime"] == "onnxruntime-genai (CPU)"
-    assert quality["increase"] > quality["max_increase"] == 0.0  # measured +0.39%: see BROKEN_INT4
-    line = (f"engine parity: genai-int4 export on onnxruntime-genai (CPU): optimize validation: quality: perplexity "
-            f"{quality['variant']:.4g} vs float {quality['float']:.4g} ({quality['increase']:+.1%}; the task allows "
-            f"+0.0%)")
+    # what was judged is what would serve: base + this version's adapter file (the base built by this retrain)
+    assert gate["route"]["route"] == "adapter" and gate["route"]["reason"] is None
+    assert quality["max_increase"] == 0.0 and quality["metric"] == "perplexity"  # measured, reported: -0.20%
+    rel = gate["measured"]["max_rel_diff"]
+    assert rel > 5 * float(TIGHT_REL_DIFF)  # measured 0.113: see BROKEN_INT4
+    line = (f"engine parity: genai-int4 export on onnxruntime-genai (CPU): max relative difference {rel:.3g} > "
+            f"{TIGHT_REL_DIFF} (task policy)")
     assert line in v2["reasons"]
     assert gate["recipe"]["int4_block_size"] == 16 and gate["engine"]["built"] is False
     assert not any(k.startswith("genai_") for k in v2["artifacts"])  # nothing stored for a rejected variant
@@ -79,7 +88,7 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     assert production == ["maint-qa-v1"]  # production untouched
 
     # The default recipe: the same retrain passes gate 3, and the one export it judged is what would serve.
-    cli_json("models", "policy", "maint-qa", "--engine-recipe", str(good), "--json")
+    cli_json("models", "policy", "maint-qa", "--engine-recipe", str(good), "--engine-max-rel-diff", "10", "--json")
     source = write_jsonl(tmp_path / "c", "maint2.jsonl", maintenance[60:100])
     assert run_cli("data", "import", str(source), "--name", "maint", "--near-dup", "off").returncode == 0
     done = run_cli("retrain", "maint-qa", "--replay", "0.5", "--wait", "--json", timeout=1800)
@@ -89,13 +98,20 @@ def test_a_retrain_whose_served_genai_variant_regresses_is_rejected_and_a_good_o
     print(f"default recipe: genai-int4 perplexity {gate['quality']['variant']:.4f} vs float "
           f"{gate['quality']['float']:.4f} ({gate['quality']['increase']:+.2%})")
     assert v3["state"] == "candidate" and gate["status"] == "pass", v3["reasons"]
-    assert gate["quality"]["increase"] <= 0.05  # measured +0.34%
+    assert gate["quality"]["increase"] <= 0.05  # measured -0.00% (2.2168 vs 2.2169; the merged route gave +0.34%)
     export = v3["artifacts"]["genai_int4"]
     run3 = get_run(db, v3["run_id"])
     report = stored_report(db, keys, airlock_home, run3)
     assert export["sha256"] == report["variants"]["genai-int4"]["sha256"] == gate["onnx_sha256"]
     assert set(report["variants"]) == {"genai-int4"} and report["runtime"]["genai_variant"] == "genai-int4"
-    assert set(export["files"]) <= set(list_files(airlock_home, run3.artifact))
+    assert set(export["files"]) == {"genai-int4.adapter.onnx_adapter"} <= set(list_files(airlock_home, run3.artifact))
+    # the adapter route: the version's artifact names the base it needs (not as its own "object": never shredded with
+    # the version), the base object holds the graph and this version's reference
+    assert export["route"] == "adapter" and gate["route"]["bytes_written"] > export["bytes"]  # this retrain built it
+    base = report["variants"]["genai-int4"]["base"]
+    assert export["base"] == {k: base[k] for k in ("object", "sha256", "bytes")} and base["built"] is True
+    assert {"base.json", f"ref.{run3.artifact}", "genai-int4.model.onnx.data"} <= set(
+        list_files(airlock_home, base["object"]))
     choice = runtime_for_run(db, keys, airlock_home, run3)
     assert choice.kind == "genai-cpu" and choice.reason.startswith("onnxruntime-genai on the CPU: genai-int4")
     card = run_cli("models", "card", v3["id"]).stdout
