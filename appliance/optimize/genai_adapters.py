@@ -210,7 +210,7 @@ def base_object_id(key: str) -> str:
 
 def read_onnx_adapter(path: Path) -> dict[str, Any]:
     """The tensors of an `.onnx_adapter` file (graph input name -> float32 numpy array), for an ONNX Runtime session
-    over the base graph (the server's batch path feeds them on every run)."""
+    over the base graph (the server's batch session takes them as its initializers)."""
     import numpy as np
     import onnxruntime as ort
 

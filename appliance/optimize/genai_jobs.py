@@ -294,9 +294,10 @@ def choose_genai_variant(report: dict[str, Any], usable: list[str], *, gpu: bool
 
 
 def load_genai_backend(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, report: dict[str, Any],
-                       variant: str, *, device: str = "cpu") -> Any:
+                       variant: str, *, device: str = "cpu", batched_only: bool = False) -> Any:
     """Decrypt a stored genai export (base + adapter for the adapter route) into scratch, check every file against the
-    report, load og.Model (and the version's adapter), remove the files. Fails closed with one line."""
+    report, load og.Model (and the version's adapter), remove the files. Fails closed with one line.
+    `batched_only`: a CPU server that batches loads the batch session alone (GenAILMBackend.load)."""
     import secrets
 
     from appliance.optimize.genai_export import scratch_dir
@@ -314,7 +315,7 @@ def load_genai_backend(db: sqlite_utils.Database, keys: KeyOps, home: Path, run:
             adapter = folder / ADAPTER_FILE
         _decrypt(db, keys, home, run.artifact, variant, summary["files"], summary["sha256"], folder,
                  f"the {variant} {'adapter' if adapter else 'export'} of run {run.id}")
-        return GenAILMBackend.load(folder, variant=variant, device=device, adapter=adapter)
+        return GenAILMBackend.load(folder, variant=variant, device=device, adapter=adapter, batched_only=batched_only)
 
 
 def _decrypt(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str | None, variant: str,

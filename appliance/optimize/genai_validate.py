@@ -31,10 +31,13 @@ MAX_QUALITY_EXAMPLES = 64
 """Held-out examples the quality gate scores (each whole, one at a time): enough to see a broken quantization."""
 
 
-def decoder_session(folder: Any, decoder: dict[str, Any], provider: str, *, what: str, hint: str) -> Any:
+def decoder_session(folder: Any, decoder: dict[str, Any], provider: str, *, what: str, hint: str,
+                    initializers: dict[str, Any] | None = None) -> Any:
     """An ONNX Runtime session over a genai export's decoder graph (`decoder`: genai_config.json's, external data
     read from `folder`) for validation and for the server's batches. Its intra-op threads do not spin after a run (as
-    `appliance.optimize.runners.ort_session`); a graph ONNX Runtime cannot load is one line naming `what`."""
+    `appliance.optimize.runners.ort_session`); a graph ONNX Runtime cannot load is one line naming `what`.
+    `initializers` (name -> numpy array) replace the graph's initializers of those names in this session (a
+    version's LoRA tensors over a base graph with a LoRA branch: no feed needed per run)."""
     import onnxruntime as ort
 
     from appliance.optimize.errors import EngineError
@@ -43,8 +46,14 @@ def decoder_session(folder: Any, decoder: dict[str, Any], provider: str, *, what
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The OrtValues must outlive the session: they are kept on it.
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in (initializers or {}).items()}
+    for name, value in values.items():
+        options.add_initializer(name, value)
     try:
-        return ort.InferenceSession(str(folder / decoder["filename"]), sess_options=options, providers=[provider])
+        session = ort.InferenceSession(str(folder / decoder["filename"]), sess_options=options, providers=[provider])
+        session.airlock_initializers = values
+        return session
     except Exception as exc:  # ORT raises its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise EngineError(f"ONNX Runtime cannot load {what}: {first}", hint=hint) from exc

@@ -218,8 +218,10 @@ def stored_engines(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run
 
 
 def runtime_for_run(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, *, device: int = 0,
-                    allow_cpu: bool = True, pytorch_runner: Any = None, machine: Any = None) -> RuntimeChoice:
+                    allow_cpu: bool = True, pytorch_runner: Any = None, machine: Any = None,
+                    batched: bool = False) -> RuntimeChoice:
     """The runtime that serves `run` on this machine, with the reason (see `runtime_select.select_runtime`).
+    `batched`: the server batches this model's requests (a CPU genai export then loads its batch session only).
 
     The GPU gets the best validated export (int8, fp16, fp32) and the best engine built from the export
     now stored; the CPU gets the FP32 export when there is one. An engine built from an earlier export,
@@ -235,7 +237,7 @@ def runtime_for_run(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Ru
         report = {"variants": {}}
     warnings: list[str] = []
     genai = _genai_runtime(db, keys, home, run, report, device=device, allow_cpu=allow_cpu, machine=machine,
-                           warnings=warnings)
+                           warnings=warnings, batched=batched)
     if genai is not None:
         return genai
     exports: dict[str, bytes] = {}
@@ -262,7 +264,8 @@ def runtime_for_run(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Ru
 
 
 def _genai_runtime(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, report: dict[str, Any], *,
-                   device: int, allow_cpu: bool, machine: Any, warnings: list[str]) -> RuntimeChoice | None:
+                   device: int, allow_cpu: bool, machine: Any, warnings: list[str],
+                   batched: bool = False) -> RuntimeChoice | None:
     """onnxruntime-genai serves an LM when a genai export passed validation and the quality gate: on the CPU the
     fastest measured one, on a GPU a CUDA one (else the TensorRT / ORT CUDA path below serves)."""
     from appliance.optimize.engine_sidecar import current_machine
@@ -278,7 +281,8 @@ def _genai_runtime(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run
     if variant is None or (not cuda and (on_gpu or not allow_cpu)):
         return None
     try:
-        backend = load_genai_backend(db, keys, home, run, report, variant, device=f"cuda:{device}" if cuda else "cpu")
+        backend = load_genai_backend(db, keys, home, run, report, variant, device=f"cuda:{device}" if cuda else "cpu",
+                                     batched_only=batched and not cuda)
     except AirlockError as exc:
         warnings.append(f"the {variant} export did not load: {exc.message}")
         return None

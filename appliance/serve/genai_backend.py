@@ -6,7 +6,8 @@
 
 The optimize stage builds and validates the export (appliance.optimize.genai_export / genai_validate) and the
 serving side loads it through `appliance.optimize.genai_jobs.load_genai_backend`, which removes the decrypted
-files as soon as `og.Model` has read them. One `og.Model` serves every request; each request has its own
+files as soon as `og.Model` has read them (a server that batches on the CPU loads no `og.Model`: `batched_only`,
+below). One `og.Model` serves every request; each request has its own
 `og.Generator` (the model's sessions are shared, each generator owns its KV cache). `generate_batch` decodes
 several prompts in one generator (one forward pass per step for all of them), for callers that batch.
 Sampling is og's own (temperature, top-p, seeded per request): a seed reproduces a request on this backend, but
@@ -70,39 +71,49 @@ class GenAILMBackend:
         export is merged."""
 
     @classmethod
-    def load(cls, folder: Path, *, variant: str, device: str = "cpu", adapter: Path | None = None) -> GenAILMBackend:
+    def load(cls, folder: Path, *, variant: str, device: str = "cpu", adapter: Path | None = None,
+             batched_only: bool = False) -> GenAILMBackend:
         """og.Model over an export folder; `adapter`: the version's `.onnx_adapter` over a base graph with a LoRA
-        branch (appliance.optimize.genai_adapters), loaded into og.Adapters and fed to the batch session."""
+        branch (appliance.optimize.genai_adapters), loaded into og.Adapters and fed to the batch session.
+
+        `batched_only` (a CPU server that batches: every request goes through the batch session, og.Generator
+        serves none): og.Model is not loaded, so the weights are in memory once, not twice (ADR 0017)."""
         import onnxruntime_genai as og
 
-        config = og.Config(str(folder))
-        config.clear_providers()
-        if device.startswith("cuda"):
-            config.append_provider("cuda")
-            config.set_provider_option("cuda", "device_id", device.partition(":")[2] or "0")
-        model = og.Model(config)
-        adapters, extra_inputs = None, {}
+        batched_only = batched_only and not device.startswith("cuda")
+        model, adapters = None, None
+        if not batched_only:
+            config = og.Config(str(folder))
+            config.clear_providers()
+            if device.startswith("cuda"):
+                config.append_provider("cuda")
+                config.set_provider_option("cuda", "device_id", device.partition(":")[2] or "0")
+            model = og.Model(config)
+        lora: dict[str, Any] = {}
         if adapter is not None:
             from appliance.optimize.genai_adapters import read_onnx_adapter
 
-            adapters = og.Adapters(model)
-            adapters.load(str(adapter), ADAPTER_NAME)
-            extra_inputs = read_onnx_adapter(adapter)
+            if model is not None:
+                adapters = og.Adapters(model)
+                adapters.load(str(adapter), ADAPTER_NAME)
+            lora = read_onnx_adapter(adapter)
         genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
         session, kv_shape = None, None
         if not device.startswith("cuda"):  # continuous batching on the CPU (module docstring)
-            # the LoRA inputs are initializers ONNX Runtime lets us override, not listed inputs: batch_session's
-            # check of the graph's inputs passes; forward_batch feeds them from extra_inputs
-            session, kv_shape = batch_session(folder, genai["decoder"])
+            # The version's LoRA tensors replace the base graph's zero initializers in the batch session itself:
+            # no feed per run, and IO binding (KVSlots) cannot bind an initializer by name anyway.
+            session, kv_shape = batch_session(folder, genai["decoder"], initializers=lora)
         backend = cls(model, variant=variant, context_length=int(genai["context_length"]), device=device,
                       session=session, kv_shape=kv_shape)
-        backend.adapters, backend.extra_inputs = adapters, extra_inputs
+        backend.adapters = adapters
         return backend
 
     def _generator(self, params: Any) -> Any:
         """An og.Generator with the version's adapter active (an adapter-route export)."""
         import onnxruntime_genai as og
 
+        if self.model is None:  # loaded batched_only: BatchingLMBackend decodes through kv_slots, never here
+            raise RuntimeError(f"{self.variant} was loaded for batched serving only (no og.Model)")
         generator = og.Generator(self.model, params)
         if self.adapters is not None:
             generator.set_active_adapter(self.adapters, ADAPTER_NAME)
@@ -160,6 +171,8 @@ class GenAILMBackend:
     def _params(self, prompt_tokens: int, batch: int, sampling: Sampling) -> Any:
         import onnxruntime_genai as og
 
+        if self.model is None:
+            raise RuntimeError(f"{self.variant} was loaded for batched serving only (no og.Model)")
         params = og.GeneratorParams(self.model)
         options: dict[str, Any] = {"batch_size": batch,
                                    "max_length": min(self.context_length, prompt_tokens + sampling.max_new_tokens)}
@@ -200,16 +213,18 @@ class GenAILMBackend:
         return [[int(t) for t in generator.get_sequence(i)][batch.shape[1]:] for i in range(batch.shape[0])]
 
 
-def batch_session(folder: Path, decoder: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+def batch_session(folder: Path, decoder: dict[str, Any], *, initializers: dict[str, Any] | None = None
+                  ) -> tuple[Any, tuple[int, int, int]]:
     """An ONNX Runtime CPU session over the export's decoder graph (external data read from `folder`), and its KV
     cache's (layers, kv heads, head size), which the graph leaves symbolic (the session: `decoder_session`, as the
-    export's validation opens it)."""
+    export's validation opens it; `initializers`: a version's LoRA tensors baked into this session)."""
     from appliance.optimize.errors import EngineError
     from appliance.optimize.genai_validate import decoder_session
 
     expected = {"input_ids", "attention_mask", "position_ids"}
     session = decoder_session(folder, decoder, "CPUExecutionProvider", what="the genai export for batching",
-                              hint="re-export it, or serve with --max-batch 1 (one request at a time)")
+                              hint="re-export it, or serve with --max-batch 1 (one request at a time)",
+                              initializers=initializers)
     layers = int(decoder["num_hidden_layers"])
     unknown = sorted(spec.name for spec in session.get_inputs()
                      if spec.name not in expected and not spec.name.startswith("past_key_values."))

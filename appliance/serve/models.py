@@ -140,7 +140,9 @@ def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, t
         raise ServeError(f"run {run.id} is {run.state}; only a succeeded run can be served",
                          hint=f"see `airlock train show {run.id}`; serve another run or wait for it to finish")
     loader = _load_lm if run.kind == "lm" else _load_classifier
-    model = loader(db, keys, home, name, target, run, device, backend)
+    # A batched LM decodes every request through the batch (a CPU genai export then loads no og.Model).
+    batched = limits is not None and limits.max_batch > 1
+    model = loader(db, keys, home, name, target, run, device, backend, batched)
     if limits is not None and model.kind == "lm" and model.backend.kind == "tensorrt":
         from appliance.optimize.tensorrt_engine import check_lm_profile
         from appliance.serve.limits import lm_rows_per_call
@@ -158,7 +160,7 @@ def load_model(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, t
 
 
 def _runtime(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, device: str,
-             pytorch: Callable[[], Any]) -> tuple[Any, str]:
+             pytorch: Callable[[], Any], batched: bool = False) -> tuple[Any, str]:
     """(runner or PyTorch backend, why that one) from the optimize stage's runtime selection."""
     from appliance.optimize.engine_sidecar import MachineInfo
     from appliance.optimize.jobs import runtime_for_run
@@ -166,12 +168,13 @@ def _runtime(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run, devi
     # --device cpu keeps a GPU machine's GPU out of it: no TensorRT, no CUDA provider.
     machine = MachineInfo(None, None, None, None, None) if device == "cpu" else None
     index = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
-    choice = runtime_for_run(db, keys, home, run, device=index, pytorch_runner=pytorch, machine=machine)
+    choice = runtime_for_run(db, keys, home, run, device=index, pytorch_runner=pytorch, machine=machine,
+                             batched=batched)
     return choice.runner, choice.reason + "".join(f"; warning: {w}" for w in choice.warnings)
 
 
 def _load_lm(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, target: Target, run: Run,
-             device: str, backend: str) -> ServedModel:
+             device: str, backend: str, batched: bool = False) -> ServedModel:
     from appliance.serve.backends import RunnerLMBackend, TorchLMBackend
 
     loaded: dict[str, Any] = {}
@@ -189,7 +192,7 @@ def _load_lm(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, tar
     if backend == "pytorch":
         lm_backend, reason = pytorch(), "PyTorch (--backend pytorch)"
     else:
-        runner, reason = _runtime(db, keys, home, run, device, pytorch)
+        runner, reason = _runtime(db, keys, home, run, device, pytorch, batched)
         lm_backend = runner if isinstance(runner, TorchLMBackend) else \
             RunnerLMBackend(runner, _kv_layout(run.base_model))
     tokenizer = loaded.get("tokenizer") or _tokenizer(run.base_model)
@@ -262,7 +265,7 @@ def _kv_layout(base_model: str) -> tuple[int, int, int]:
 
 
 def _load_classifier(db: sqlite_utils.Database, keys: KeyOps, home: Path, name: str, target: Target, run: Run,
-                     device: str, backend: str) -> ServedModel:
+                     device: str, backend: str, batched: bool = False) -> ServedModel:
     from appliance.serve.backends import RunnerClassifierBackend, TorchClassifierBackend
     from appliance.train.artifacts import LABELS
     from appliance.vault.store import read_bytes

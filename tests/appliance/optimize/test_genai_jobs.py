@@ -100,6 +100,12 @@ def test_genai_exports_serve_and_a_broken_quantization_is_refused_with_the_numbe
     prompt = served.tokenizer("<｜begin▁of▁sentence｜>How do I", add_special_tokens=False)["input_ids"]
     tokens = list(served.backend.generate(prompt, Sampling(max_new_tokens=5, temperature=0.0), lambda: False))
     assert 1 <= len(tokens) <= 5
+    # A server that batches (the default limits) loads the batch session only, no og.Model: same tokens.
+    from appliance.serve.limits import ServeLimits
+
+    batched = load_model(db, keys, airlock_home, "qa", RunSource("qa", run_id).resolve(db), limits=ServeLimits())
+    assert batched.backend.inner.runner.model is None and batched.backend.slotted
+    assert list(batched.backend.generate(prompt, Sampling(max_new_tokens=5, temperature=0.0), lambda: False)) == tokens
 
     # A genai variant for an image classifier, or an unknown one, is refused before any job starts.
     assert "genai-int3 is not one of fp32, fp16, int8, genai-fp32" in _one_line_error(

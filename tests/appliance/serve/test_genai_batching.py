@@ -47,8 +47,13 @@ def _served(folder: Path, max_batch: int) -> tuple[Any, Any]:
     from appliance.serve.batching import BatchingLMBackend, batchable
     from appliance.serve.genai_backend import GenAILMBackend
 
-    backend = GenAILMBackend.load(folder, variant="genai-int4")
-    runner = RunnerLMBackend(backend, (6, 2, 48))
+    backend = GenAILMBackend.load(folder, variant="genai-int4")  # og.Generator alone: the reference
+    # What a batching CPU server loads: the batch session alone, no og.Model (the weights in memory once).
+    served = GenAILMBackend.load(folder, variant="genai-int4", batched_only=True)
+    assert served.model is None and served.session is not None
+    with pytest.raises(RuntimeError, match="loaded for batched serving only"):
+        next(served.generate([5, 6], Sampling(max_new_tokens=1, temperature=0.0), lambda: False))
+    runner = RunnerLMBackend(served, (6, 2, 48))
     assert batchable(runner) and runner.kind == "genai-cpu" and runner.cache_padding == "right"
     batched = BatchingLMBackend(runner, max_batch)
     assert batched.slotted  # the batch's KV cache stays in the backend's KVSlots, written in place
