@@ -64,8 +64,8 @@ class GenAILMBackend:
         """(layers, kv heads, head size) of the decoder's KV cache (genai_config.json)."""
         self.extra_inputs: dict[str, Any] = {}
         """Graph input name -> numpy array fed to the batch session on every run besides the decoder's own inputs
-        (the version's LoRA tensors over a base graph with a LoRA branch, genai_adapters; set by `load`); a `KVSlots`
-        binds them once, when the scheduler's batch starts."""
+        (none of ours today: a version's LoRA tensors are the batch session's own initializers, see `load`); a
+        `KVSlots` binds them once, when the scheduler's batch starts."""
         self.adapters: Any = None
         """og.Adapters holding the version's adapter (ADAPTER_NAME), made active on every og.Generator; None: the
         export is merged."""
@@ -74,7 +74,8 @@ class GenAILMBackend:
     def load(cls, folder: Path, *, variant: str, device: str = "cpu", adapter: Path | None = None,
              batched_only: bool = False) -> GenAILMBackend:
         """og.Model over an export folder; `adapter`: the version's `.onnx_adapter` over a base graph with a LoRA
-        branch (appliance.optimize.genai_adapters), loaded into og.Adapters and fed to the batch session.
+        branch (appliance.optimize.genai_adapters), loaded into og.Adapters and into the batch session's
+        initializers.
 
         `batched_only` (a CPU server that batches: every request goes through the batch session, og.Generator
         serves none): og.Model is not loaded, so the weights are in memory once, not twice (ADR 0017)."""
