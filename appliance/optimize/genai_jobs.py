@@ -170,7 +170,6 @@ def adapter_export(ctx: JobContext, lora: LoraSource, model: Any, tokenizer: Any
         ADAPTER_FILE,
         base_key,
         base_key_fields,
-        base_object_id,
         build_genai_base,
         lora_inputs_of,
         lora_tensors,
@@ -181,7 +180,7 @@ def adapter_export(ctx: JobContext, lora: LoraSource, model: Any, tokenizer: Any
     fields = base_key_fields(base_model=lora.base_model, base_hash=lora.base_hash, variant=variant, recipe=recipe,
                              lora_config=lora.lora_config, adapter_state=lora.adapter_state)
     key = base_key(fields)
-    object_id = base_object_id(key)
+    object_id = base_object_for(ctx.db, key)
     stored = stored_base(ctx.db, lora.keys, ctx.home, object_id)
     if stored is not None:
         ctx.progress(f"{variant}: reusing the stored base {object_id} (no builder run)", variant=variant)
@@ -198,6 +197,25 @@ def adapter_export(ctx: JobContext, lora: LoraSource, model: Any, tokenizer: Any
     write_onnx_adapter(tensors, adapter, expected=lora_inputs_of(base.path))
     return AdapterExport(variant, base, object_id, key, fields, stored is None, adapter, tensors,
                          {ADAPTER_FILE: _sha256_file(adapter)})
+
+
+def base_object_for(db: sqlite_utils.Database, key: str) -> str:
+    """The vault object of a base key: `genai-base-<key>`, or where that one was shredded (its last version deleted,
+    then the base by hand: a shredded object's id stays taken) the next generation, `-2`, `-3`, ..."""
+    from appliance.optimize.genai_adapters import base_object_id
+    from appliance.vault import records
+    from appliance.vault.errors import ObjectError
+
+    first = base_object_id(key)
+    for generation in range(1, 10_000):
+        object_id = first if generation == 1 else f"{first}-{generation}"
+        try:
+            if records.dek(db, object_id).state == "shredded":
+                continue
+        except ObjectError:  # not in the vault: this generation is free
+            pass
+        return object_id
+    raise AssertionError(f"{first}: 10,000 generations shredded")  # unreachable in practice
 
 
 def stored_base(db: sqlite_utils.Database, keys: KeyOps, home: Path, object_id: str) -> dict[str, Any] | None:

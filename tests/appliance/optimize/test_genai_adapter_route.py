@@ -101,6 +101,7 @@ def test_two_versions_share_one_stored_base_serve_their_own_adapter_and_tamperin
     from appliance.optimize.genai_export import scratch_dir, vault_name
     from appliance.optimize.genai_jobs import (
         LoraSource,
+        base_object_for,
         fetch_base,
         genai_summary,
         load_genai_backend,
@@ -243,6 +244,8 @@ def test_two_versions_share_one_stored_base_serve_their_own_adapter_and_tamperin
         delete_object(db, home, base_object)
     delete_object(db, home, "run-v2")
     assert delete_object(db, home, base_object) > 0
+    # A shredded object's id stays taken: the same key's next base is the next generation of it.
+    assert base_object_for(db, first["base"]["key"]) == f"{base_object}-2"
 
 
 def _read(db: Any, keys: Any, home: Path, object_id: str, name: str) -> bytes:
