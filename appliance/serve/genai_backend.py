@@ -113,9 +113,7 @@ class GenAILMBackend:
         """An og.Generator with the version's adapter active (an adapter-route export)."""
         import onnxruntime_genai as og
 
-        if self.model is None:  # loaded batched_only: BatchingLMBackend decodes through kv_slots, never here
-            raise RuntimeError(f"{self.variant} was loaded for batched serving only (no og.Model)")
-        generator = og.Generator(self.model, params)
+        generator = og.Generator(self.model, params)  # params from _params, which refuses a batched-only load
         if self.adapters is not None:
             generator.set_active_adapter(self.adapters, ADAPTER_NAME)
         return generator
@@ -172,7 +170,7 @@ class GenAILMBackend:
     def _params(self, prompt_tokens: int, batch: int, sampling: Sampling) -> Any:
         import onnxruntime_genai as og
 
-        if self.model is None:
+        if self.model is None:  # loaded batched_only: BatchingLMBackend decodes through kv_slots, never here
             raise RuntimeError(f"{self.variant} was loaded for batched serving only (no og.Model)")
         params = og.GeneratorParams(self.model)
         options: dict[str, Any] = {"batch_size": batch,
