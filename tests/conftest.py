@@ -218,11 +218,11 @@ SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_ins
 LONGEST_FIRST = (
     "tests/e2e/test_bundle_install.py",                    # ~250: build, install, differential upgrade, roll back
     "tests/appliance/serve",                               # ~220: the served appliance and its tests
-    "tests/test_tiny_models.py",                           # ~190: regenerate the tiny models (one thread)
     "tests/appliance/optimize",                            # ~175: exports shared by the optimize tests
     "tests/tui/test_snapshots.py",                         # ~130: the TUI tests built on the session's templates
     "tests/e2e/test_demo.py",                              # ~100
     "tests/appliance/train/test_train_ddp_job.py",         # ~100
+    "tests/test_tiny_models.py",                           # ~80: regenerate the tiny models (one thread)
     "tests/appliance/registry/test_genai_engine_gate.py",  # ~65
     "tests/appliance/train/test_train_jobs.py",            # ~65: a run, then the same run killed and resumed
     "tests/tui/test_acceptance_flow.py",                   # ~60

@@ -4,14 +4,18 @@ Two checks, because bit-for-bit regeneration holds only on CPUs whose kernels ro
 - every committed file's SHA-256 is pinned here, so swapping weights or a tokenizer means changing
   this file in the same commit;
 - a fresh regeneration gives the same bytes for every file but the pretrained weights of
-  tiny-deepseek-r1, and those weights tensor by tensor within a relative L2 distance of 0.3 of the
-  committed ones. Measured: 0 with the committed build's 2 threads where the CPU rounds like the one
-  that built them; at most 0.099 (median 0.032) on a Xeon with AVX-512, and at most 0.129 (median
-  0.035) with 1 thread, after the 150 pretraining steps amplify rounding; an unrelated tensor of the
-  same shape and scale is at 1.4 or more.
-The regeneration uses the threads the suite gives each worker (OMP_NUM_THREADS, set by tests/conftest.py
-under xdist): 1 of 2 cores took 166 s on a quiet machine, while 2 threads beside another worker's
-single-threaded jobs took 232 s of wall time and both cores.
+  tiny-deepseek-r1, and those weights tensor by tensor within a relative L2 distance of 0.6 of the
+  committed ones.
+The regeneration here runs MKL's AVX2 branch (MKL_CBWR=AVX2, reproducible on every AVX2 CPU) on the
+threads the suite gives each worker (OMP_NUM_THREADS, set by tests/conftest.py under xdist), where the
+committed build used the script's default, the SSE2 branch MKL keeps for any x86-64 CPU
+(MKL_CBWR=COMPATIBLE), on 2 threads: the same pretraining, rounded otherwise, at a third of the cost
+(measured on this project's 2-core Xeon, 1 thread: 68 s against 165-225 s). The 150 pretraining steps
+amplify the rounding: measured with AVX2 and 1 thread, at most 0.299 (the query projections: a
+query/key pair can turn together with little change to the attention) and median 0.116; with MKL's
+AVX-512 branch at most 0.268; with the committed SSE2 branch on 1 thread at most 0.129. The same script
+with another seed is a different model: median 1.37, 61 of its 74 tensors beyond 0.6 (its layer-norm
+scales, which start at 1, stay at 0.02).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ COMMITTED = {
     "tiny-resnet-cls/config.json": "526743ec515c9643b33c65d7a8d09f3f9fa8163151e3fedd42d3b2a098ac6760",
 }
 MODELS = sorted({name.split("/")[0] for name in COMMITTED})
-MAX_RELATIVE_L2 = 0.3
+MAX_RELATIVE_L2 = 0.6
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -60,7 +64,8 @@ def test_committed_models_equal_a_fresh_regeneration(tmp_path):
 
     threads = os.environ.get("OMP_NUM_THREADS", "2")
     result = subprocess.run([sys.executable, str(REPO / "models" / "build_tiny_models.py"), "--out", str(tmp_path),
-                             "--threads", threads], capture_output=True, text=True, timeout=1800, check=False)
+                             "--threads", threads], capture_output=True, text=True, timeout=1800, check=False,
+                            env={**os.environ, "MKL_CBWR": "AVX2"})
     assert result.returncode == 0, result.stderr[-2000:]
     fresh = _hashes(tmp_path)
     assert fresh.keys() == COMMITTED.keys()
