@@ -227,8 +227,8 @@ LONGEST_FIRST = (
     "tests/appliance/train/test_train_jobs.py",            # ~65: a run, then the same run killed and resumed
     "tests/tui/test_acceptance_flow.py",                   # ~60
     "tests/appliance/train/test_train_nodes.py",           # ~60: two torchrun nodes on loopback through the CLI
-    "tests/appliance/train/test_ddp.py",                   # ~40: torchrun, FSDP
     "tests/appliance/registry/test_retrain_scenario.py",   # ~45
+    "tests/appliance/train/test_ddp.py",                   # ~30: torchrun, FSDP
 )
 
 

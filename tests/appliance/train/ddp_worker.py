@@ -1,8 +1,8 @@
-"""Run under torchrun by test_ddp.py: train on the corpus with gloo and write rank 0's result.
+"""Run under torchrun by test_ddp.py: train on the corpus with gloo and FSDP, and write rank 0's result.
 
-    torchrun --nproc_per_node 2 tests/appliance/train/ddp_worker.py OUT.json [fsdp CHECKPOINT_DIR]
+    torchrun --nproc_per_node 2 tests/appliance/train/ddp_worker.py OUT.json CHECKPOINT_DIR
 
-With `fsdp`, the run uses strategy = "fsdp", stops after step 3 (checkpointing into files under
+The run uses strategy = "fsdp", stops after step 3 (checkpointing into files under
 CHECKPOINT_DIR, rank 0 writing, every rank reading) and resumes to the end in a second `train_lora`:
 the losses written are the resumed run's whole curve.
 """
@@ -57,17 +57,14 @@ def main() -> None:
     dist.init_process_group("gloo")
     train, val = corpus_chats()
     base = resolve_base_model("tiny-deepseek-r1")
-    if sys.argv[2:3] == ["fsdp"]:
-        recipe = LoraRecipe(**RECIPE_FIELDS, strategy="fsdp")
-        store = FileCheckpoints(Path(sys.argv[3]))
-        steps: list[int] = []
-        first = train_lora(base, train, val, recipe, checkpoints=store, on_progress=lambda p: steps.append(p.step),
-                           should_stop=lambda: bool(steps) and steps[-1] >= 3)
-        assert first.steps == 3 and store.read_bytes("checkpoint.pt") is not None, first.steps
-        dist.barrier()  # rank 0 has written the checkpoint that every rank resumes from
-        result = train_lora(base, train, val, recipe, checkpoints=store)
-    else:
-        result = train_lora(base, train, val, LoraRecipe(**RECIPE_FIELDS))
+    recipe = LoraRecipe(**RECIPE_FIELDS, strategy="fsdp")
+    store = FileCheckpoints(Path(sys.argv[2]))
+    steps: list[int] = []
+    first = train_lora(base, train, val, recipe, checkpoints=store, on_progress=lambda p: steps.append(p.step),
+                       should_stop=lambda: bool(steps) and steps[-1] >= 3)
+    assert first.steps == 3 and store.read_bytes("checkpoint.pt") is not None, first.steps
+    dist.barrier()  # rank 0 has written the checkpoint that every rank resumes from
+    result = train_lora(base, train, val, recipe, checkpoints=store)
     checksums = [None] * dist.get_world_size()
     dist.all_gather_object(checksums, adapter_checksum(result.adapter_state))
     micro_batches = [None] * dist.get_world_size()
