@@ -4,18 +4,18 @@ Two checks, because bit-for-bit regeneration holds only on CPUs whose kernels ro
 - every committed file's SHA-256 is pinned here, so swapping weights or a tokenizer means changing
   this file in the same commit;
 - a fresh regeneration gives the same bytes for every file but the pretrained weights of
-  tiny-deepseek-r1, and those weights tensor by tensor within a relative L2 distance of 0.6 of the
+  tiny-deepseek-r1, and those weights tensor by tensor within a relative L2 distance of 0.8 of the
   committed ones.
 The regeneration here runs MKL's AVX2 branch (MKL_CBWR=AVX2, reproducible on every AVX2 CPU) on the
-threads the suite gives each worker (OMP_NUM_THREADS, set by tests/conftest.py under xdist), where the
-committed build used the script's default, the SSE2 branch MKL keeps for any x86-64 CPU
+threads the suite gives each worker (OMP_NUM_THREADS, set by tests/conftest.py under xdist; 2 without
+xdist), where the committed build used the script's default, the SSE2 branch MKL keeps for any x86-64 CPU
 (MKL_CBWR=COMPATIBLE), on 2 threads: the same pretraining, rounded otherwise, at a third of the cost
 (measured on this project's 2-core Xeon, 1 thread: 68 s against 165-225 s). The 150 pretraining steps
-amplify the rounding: measured with AVX2 and 1 thread, at most 0.299 (the query projections: a
-query/key pair can turn together with little change to the attention) and median 0.116; with MKL's
-AVX-512 branch at most 0.268; with the committed SSE2 branch on 1 thread at most 0.129. The same script
-with another seed is a different model: median 1.37, 61 of its 74 tensors beyond 0.6 (its layer-norm
-scales, which start at 1, stay at 0.02).
+amplify the rounding. Measured against the committed weights: AVX2 on 1 thread at most 0.299 (the query
+projections: a query/key pair can turn together with little change to the attention), median 0.116;
+AVX2 on 2 threads at most 0.361, median 0.143; MKL's AVX-512 branch at most 0.268; the committed SSE2
+branch on 1 thread at most 0.129. The same script with another seed is another model: 61 of its 74
+tensors at 1.16 or more (the other 13, layer-norm scales that start at 1, stay within 0.06).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ COMMITTED = {
     "tiny-resnet-cls/config.json": "526743ec515c9643b33c65d7a8d09f3f9fa8163151e3fedd42d3b2a098ac6760",
 }
 MODELS = sorted({name.split("/")[0] for name in COMMITTED})
-MAX_RELATIVE_L2 = 0.6
+MAX_RELATIVE_L2 = 0.8
 
 
 def _hashes(root: Path) -> dict[str, str]:
