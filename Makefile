@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	PYTHONPATH=$(CURDIR) $(BIN)/python tests/bundler/fill_wheelhouse.py $(WHEELHOUSE) & filling=$$!; \
 	$(BIN)/python -m pip install --quiet --no-compile $(TORCH) \
 	&& $(BIN)/python -m pip install --quiet --no-compile -e '.[appliance,dev]' \
-	&& { $(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+	&& { $(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c 'import sysconfig; print(*{sysconfig.get_path(p) for p in ("purelib", "platlib")})') \
 	     > /dev/null || true; }; \
 	installed=$$?; wait $$filling; filled=$$?; \
 	test $$filled -eq 0 || echo "error: filling the test wheelhouse $(WHEELHOUSE) failed (see above)" >&2; \
