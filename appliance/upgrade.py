@@ -13,7 +13,8 @@ then does it run the copy's own, now
 verified, install.sh (from the copy, with an empty environment; the stick is never read again),
 which checks again with openssl and sha256sum, stages, installs into PREFIX/releases/VERSION,
 smoke-tests and switches PREFIX/current atomically. A failure at any step leaves the current
-release serving. See ADR 0010.
+release serving. One upgrade at a time (PREFIX/.upgrade-lock); a copy left by a killed upgrade is
+removed by the next one. See ADR 0010.
 
 Trust state lives in root-owned files under PREFIX, not in the catalog: etc/trusted-key.pem,
 etc/sequence (a high-water mark that never goes down) and etc/product.
@@ -21,6 +22,7 @@ etc/sequence (a high-water mark that never goes down) and etc/product.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import pwd
@@ -29,6 +31,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -153,6 +156,41 @@ def stage_bundle(bundle: Path, prefix: Path) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return stage
+
+
+UPGRADE_LOCK = ".upgrade-lock"
+"""PREFIX/.upgrade-lock: held (flock) by a running `airlock upgrade` from before its copy until the copy is gone."""
+
+
+@contextlib.contextmanager
+def upgrade_lock(prefix: Path) -> Iterator[None]:
+    """Hold PREFIX's upgrade lock, then remove the verified copies that killed upgrades left behind.
+
+    The kernel drops a flock when its holder dies, even by SIGKILL, so a `.upgrade.*` copy found while
+    holding the lock belongs to no running upgrade: a bundle's size of disk given back (each copy is the
+    whole bundle). A second upgrade while one runs is refused at once rather than left to wait."""
+    import fcntl
+
+    try:
+        fd = os.open(prefix / UPGRADE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AirlockError(f"{prefix / UPGRADE_LOCK}: cannot open the upgrade lock ({exc.strerror})",
+                           hint="it must be a regular file in the install prefix: remove what is there") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AirlockError(f"{prefix}: another `airlock upgrade` is running", hint="wait for it to end, then "
+                               "run this one again if it is still needed") from None
+        for stale in sorted(prefix.glob(".upgrade.*")):
+            if stale.is_symlink() or not stale.is_dir():
+                stale.unlink()  # never followed
+            else:
+                shutil.rmtree(stale)
+            click.echo(f"removed {stale}, the copy of an interrupted upgrade")
+        yield
+    finally:
+        os.close(fd)
 
 
 def _copy_regular(source: Path, dest: Path, shown: Path) -> None:
@@ -286,11 +324,12 @@ def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefi
         return
     assert bundle is not None
     _read_state(prefix)  # a clear error before copying gigabytes when this is no install
-    stage = stage_bundle(bundle.absolute(), prefix)
-    try:
-        _verify_and_run(stage, prefix, airlock_home(), allow_downgrade=allow_downgrade, python_exe=python_exe)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with upgrade_lock(prefix):
+        stage = stage_bundle(bundle.absolute(), prefix)
+        try:
+            _verify_and_run(stage, prefix, airlock_home(), allow_downgrade=allow_downgrade, python_exe=python_exe)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _verify_and_run(stage: Path, prefix: Path, home: Path, *, allow_downgrade: bool, python_exe: str | None) -> None:

@@ -1,4 +1,5 @@
-"""`airlock upgrade` copies the stick into a private directory before verifying: what it copies and refuses.
+"""`airlock upgrade` copies the stick into a private directory before verifying: what it copies and refuses,
+and the lock that lets one upgrade run at a time and the next one remove a killed upgrade's copy.
 
 The full upgrade (verify the copy, run the copy's install.sh) is tests/e2e/test_bundle_install.py.
 """
@@ -6,13 +7,18 @@ The full upgrade (verify the copy, run the copy's install.sh) is tests/e2e/test_
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from appliance.upgrade import stage_bundle
+from appliance.errors import AirlockError
+from appliance.upgrade import stage_bundle, upgrade_lock
 from bundler.errors import BundleError
+from tests.conftest import REPO
 
 
 def _stick(tmp_path):
@@ -65,3 +71,43 @@ def test_links_and_special_files_are_refused_and_nothing_is_left(tmp_path, kind)
     assert isinstance(outcome[0], BundleError), outcome[0]
     assert "symlink" in str(outcome[0]) or "special file" in str(outcome[0]) or "regular file" in str(outcome[0])
     assert list(prefix.iterdir()) == []  # the partial copy is removed
+
+
+# An upgrade that has copied the stick and is verifying it when it is killed.
+_KILLED_UPGRADE = """
+import sys, time
+from pathlib import Path
+from appliance.upgrade import stage_bundle, upgrade_lock
+with upgrade_lock(Path(sys.argv[2])):
+    print(stage_bundle(Path(sys.argv[1]), Path(sys.argv[2])), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_upgrade_at_a_time_and_the_next_removes_a_killed_ones_copy(tmp_path, capsys):
+    stick, prefix = _stick(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the upgrade's")
+    killed = subprocess.Popen([sys.executable, "-I", "-c", _KILLED_UPGRADE, str(stick), str(prefix)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        stage = prefix / os.path.basename(killed.stdout.readline().strip())
+        assert stage.name.startswith(".upgrade.") and (stage / "wheels" / "a.whl").is_file()
+        (prefix / ".upgrade.link").symlink_to(outside)  # removed as a link, never followed
+        with pytest.raises(AirlockError, match="another `airlock upgrade` is running") as refused:
+            with upgrade_lock(prefix):
+                pass
+        assert "wait for it to end" in refused.value.hint
+        assert (stage / "wheels" / "a.whl").is_file()  # a running upgrade's copy is left alone
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+        killed.stdout.close()
+    capsys.readouterr()
+    with upgrade_lock(prefix):
+        assert not stage.exists() and not (prefix / ".upgrade.link").is_symlink()
+    assert (outside / "keep.txt").read_text() == "not the upgrade's"
+    said = capsys.readouterr().out.splitlines()
+    assert f"removed {stage}, the copy of an interrupted upgrade" in said
+    assert sorted(p.name for p in prefix.iterdir()) == [".upgrade-lock"]

@@ -7,7 +7,8 @@ runs inside `unshare -n`: the first install with install.sh, the installed `airl
 that must change nothing (lower sequence, another product, a tampered bundle, a release failing its
 smoke test, a new signing key without the trusted key's statement), the differential v2 refused while a
 file it takes from the installed release is missing or altered and over the wrong base (ADR 0018), then
-`airlock upgrade` to v2 with a killed earlier install to clean up, and `airlock upgrade --rollback`.
+`airlock upgrade` to v2 with a killed earlier install and a killed earlier upgrade to clean up, and
+`airlock upgrade --rollback`.
 The first install and the upgrade run under attack (ADR 0010): modules planted in the operator's
 working directory (the stick) and in PYTHON* variables, and the stick's install.sh rewritten while it
 runs; nothing planted runs, the service account owns AIRLOCK_HOME (0700), the units (run as that
@@ -222,6 +223,8 @@ def test_install_doctor_upgrade_rollback(release_bundles, tmp_path, site):
     (prefix / "releases" / "0.1.5").mkdir()
     (prefix / "releases" / "0.1.5" / ".incomplete").touch()
     (prefix / ".staging.99999").mkdir()
+    # And a killed earlier `airlock upgrade` left its verified copy of a stick (the next upgrade removes it).
+    (prefix / ".upgrade.killed" / "wheels").mkdir(parents=True)
 
     # The upgrade runs install.sh from its verified copy: the stick, rewritten while the install
     # runs, is never read again.
@@ -232,7 +235,8 @@ def test_install_doctor_upgrade_rollback(release_bundles, tmp_path, site):
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert "verified with the installed key" in upgraded.stdout
     assert "touch" in (stick / "install.sh").read_text() and not marker.exists()
-    assert not list(prefix.glob(".upgrade.*"))  # the verified copy is removed
+    assert not list(prefix.glob(".upgrade.*"))  # the verified copy is removed, and the killed upgrade's
+    assert f"removed {prefix / '.upgrade.killed'}, the copy of an interrupted upgrade" in upgraded.stdout
     assert units_listing() == units_before
     assert os.readlink(prefix / "current") == "releases/0.2.0"
     assert os.readlink(prefix / "previous") == "releases/0.1.0"
