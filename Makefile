@@ -26,7 +26,8 @@ $(WHEELHOUSE_STAMP): $(STAMP) tests/bundler/fill_wheelhouse.py
 
 # The wheelhouse downloads (network-bound) while pip installs the venv (CPU-bound), and the installed files are
 # byte-compiled once at the end on every core (pip compiles file by file on one); on a fresh clone of this
-# project's 2-core machine the venv took 111 s with the steps in turn, 89 s with the download beside them.
+# project's 2-core machine the venv took 111 s with the steps in turn, 89 s with the download beside them,
+# 68 s with the compile on both cores as well.
 # The byte-code matters here: the environment sets PYTHONDONTWRITEBYTECODE, so nothing would cache it later.
 # fill_wheelhouse.py needs only the standard library and bundler/ (PYTHONPATH). compileall's exit status is
 # ignored as pip ignores its own compile errors: a few packages ship files that are not Python 3.11.

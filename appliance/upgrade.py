@@ -13,8 +13,8 @@ then does it run the copy's own, now
 verified, install.sh (from the copy, with an empty environment; the stick is never read again),
 which checks again with openssl and sha256sum, stages, installs into PREFIX/releases/VERSION,
 smoke-tests and switches PREFIX/current atomically. A failure at any step leaves the current
-release serving. One upgrade at a time (PREFIX/.upgrade-lock); a copy left by a killed upgrade is
-removed by the next one. See ADR 0010.
+release serving. One upgrade or rollback at a time (PREFIX/.upgrade-lock); a copy left by a killed
+upgrade is removed by the next one. See ADR 0010.
 
 Trust state lives in root-owned files under PREFIX, not in the catalog: etc/trusted-key.pem,
 etc/sequence (a high-water mark that never goes down) and etc/product.
@@ -173,6 +173,12 @@ def upgrade_lock(prefix: Path) -> Iterator[None]:
 
     try:
         fd = os.open(prefix / UPGRADE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise AirlockError(f"{prefix}: no such install prefix",
+                           hint="give the prefix Airlock is installed in (--prefix), e.g. /opt/airlock") from None
+    except PermissionError:
+        raise AirlockError(f"{prefix / UPGRADE_LOCK}: permission denied",
+                           hint="run it as the account that installed Airlock (root for /opt/airlock)") from None
     except OSError as exc:
         raise AirlockError(f"{prefix / UPGRADE_LOCK}: cannot open the upgrade lock ({exc.strerror})",
                            hint="it must be a regular file in the install prefix: remove what is there") from None
@@ -318,7 +324,8 @@ def upgrade(bundle: Path | None, do_rollback: bool, allow_downgrade: bool, prefi
                            hint="airlock upgrade /media/usb/BUNDLE   or   airlock upgrade --rollback")
     _require_admin()
     if do_rollback:
-        old, new = rollback(prefix)
+        with upgrade_lock(prefix):  # not while an upgrade is switching releases
+            old, new = rollback(prefix)
         _audit("release.rollback", f"release:{Path(new).name}", {"from": old, "to": new, "prefix": str(prefix)})
         click.echo(f"rolled back: {prefix / 'current'} -> {new} (was {old})")
         return

@@ -1,5 +1,5 @@
 """`airlock upgrade` copies the stick into a private directory before verifying: what it copies and refuses,
-and the lock that lets one upgrade run at a time and the next one remove a killed upgrade's copy.
+and the lock that lets one upgrade (or rollback) run at a time and the next one remove a killed upgrade's copy.
 
 The full upgrade (verify the copy, run the copy's install.sh) is tests/e2e/test_bundle_install.py.
 """
@@ -18,7 +18,7 @@ import pytest
 from appliance.errors import AirlockError
 from appliance.upgrade import stage_bundle, upgrade_lock
 from bundler.errors import BundleError
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 def _stick(tmp_path):
@@ -99,6 +99,10 @@ def test_one_upgrade_at_a_time_and_the_next_removes_a_killed_ones_copy(tmp_path,
             with upgrade_lock(prefix):
                 pass
         assert "wait for it to end" in refused.value.hint
+        # Nor does a rollback switch releases under it (through the CLI: no vault yet, so no login).
+        rollback = run_cli("upgrade", "--rollback", "--prefix", str(prefix))
+        assert rollback.returncode != 0
+        assert rollback.stderr.startswith(f"error: {prefix}: another `airlock upgrade` is running"), rollback.stderr
         assert (stage / "wheels" / "a.whl").is_file()  # a running upgrade's copy is left alone
     finally:
         killed.send_signal(signal.SIGKILL)
@@ -111,3 +115,10 @@ def test_one_upgrade_at_a_time_and_the_next_removes_a_killed_ones_copy(tmp_path,
     said = capsys.readouterr().out.splitlines()
     assert f"removed {stage}, the copy of an interrupted upgrade" in said
     assert sorted(p.name for p in prefix.iterdir()) == [".upgrade-lock"]
+    # Without an upgrade running, the rollback gets as far as finding nothing to roll back to.
+    rollback = run_cli("upgrade", "--rollback", "--prefix", str(prefix))
+    assert rollback.returncode != 0 and "no previous release to roll back to" in rollback.stderr, rollback.stderr
+    missing = run_cli("upgrade", "--rollback", "--prefix", str(tmp_path / "nowhere"))
+    assert missing.stderr.splitlines() == [
+        f"error: {tmp_path / 'nowhere'}: no such install prefix",
+        "hint: give the prefix Airlock is installed in (--prefix), e.g. /opt/airlock"]
