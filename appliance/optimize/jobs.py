@@ -282,7 +282,7 @@ def _genai_runtime(db: sqlite_utils.Database, keys: KeyOps, home: Path, run: Run
         return None
     try:
         backend = load_genai_backend(db, keys, home, run, report, variant, device=f"cuda:{device}" if cuda else "cpu",
-                                     batched_only=batched and not cuda)
+                                     batched_only=batched)  # GenAILMBackend.load ignores it on CUDA
     except AirlockError as exc:
         warnings.append(f"the {variant} export did not load: {exc.message}")
         return None
