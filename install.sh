@@ -23,7 +23,8 @@
 #   4. copy to PREFIX/.staging.PID (root's, 0700), reassemble split files and check the copy again
 #      (the stick may change under us); from here on only the copy is read. Create the service
 #      account (--user, default airlock) when absent, PREFIX/releases/VERSION/venv at its final
-#      path, pip install from the staged wheels only (--no-index --require-hashes --no-deps),
+#      path, pip install from the staged wheels only (--no-index --require-hashes --no-deps), byte-code
+#      compiled on every core or, for a file unchanged since the current release, taken from it (ADR 0021),
 #      models into the store by hash, the other files into PREFIX/store by hash (what a later
 #      differential bundle takes), AIRLOCK_HOME owned by the service account (0700), smoke test
 #      with `airlock doctor` as that account, then switch PREFIX/current atomically.
@@ -553,7 +554,18 @@ say "installing wheels (offline, hash-locked) ..."
 # The machine's pip configuration (indexes, find-links, constraints) must not change what is installed.
 isolated PIP_CONFIG_FILE=/dev/null PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     "$REL/venv/bin/python" -I -m pip install --quiet --no-index --find-links "$STAGE/wheels" --require-hashes \
-    --no-deps -r "$STAGE/wheels/requirements.lock" || die "pip install from the bundle's wheels failed (see above)"
+    --no-deps --no-compile -r "$STAGE/wheels/requirements.lock" || die "pip install from the bundle's wheels failed (see above)"
+# Byte-code (ADR 0021): on an upgrade, the current release's compiled files for every source that did not
+# change; the rest compiled on every core (pip compiles on one: most of an install's time).
+PREVIOUS_VENV=""
+[ -z "$CURRENT" ] || [ ! -d "$PREFIX/$CURRENT/venv" ] || PREVIOUS_VENV="$PREFIX/$CURRENT/venv"
+if [ -n "$(find "$REL/venv/lib" -path '*/site-packages/appliance/bytecode.py' -type f 2>/dev/null)" ]; then
+    isolated "$REL/venv/bin/python" -I -m appliance.bytecode ${PREVIOUS_VENV:+--previous "$PREVIOUS_VENV"} \
+        || die "compiling the release's Python files failed (see above)"
+else  # a bundle without the appliance (its smoke test will say so): the standard library's compile
+    isolated "$REL/venv/bin/python" -I -c \
+        'import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=2, workers=0)'
+fi
 
 say "installing models into $HOME_DIR/models/store ..."
 STORE="$HOME_DIR/models/store"

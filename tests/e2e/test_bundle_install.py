@@ -19,9 +19,11 @@ tests run): the suite does it once, here, and the upgrade installs the second ve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -71,6 +73,10 @@ def _listing(*roots: Path) -> list[tuple[str, int, int]]:
     return sorted((str(p), p.lstat().st_size, p.lstat().st_mtime_ns) for root in roots for p in root.rglob("*"))
 
 
+def pyc_of(source: Path) -> Path:
+    return Path(importlib.util.cache_from_source(str(source)))
+
+
 def _run(*command: str | Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(["unshare", "-n", *map(str, command)], capture_output=True, text=True, timeout=timeout,
                           check=False, env={**os.environ, **(env or {})})
@@ -108,6 +114,7 @@ def test_install_doctor_upgrade_rollback(release_bundles, tmp_path, site):
     assert "touch" in (stick / "install.sh").read_text() and (stick / "venv.py").exists()  # the attack happened
     assert not marker.exists(), marker.read_text()  # and nothing planted ran
     assert first.stderr == "", first.stderr  # no shell error (once: `vault: not found`)
+    assert "byte-code: compiled on every core (no previous release to take it from)" in first.stdout
     # Units are written; enabling them needs root with systemctl and the real units directory.
     assert "services not enabled (needs root, systemctl and units in /etc/systemd/system)" in first.stdout
     assert "free space" in first.stdout and "glibc" in first.stdout  # the preflight table
@@ -250,6 +257,19 @@ def test_install_doctor_upgrade_rollback(release_bundles, tmp_path, site):
     assert checks["torch"] == checks["onnxruntime"] == "ok"
     installed = list((prefix / "releases" / "0.2.0" / "venv").glob(f"lib/python3.*/site-packages/{CHANGED_MODULE}"))
     assert len(installed) == 1 and installed[0].read_text(encoding="utf-8").endswith(CHANGED_MARKER)
+    # Byte-code (ADR 0021): the unchanged sources took 0.1.0's pyc, the changed module was compiled; the
+    # interpreter takes both as they are (`python -v`: "matches"; a stale pyc would be compiled on every start).
+    reused, sources = map(int, re.search(r"byte-code: (\d+) of (\d+) modules taken from the previous release",
+                                         upgraded.stdout).groups())
+    assert 0.9 * sources < reused < sources, upgraded.stdout
+    site = installed[0].parents[1]
+    old_site = prefix / "releases" / "0.1.0" / "venv" / site.relative_to(prefix / "releases" / "0.2.0" / "venv")
+    torch_init = site / "torch" / "__init__.py"
+    verbose = _run(site.parents[2] / "bin" / "python", "-I", "-B", "-v", "-c", "import appliance.doctor, torch")
+    for source in (installed[0], torch_init):
+        assert f"# {pyc_of(source)} matches {source}" in verbose.stderr
+    assert pyc_of(torch_init).read_bytes() == pyc_of(old_site / "torch" / "__init__.py").read_bytes()
+    assert pyc_of(installed[0]).read_bytes() != pyc_of(old_site / CHANGED_MODULE).read_bytes()
     assert json.loads(_run(airlock, "base-models", "list", "--json", env=env).stdout)["models"][0]["has_weights"]
     # v2's own new content joined the store: the next differential can be built over v2.
     new_wheel = next(f for f in manifest["files"] if f["path"].startswith("wheels/airlock-"))
