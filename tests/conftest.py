@@ -216,7 +216,7 @@ SHARED_UNITS = {"tests/bundler/test_differential.py": "tests/e2e/test_bundle_ins
 # clone, quiet), longest first; every other unit follows in the seed's random order, and tests inside a unit keep
 # their random order.
 LONGEST_FIRST = (
-    "tests/e2e/test_bundle_install.py",                    # ~250: build, install, differential upgrade, roll back
+    "tests/e2e/test_bundle_install.py",                    # ~150: build, install, differential upgrade, roll back
     "tests/appliance/serve",                               # ~220: the served appliance and its tests
     "tests/appliance/optimize",                            # ~175: exports shared by the optimize tests
     "tests/tui/test_snapshots.py",                         # ~130: the TUI tests built on the session's templates
