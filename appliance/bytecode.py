@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if sys.prefix == sys.base_prefix:
         print("appliance.bytecode: not in a venv; run it with the release's venv/bin/python", file=sys.stderr)
         return 2
-    report = prepare_bytecode(args.previous)
+    try:
+        report = prepare_bytecode(args.previous)
+    except OSError as exc:  # a full disk, a folder it may not write: one line, and install.sh stops
+        print(f"appliance.bytecode: {exc}; check the free space and permissions under {sys.prefix}", file=sys.stderr)
+        return 1
     if args.previous is None:
         print("byte-code: compiled on every core (no previous release to take it from)")
     else:

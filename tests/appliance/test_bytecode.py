@@ -110,16 +110,18 @@ def _venv(path: Path, sources: dict[str, str]) -> Path:
     return site
 
 
+def step(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -I -m appliance.bytecode ARGS` with the venv's interpreter (this checkout's appliance)."""
+    code = f"import sys; sys.path.append({str(REPO)!r}); from appliance.bytecode import main; sys.exit(main())"
+    return subprocess.run([str(venv / "bin" / "python"), "-I", "-c", code, *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
 def test_the_release_step_reuses_then_compiles_the_rest_in_a_venv(tmp_path):
     """`python -m appliance.bytecode` as install.sh runs it, with a venv's own interpreter."""
     sources = {"same.py": "A = 1\n", "changed.py": "B = 1\n", "pkg/__init__.py": "C = 1\n"}
     old_site = _venv(tmp_path / "old", sources)
     new_site = _venv(tmp_path / "new", {**sources, "changed.py": "B = 2\n", "added.py": "D = 1\n"})
-
-    def step(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        code = f"import sys; sys.path.append({str(REPO)!r}); from appliance.bytecode import main; sys.exit(main())"
-        return subprocess.run([str(venv / "bin" / "python"), "-I", "-c", code, *args], capture_output=True,
-                              text=True, timeout=120, check=False)
 
     first = step(tmp_path / "old")
     assert (first.returncode, first.stdout) == (0, "byte-code: compiled on every core (no previous release to "
@@ -137,3 +139,15 @@ def test_the_release_step_reuses_then_compiles_the_rest_in_a_venv(tmp_path):
                              capture_output=True, text=True, timeout=60, check=False)
     assert outside.returncode == 2
     assert outside.stderr == "appliance.bytecode: not in a venv; run it with the release's venv/bin/python\n"
+
+
+def test_a_pyc_it_cannot_write_stops_it_with_one_line(tmp_path):
+    sources = {"pkg/__init__.py": "", "pkg/mod.py": "A = 1\n"}
+    _venv(tmp_path / "old", sources)
+    assert step(tmp_path / "old").returncode == 0
+    new_site = _venv(tmp_path / "new", sources)
+    (new_site / "pkg" / "__pycache__").write_text("a file where the folder goes\n")
+    failed = step(tmp_path / "new", "--previous", str(tmp_path / "old"))
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert len(failed.stderr.splitlines()) == 1 and failed.stderr.startswith("appliance.bytecode: [Errno 17]")
+    assert "check the free space and permissions under" in failed.stderr
