@@ -262,10 +262,10 @@ def test_install_doctor_upgrade_rollback(release_bundles, tmp_path, site):
     reused, sources = map(int, re.search(r"byte-code: (\d+) of (\d+) modules taken from the previous release",
                                          upgraded.stdout).groups())
     assert 0.9 * sources < reused < sources, upgraded.stdout
-    site = installed[0].parents[1]
-    old_site = prefix / "releases" / "0.1.0" / "venv" / site.relative_to(prefix / "releases" / "0.2.0" / "venv")
-    torch_init = site / "torch" / "__init__.py"
-    verbose = _run(site.parents[2] / "bin" / "python", "-I", "-B", "-v", "-c", "import appliance.doctor, torch")
+    new_site = installed[0].parents[1]
+    old_site = prefix / "releases" / "0.1.0" / "venv" / new_site.relative_to(prefix / "releases" / "0.2.0" / "venv")
+    torch_init = new_site / "torch" / "__init__.py"
+    verbose = _run(new_site.parents[2] / "bin" / "python", "-I", "-B", "-v", "-c", "import appliance.doctor, torch")
     for source in (installed[0], torch_init):
         assert f"# {pyc_of(source)} matches {source}" in verbose.stderr
     assert pyc_of(torch_init).read_bytes() == pyc_of(old_site / "torch" / "__init__.py").read_bytes()
