@@ -68,19 +68,22 @@ def reuse_previous_bytecode(previous_site: Path, site: Path, report: BytecodeRep
         return
     for folder, dirs, files in os.walk(site):  # symlinked folders are not entered (followlinks=False)
         dirs[:] = [d for d in dirs if d != "__pycache__"]
-        relative = Path(folder).relative_to(site)
-        for name in files:
-            if not name.endswith(".py"):
+        sources = [name for name in files if name.endswith(".py")]
+        report.sources += len(sources)
+        old_folder = previous_site / Path(folder).relative_to(site)
+        try:  # the old folder and its __pycache__, once for all of the folder's files
+            if not (_private(os.lstat(old_folder), uid, stat.S_IFDIR)
+                    and _private(os.lstat(old_folder / "__pycache__"), uid, stat.S_IFDIR)):
                 continue
-            report.sources += 1
+        except OSError:
+            continue  # no such folder in the previous release: all of it is compiled below
+        for name in sources:
             new_source = Path(folder) / name
-            old_source = previous_site / relative / name
+            old_source = old_folder / name
             old_pyc = Path(importlib.util.cache_from_source(str(old_source)))
             try:
                 new_st, old_st = os.lstat(new_source), os.lstat(old_source)
                 if not (stat.S_ISREG(new_st.st_mode) and _private(old_st, uid, stat.S_IFREG)
-                        and _private(os.lstat(old_pyc.parent), uid, stat.S_IFDIR)
-                        and _private(os.lstat(old_source.parent), uid, stat.S_IFDIR)
                         and new_st.st_size == old_st.st_size):
                     continue
                 with open(old_pyc, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW)) as handle:
