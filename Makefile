@@ -29,8 +29,9 @@ $(WHEELHOUSE_STAMP): $(STAMP) tests/bundler/fill_wheelhouse.py
 # project's 2-core machine the venv took 111 s with the steps in turn, 89 s with the download beside them,
 # 68 s with the compile on both cores as well.
 # The byte-code matters here: the environment sets PYTHONDONTWRITEBYTECODE, so nothing would cache it later.
-# fill_wheelhouse.py needs only the standard library and bundler/ (PYTHONPATH). compileall's exit status is
-# ignored as pip ignores its own compile errors: a few packages ship files that are not Python 3.11.
+# fill_wheelhouse.py needs only the standard library and bundler/ (PYTHONPATH). The compile is install.sh's
+# (appliance/bytecode.py, ADR 0021): purelib and platlib, on every core; like pip, it leaves without a pyc the
+# few files that are not Python 3.11.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -38,8 +39,7 @@ $(STAMP): pyproject.toml
 	PYTHONPATH=$(CURDIR) $(BIN)/python tests/bundler/fill_wheelhouse.py $(WHEELHOUSE) & filling=$$!; \
 	$(BIN)/python -m pip install --quiet --no-compile $(TORCH) \
 	&& $(BIN)/python -m pip install --quiet --no-compile -e '.[appliance,dev]' \
-	&& { $(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c 'import sysconfig; print(*{sysconfig.get_path(p) for p in ("purelib", "platlib")})') \
-	     > /dev/null || true; }; \
+	&& $(BIN)/python -I -m appliance.bytecode; \
 	installed=$$?; wait $$filling; filled=$$?; \
 	test $$filled -eq 0 || echo "error: filling the test wheelhouse $(WHEELHOUSE) failed (see above)" >&2; \
 	test $$installed -eq 0 && test $$filled -eq 0
