@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from appliance.errors import CatalogError
@@ -485,9 +488,40 @@ def catalog_path(home: Path | None = None) -> Path:
     return (home or ensure_home()) / CATALOG_FILENAME
 
 
+# sqlite-utils imports these at import time when they are installed, only to map their scalar types to column types
+# for tables it creates from values (sqlite_utils/db.py); the catalog's tables come from the SQL migrations above and
+# its rows hold Python values only. numpy alone is ~0.2 of the ~0.35 CPU-s an `airlock` command costs (ADR 0022).
+_SQLITE_UTILS_OPTIONAL = ("numpy", "pandas")
+
+
+def _import_sqlite_utils() -> ModuleType:
+    """sqlite_utils, loaded without its optional numpy and pandas support where that saves their import.
+
+    A None in `sys.modules` makes an import fail as if the package were not installed (the import system's documented
+    behaviour), which sqlite-utils handles as it does a missing package. The entries go as soon as it is loaded, so a
+    later `import numpy` in this process (a training job's torch) works as usual. Only in a process with one thread:
+    an import of numpy by another thread meanwhile would fail. Where numpy is already loaded, nothing is saved and
+    nothing is changed: sqlite-utils then maps numpy's types, which the catalog never gives it.
+    """
+    if "sqlite_utils" in sys.modules or threading.active_count() > 1:
+        import sqlite_utils
+
+        return sqlite_utils
+    blocked = [name for name in _SQLITE_UTILS_OPTIONAL if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import sqlite_utils
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    return sqlite_utils
+
+
 def open_catalog(home: Path | None = None, *, migrate: bool = True) -> sqlite_utils.Database:
     """Open (and create or migrate) the catalog under `home` (default: AIRLOCK_HOME)."""
-    import sqlite_utils
+    sqlite_utils = _import_sqlite_utils()
 
     path = catalog_path(home)
     try:

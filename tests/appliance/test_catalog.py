@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
 from appliance.audit import append_audit, iter_audit
 from appliance.catalog import SCHEMA_VERSION, open_catalog, schema_version, transaction
 from appliance.errors import CatalogError
+from tests.conftest import run_cli
 
 
 def test_new_catalog_is_migrated_with_wal_and_full_sync(airlock_home):
@@ -79,3 +84,42 @@ def test_transaction_takes_the_write_lock_up_front(airlock_home):
             other.execute("BEGIN IMMEDIATE")
     other.execute("BEGIN IMMEDIATE")
     other.execute("ROLLBACK")
+
+
+# In a child process: this worker has numpy loaded already (torch), which is the case where nothing changes.
+_LOAD = r"""
+import json, sys, threading
+if sys.argv[1] == "numpy-first":
+    import numpy
+elif sys.argv[1] == "second-thread":
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()
+from appliance.catalog import open_catalog
+open_catalog().execute("SELECT 1")
+import sqlite_utils.db
+loaded = sorted(name for name in ("numpy", "pandas") if name in sys.modules)
+import numpy  # still importable afterwards, and sqlite-utils' catalog work goes on with it loaded
+db = open_catalog()
+db["settings"].insert({"key": "k", "value": str(numpy.float32(0.5))}, replace=True)
+print(json.dumps({"loaded": loaded, "sqlite_utils_numpy": sqlite_utils.db.np is not None,
+                  "value": db["settings"].get("k")["value"]}))
+"""
+
+
+@pytest.mark.parametrize(("case", "numpy_loaded"), [("alone", False), ("numpy-first", True), ("second-thread", True)])
+def test_sqlite_utils_is_loaded_without_numpy_where_that_saves_it(airlock_home, case, numpy_loaded):
+    result = subprocess.run([sys.executable, "-I", "-c", _LOAD, case], capture_output=True, text=True, timeout=60,
+                            check=False, env={**os.environ, "AIRLOCK_HOME": str(airlock_home)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == {"loaded": ["numpy"] if numpy_loaded else [], "sqlite_utils_numpy": numpy_loaded, "value": "0.5"}
+
+
+def test_a_catalog_command_does_not_import_numpy(airlock_home):
+    """The `airlock` command line: every process pays what it imports (~0.2 CPU-s for numpy, ADR 0022)."""
+    result = run_cli("audit", "verify", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "sqlite_utils.db" in imported and "cryptography" in imported  # the profile is there
+    assert not {name for name in imported if name.split(".")[0] in ("numpy", "pandas")}
