@@ -123,3 +123,30 @@ def test_a_catalog_command_does_not_import_numpy(airlock_home):
     imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
     assert "sqlite_utils.db" in imported and "cryptography" in imported  # the profile is there
     assert not {name for name in imported if name.split(".")[0] in ("numpy", "pandas")}
+
+
+_PLUGIN = '''
+import sqlite_utils
+
+@sqlite_utils.hookimpl
+def prepare_connection(conn):
+    conn.execute("CREATE TEMP TABLE plugin_ran (x)")
+'''
+
+
+def test_an_installed_sqlite_utils_plugin_never_touches_the_catalog_connection(airlock_home, tmp_path):
+    """A package with a `sqlite_utils` entry point would run its hook on every connection sqlite-utils opens."""
+    site = tmp_path / "site"
+    dist_info = site / "plugin_demo-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin-demo\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[sqlite_utils]\nplugin_demo = plugin_demo\n")
+    (site / "plugin_demo.py").write_text(_PLUGIN)
+    check = (f"import sys; sys.path.insert(0, {str(site)!r}); import sqlite_utils, sqlite3;"
+             "from appliance.catalog import open_catalog;"
+             "ran = lambda db: ('plugin_ran',) in db.execute('SELECT name FROM temp.sqlite_master').fetchall();"
+             "print(ran(sqlite_utils.Database(sqlite3.connect(':memory:'))), ran(open_catalog()))")
+    result = subprocess.run([sys.executable, "-I", "-c", check], capture_output=True, text=True, timeout=60,
+                            check=False, env={**os.environ, "AIRLOCK_HOME": str(airlock_home)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"]  # sqlite-utils' default runs it; the catalog does not
