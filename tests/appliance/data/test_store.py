@@ -217,10 +217,12 @@ def test_recovery_removes_orphan_shards_but_not_a_running_import(vault, tmp_path
 # --- the CLI, with a real key agent and real processes --------------------------------------------------------------
 
 def _big_folder(root: Path, files: int) -> Path:
-    filler = " ".join(f"w{j}" for j in range(700))  # ~4 KB per record: several 4 MiB shards
     for i in range(files):
         sub = root / f"d{i // 500:02d}"
         sub.mkdir(parents=True, exist_ok=True)
+        # ~5 KB per record, words of its own: no record is a near-duplicate of another (one filler for all made
+        # every record after the first a duplicate, and the only shard came after the whole folder was read).
+        filler = " ".join(f"w{i}x{j}" for j in range(600))
         (sub / f"r{i:05d}.jsonl").write_text(json.dumps({"text": f"record {i} {filler}"}) + "\n")
     return root
 
