@@ -55,9 +55,11 @@ _SEARCH = r"""
 import json, os, stat, sys
 request = json.loads(sys.stdin.read())
 needles = [bytes.fromhex(n) for n in request["needles"]]
+skip = set(request["skip"])
 hits = []
 for root in request["roots"]:
-    for folder, _dirs, names in os.walk(root):  # skips folders that vanish meanwhile (parallel runs in /tmp)
+    for folder, dirs, names in os.walk(root):  # skips folders that vanish meanwhile (parallel runs in /tmp)
+        dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]
         for name in names:
             path = os.path.join(folder, name)
             try:
@@ -73,17 +75,27 @@ print(json.dumps(hits))
 """
 
 
-def files_holding(roots: Path | list[Path], *needles: bytes, since: float = 0.0) -> list[tuple[str, bytes]]:
-    """(path, needle) for every regular file under `roots` (modified at or after `since`) that holds a needle.
+def files_holding(roots: Path | list[Path], *needles: bytes, since: float = 0.0,
+                  skip: list[Path] | tuple[Path, ...] = ()) -> list[tuple[str, bytes]]:
+    """(path, needle) for every regular file under `roots` (modified at or after `since`) that holds a needle;
+    the folders in `skip` are not entered.
 
     Searched in a child process, so that the test's own catalog connections keep their locks (see _SEARCH)."""
     import json
 
     request = {"roots": [str(r) for r in (roots if isinstance(roots, list) else [roots])],
-               "needles": [n.hex() for n in needles], "since": since}
+               "needles": [n.hex() for n in needles], "since": since, "skip": [str(p) for p in skip]}
     done = subprocess.run([sys.executable, "-I", "-c", _SEARCH], input=json.dumps(request), capture_output=True,
                           text=True, timeout=300, check=True)
     return [(path, bytes.fromhex(needle)) for path, needle in json.loads(done.stdout)]
+
+
+def all_pytest_folders(tmp_path: Path) -> Path:
+    """The `pytest-of-<user>` folder: every run's and every worker's tmp_path, this test's among them.
+
+    A search of the whole temp dir for stray plaintext skips it (it holds the inputs, this test's markers among them,
+    and other tests' files, which nothing under test knows) and searches the test's own folders by themselves."""
+    return next(parent for parent in tmp_path.parents if parent.name.startswith("pytest-of-"))
 
 
 def catalog_bytes(home: Path) -> bytes:

@@ -9,30 +9,14 @@ import time
 from pathlib import Path
 
 from tests.appliance.data.dicom_samples import PATIENTS, write_sample_tree, write_ultrasound
-from tests.conftest import run_cli
+from tests.conftest import all_pytest_folders, files_holding, run_cli
 
 
-def _plaintext_hits(root: Path, markers: list[bytes], skip_pytest_dirs: bool = False, since: float = 0.0
-                    ) -> list[str]:
-    import os
-
-    hits = []
-    # os.walk, not rglob: other processes (parallel test runs) create and delete folders in /tmp while
-    # this walks it, and os.walk skips a folder that vanished instead of raising.
-    paths = (Path(folder) / name for folder, _dirs, names in os.walk(root) for name in names)
-    for path in paths:
-        try:
-            if not path.is_file() or path.is_symlink() or path.stat().st_mtime < since \
-                    or (skip_pytest_dirs and any(part.startswith("pytest-of-") for part in path.parts)):
-                continue
-        except OSError:
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        hits += [f"{path}: {m.decode()}" for m in markers if m in data]
-    return hits
+def _plaintext_hits(roots: Path | list[Path], markers: list[bytes], tmp_path: Path | None = None,
+                    since: float = 0.0) -> list[tuple[str, bytes]]:
+    """Files under `roots` that hold a marker; with `tmp_path`, pytest's folders are not entered (they hold the
+    inputs; the test searches its own output and home by themselves)."""
+    return files_holding(roots, *markers, since=since, skip=[all_pytest_folders(tmp_path)] if tmp_path else [])
 
 
 def test_dicom_import_show_export_and_no_phi_at_rest(vault_init, unlock, airlock_home: Path, tmp_path: Path) -> None:
@@ -71,7 +55,7 @@ def test_dicom_import_show_export_and_no_phi_at_rest(vault_init, unlock, airlock
     # At rest: the catalog (incl. audit and job rows), vault files and job logs hold none of it.
     assert _plaintext_hits(airlock_home, markers) == []
     # Temp dirs: nothing written there while the appliance ran (pytest's own folders hold the inputs).
-    assert _plaintext_hits(Path(tempfile.gettempdir()), markers, skip_pytest_dirs=True, since=started) == []
+    assert _plaintext_hits(Path(tempfile.gettempdir()), markers, tmp_path, since=started) == []
 
     again = run_cli("data", "import", str(src), "--name", "chest", "--format", "dicom", "--profile", "medical",
                     "--json")
@@ -121,5 +105,5 @@ def test_ris_labels_keyed_by_accession_number_label_the_images_and_the_keys_stay
     # Byte search over every file under AIRLOCK_HOME (catalog, audit, job rows and logs, vault files).
     assert _plaintext_hits(airlock_home, markers) == []
     assert _plaintext_hits(out, markers) == []
-    assert _plaintext_hits(Path(tempfile.gettempdir()), markers, skip_pytest_dirs=True, since=started) == []
+    assert _plaintext_hits(Path(tempfile.gettempdir()), markers, tmp_path, since=started) == []
     assert len(tree.files) == 4

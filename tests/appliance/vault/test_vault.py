@@ -25,7 +25,7 @@ from appliance.vault.errors import ObjectError, StreamError, VaultLockedError
 from appliance.vault.keys import LocalKeys
 from appliance.vault.lifecycle import Credential, keys_for, open_root
 from tests.appliance.vault.conftest import PASSPHRASE, _alive
-from tests.conftest import REPO, catalog_bytes, run_cli
+from tests.conftest import REPO, all_pytest_folders, catalog_bytes, files_holding, run_cli
 
 LOCKED_LINE = "error: vault is locked"
 
@@ -389,29 +389,13 @@ def test_no_plaintext_on_disk_after_a_store_read_cycle(airlock_home, vault_init,
     assert job.returncode == 0, job.stderr
     assert run_cli("vault", "verify", env=env).returncode == 0
     assert run_cli("vault", "lock", env=env).returncode == 0
-    hits = _files_containing(marker.encode(), [airlock_home, tmp_path], since=None)
-    hits += _files_containing(marker.encode(), [Path(tempfile.gettempdir())], since=started)
+    hits = files_holding([airlock_home, tmp_path], marker.encode())
+    hits += files_holding(Path(tempfile.gettempdir()), marker.encode(), since=started,
+                          skip=[all_pytest_folders(tmp_path)])
     assert hits == []
     control = tmp_path / "tmp" / "control.txt"  # the scan does find a marker that is there
     control.write_bytes(record[:1000])
-    assert _files_containing(marker.encode(), [tmp_path], since=started) == [control]
-
-
-def _files_containing(needle: bytes, roots: list[Path], since: float | None) -> list[Path]:
-    hits = []
-    for root in roots:
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                path = Path(dirpath) / name
-                try:
-                    info = path.lstat()
-                    if not stat.S_ISREG(info.st_mode) or (since and info.st_mtime < since):
-                        continue
-                    if info.st_size < 16 * 1024 * 1024 and needle in path.read_bytes():
-                        hits.append(path)
-                except OSError:
-                    continue
-    return hits
+    assert files_holding(tmp_path, marker.encode(), since=started) == [(str(control), marker.encode())]
 
 
 def test_uninitialized_vault_says_what_to_do(airlock_home, passphrase_file):
