@@ -490,7 +490,7 @@ def catalog_path(home: Path | None = None) -> Path:
 
 # sqlite-utils imports these at import time when they are installed, only to map their scalar types to column types
 # for tables it creates from values (sqlite_utils/db.py); the catalog's tables come from the SQL migrations above and
-# its rows hold Python values only. numpy alone is ~0.2 of the ~0.35 CPU-s an `airlock` command costs (ADR 0022).
+# its rows hold Python values only. numpy alone was ~0.2 of the ~0.5 CPU-s an `airlock` vault command cost (ADR 0022).
 _SQLITE_UTILS_OPTIONAL = ("numpy", "pandas")
 
 
