@@ -372,7 +372,7 @@ def test_store_refuses_bad_ids_duplicates_and_a_file_moved_between_objects(airlo
 
 def test_no_plaintext_on_disk_after_a_store_read_cycle(airlock_home, vault_init, unlock, tmp_path):
     """The job, the CLI and the agent get their own HOME and TMPDIR (scanned whole), and the real
-    temp dir is scanned for files changed since the test began."""
+    temp dir is scanned for files changed since the test began (but pytest's folders, this one's among them)."""
     started = time.time() - 1
     env = {"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp")}
     for folder in env.values():
