@@ -223,9 +223,12 @@ def test_status_json_keys_and_lock(airlock_home, vault_init, unlock, agents):
 
 def test_idle_timeout_locks_and_a_later_job_fails_cleanly(airlock_home, vault_init, unlock, passphrase_file):
     vault_init()
-    unlock("--passphrase-file", str(passphrase_file), "--idle-timeout", "1")
+    unlock()
     db, keys = _open(airlock_home)
     store.create_object(db, keys, "model-1", "model")
+    assert run_cli("vault", "lock").returncode == 0
+    # Unlocked again with a 1 s idle timeout only now: no key use is left to race the timer on a loaded machine.
+    unlock("--passphrase-file", str(passphrase_file), "--idle-timeout", "1")
     _wait_locked(airlock_home)
     job = _job("store.write_bytes(db, keys_for(db, home), home, 'model-1', 'adapter', b'weights' * 1000)")
     assert job.returncode == 2
@@ -236,15 +239,16 @@ def test_idle_timeout_locks_and_a_later_job_fails_cleanly(airlock_home, vault_in
         result = run_cli(*command)
         assert result.returncode == 2 and result.stderr.startswith(LOCKED_LINE) and "hint:" in result.stderr
         assert "airlock vault unlock" in result.stderr
-    assert next(iter_audit(db, action="vault.lock")).details == {"reason": "idle_timeout", "account": "admin"}
+    assert next(iter_audit(db, action="vault.lock", newest_first=True)).details == {"reason": "idle_timeout",
+                                                                                      "account": "admin"}
 
 
 def test_key_use_restarts_the_idle_timer(airlock_home, vault_init, unlock, passphrase_file):
     vault_init()
-    unlock("--passphrase-file", str(passphrase_file), "--idle-timeout", "2")
+    unlock("--passphrase-file", str(passphrase_file), "--idle-timeout", "3")
     db, keys = _open(airlock_home)
     store.create_object(db, keys, "dataset-1", "dataset")
-    for i in range(4):  # 4 x 0.8 s > 2 s, but each key use restarts the timer
+    for i in range(4):  # 4 x 0.8 s > 3 s, but each key use restarts the timer (2.2 s to spare at each step)
         time.sleep(0.8)
         store.write_bytes(db, keys, airlock_home, "dataset-1", f"part-{i}", b"x")
     assert agent_status(airlock_home) is not None
